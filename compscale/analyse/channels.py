@@ -1,0 +1,299 @@
+"""Channel-group analysis: union-find over the channel spaces of a traced graph.
+
+Every conv/linear output starts a *space*; ops that must keep two spaces equal in width (residual
+adds, SE's broadcast mul, depthwise convs, norms) unite them. The resulting *groups* are the units a
+width plan assigns a new width to. A concat makes a segmented descriptor rather than a new space, so
+a consumer of ``cat([a, b])`` sees both groups.
+
+Example:
+    >>> from torchvision.models import resnet18
+    >>> from compscale.trace import trace
+    >>> groups = analyse_channels(trace(resnet18()))
+    >>> len(groups.groups), groups.group_of("layer1.0.conv1", "out").base
+    (14, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NoReturn
+
+import torch.fx as fx
+
+from compscale.analyse.rules import Desc, get_function_rule, get_module_rule
+from compscale.errors import UnsupportedOpError
+from compscale.trace import Traced, module_path
+
+__all__ = ["ChannelGroup", "ChannelGraph", "LayerChannels", "RuleContext", "analyse_channels"]
+
+_RULE_HINT = (
+    "tell compscale how it maps channels: `compscale.register_channel_rule({target}, rule)` with a rule from "
+    "compscale.analyse.rules (`elementwise` keeps the input's channels, `fixed` pins them), or make the module "
+    "a leaf with such a rule."
+)
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels that must keep one width: every member dimension changes together.
+
+    Attributes:
+        id: the group's index.
+        base: its width in the analysed model.
+        members: ``(module path, role)`` pairs; role is ``out``/``in`` of a conv or linear, ``norm``, ``depthwise``.
+        fixed: why its width may not change (model input, model output, a pinned layer), or ``None``.
+        divisors: widths this group must stay a multiple of, with the layer that asks for each.
+        producers: paths of the conv/linear layers whose output is this group.
+    """
+
+    id: int
+    base: int
+    members: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    fixed: str | None = None
+    divisors: dict[int, str] = dataclasses.field(default_factory=dict)
+    producers: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChannels:
+    """The channel groups a conv/linear layer reads (segments, in order) and writes."""
+
+    path: str
+    inputs: tuple[tuple[int, int], ...]
+    output: int
+
+
+@dataclasses.dataclass
+class ChannelGraph:
+    """The result of :func:`analyse_channels`."""
+
+    groups: list[ChannelGroup]
+    layers: dict[str, LayerChannels]
+    norms: dict[str, int]
+    depthwise: dict[str, int]
+    ties: list[tuple[int, int, int]]
+    node_groups: dict[str, tuple[int, ...]]
+
+    def group_of(self, path: str, role: str = "out") -> ChannelGroup:
+        """The group of a layer's output (``role="out"``), or of a norm/depthwise layer's channels."""
+        if path in self.norms:
+            return self.groups[self.norms[path]]
+        if path in self.depthwise:
+            return self.groups[self.depthwise[path]]
+        return self.groups[self.layers[path].output]
+
+    def details(self) -> str:
+        """A readable dump: one line per group with its width, fixedness, divisors and members."""
+        lines = [f"{len(self.groups)} channel groups"]
+        for g in self.groups:
+            flags = []
+            if g.fixed:
+                flags.append(f"fixed: {g.fixed}")
+            if g.divisors:
+                flags.append("divisible by " + ", ".join(str(d) for d in sorted(g.divisors)))
+            members = ", ".join(f"{p}:{r}" for p, r in g.members[:6])
+            more = f" (+{len(g.members) - 6} more)" if len(g.members) > 6 else ""
+            lines.append(f"  [{g.id}] {g.base:>5} ch  {'; '.join(flags)}  {members}{more}")
+        return "\n".join(lines)
+
+    __str__ = details
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+
+    def make(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class RuleContext:
+    """What a channel rule may ask and record; one per analysis."""
+
+    def __init__(self, traced: Traced) -> None:
+        self.traced = traced
+        self.uf = _UnionFind()
+        self.descs: dict[fx.Node, Desc] = {}
+        self.fixed: dict[int, str] = {}
+        self.divisors: list[tuple[int, int, str]] = []
+        self.members: list[tuple[int, str, str]] = []
+        self.layers: dict[str, tuple[Desc, Desc]] = {}
+        self.ties: list[tuple[int, int, int]] = []
+
+    # queries
+    def is_tensor(self, arg: Any) -> bool:
+        return isinstance(arg, fx.Node) and arg in self.descs
+
+    def desc(self, node: Any) -> Desc:
+        if not self.is_tensor(node):
+            raise AssertionError(f"no channel descriptor for {node}")
+        return self.descs[node]
+
+    def input_node(self, node: fx.Node) -> fx.Node:
+        arg = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        assert isinstance(arg, fx.Node), node.format_node()
+        return arg
+
+    def input_desc(self, node: fx.Node) -> Desc:
+        return self.desc(self.input_node(node))
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        return tuple(self.traced.shape(node))
+
+    def channels(self, node: fx.Node) -> int:
+        shape = self.shape(node)
+        return shape[1] if len(shape) > 1 else 1
+
+    def width(self, desc: Desc) -> int:
+        return sum(self.uf.size[s] * f for s, f in desc)
+
+    # records
+    def new_space(self, node: fx.Node, size: int, fixed_reason: str | None = None) -> Desc:
+        s = self.uf.make(size)
+        if fixed_reason:
+            self.fixed[s] = fixed_reason
+        return ((s, 1),)
+
+    def union(self, a: Desc, b: Desc, node: fx.Node) -> None:
+        if len(a) != len(b) or any(fa != fb for (_, fa), (_, fb) in zip(a, b)):
+            self.unsupported(node, "it joins tensors whose channels are concatenated differently")
+        for (sa, _), (sb, _) in zip(a, b):
+            self.uf.union(sa, sb)
+
+    def member(self, desc: Desc, path: str, role: str) -> None:
+        for s, _ in desc:
+            self.members.append((s, path, role))
+
+    def layer(self, path: str, src: Desc, out: Desc) -> None:
+        if path in self.layers:  # a layer called twice: both calls must see the same channels
+            prev_src, prev_out = self.layers[path]
+            self.uf.union(prev_out[0][0], out[0][0])
+            if len(prev_src) == len(src):
+                for (a, _), (b, _) in zip(prev_src, src):
+                    self.uf.union(a, b)
+            return
+        self.layers[path] = (src, out)
+        self.member(src, path, "in")
+        self.member(out, path, "out")
+
+    def divisor(self, desc: Desc, d: int, why: str) -> None:
+        for s, _ in desc:
+            self.divisors.append((s, d, why))
+
+    def tie(self, out: Desc, src: Desc, factor: int) -> None:
+        self.ties.append((out[0][0], src[0][0], factor))
+
+    def pin(self, desc: Desc, why: str) -> None:
+        for s, _ in desc:
+            self.fixed.setdefault(s, why)
+
+    def expect_width(self, node: fx.Node, desc: Desc, width: int) -> None:
+        if self.width(desc) != width:
+            self.unsupported(node, f"it expects {width} input channels but receives {self.width(desc)}")
+
+    def flatten(self, node: fx.Node, src_node: fx.Node) -> Desc:
+        src = self.shape(src_node)
+        spatial = 1
+        for d in src[2:]:
+            spatial *= d
+        return tuple((s, f * spatial) for s, f in self.desc(src_node))
+
+    def unsupported(self, node: fx.Node, why: str) -> NoReturn:
+        target = _target_name(self.traced, node)
+        raise UnsupportedOpError(
+            f"cannot tell how node {node.format_node()} (in module {module_path(node) or '<root>'!r}) maps channels: "
+            f"{why}",
+            _RULE_HINT.format(target=target),
+        )
+
+
+def _target_name(traced: Traced, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(traced.module(node)).__name__
+    if node.op == "call_method":
+        return repr(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def analyse_channels(traced: Traced) -> ChannelGraph:
+    """Group the channels of every conv/linear/norm of ``traced`` into coupled groups.
+
+    Raises:
+        UnsupportedOpError: a node whose effect on channels is not known (register a rule for it).
+    """
+    ctx = RuleContext(traced)
+    for node in traced.graph.nodes:
+        desc = _visit(ctx, node)
+        if desc is not None:
+            ctx.descs[node] = desc
+    return _collect(ctx)
+
+
+def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    if node.op == "output":
+        ctx.pin(ctx.desc(ctx.traced.output_node), "model output")
+        return None
+    if not ctx.traced.has_shape(node) or len(ctx.shape(node)) < 2:
+        return None  # shapes, sizes, scalars: no channels
+    if node.op == "placeholder":
+        return ctx.new_space(node, ctx.channels(node), fixed_reason="model input")
+    if node.op == "get_attr":
+        ctx.unsupported(node, "a tensor attribute used directly in forward")
+    if node.op == "call_module":
+        module = ctx.traced.module(node)
+        rule = get_module_rule(module)
+        if rule is None:
+            ctx.unsupported(node, f"no channel rule for module type {type(module).__name__}")
+        desc = rule(ctx, node, module)
+    else:
+        frule = get_function_rule(node)
+        if frule is None:
+            ctx.unsupported(node, f"no channel rule for {node.op} {_target_name(ctx.traced, node)}")
+        desc = frule(ctx, node)
+    if ctx.width(desc) != ctx.channels(node):
+        ctx.unsupported(node, f"its rule gives {ctx.width(desc)} channels but the tensor has {ctx.channels(node)}")
+    return desc
+
+
+def _collect(ctx: RuleContext) -> ChannelGraph:
+    uf = ctx.uf
+    roots = sorted({uf.find(s) for s in range(len(uf.parent))})
+    index = {r: i for i, r in enumerate(roots)}
+
+    def gid(space: int) -> int:
+        return index[uf.find(space)]
+
+    groups = [ChannelGroup(i, uf.size[r]) for i, r in enumerate(roots)]
+    for s, why in ctx.fixed.items():
+        groups[gid(s)].fixed = groups[gid(s)].fixed or why
+    for s, d, why in ctx.divisors:
+        groups[gid(s)].divisors.setdefault(d, why)
+    norms: dict[str, int] = {}
+    depthwise: dict[str, int] = {}
+    for s, path, role in ctx.members:
+        groups[gid(s)].members.append((path, role))
+        if role == "norm":
+            norms[path] = gid(s)
+        elif role == "depthwise":
+            depthwise[path] = gid(s)
+    layers = {}
+    for path, (src, out) in ctx.layers.items():
+        layers[path] = LayerChannels(path, tuple((gid(s), f) for s, f in src), gid(out[0][0]))
+        groups[gid(out[0][0])].producers.append(path)
+    ties = [(gid(a), gid(b), k) for a, b, k in ctx.ties]
+    node_groups = {n.name: tuple(gid(s) for s, _ in d) for n, d in ctx.descs.items()}
+    return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups)

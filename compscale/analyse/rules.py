@@ -1,0 +1,231 @@
+"""Channel rules: how each op maps the channel spaces of its inputs to those of its output.
+
+A *descriptor* is a tuple of segments ``(space, factor)``: the tensor's channel dimension is the
+concatenation of the spaces, each repeated ``factor`` times (``factor > 1`` after a flatten of a
+spatial map). Rules are small functions ``rule(ctx, node, module) -> descriptor``, registered per
+module type or per function, in the register/get style of timm's registries.
+
+Example: a custom layer that keeps its input channels::
+
+    compscale.register_channel_rule(MyGate, compscale.analyse.rules.elementwise)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compscale.registry import drop_path_types
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from compscale.analyse.channels import RuleContext
+
+__all__ = [
+    "Desc",
+    "ModuleRule",
+    "FunctionRule",
+    "register_channel_rule",
+    "get_module_rule",
+    "get_function_rule",
+    "elementwise",
+    "fixed",
+]
+
+Desc = tuple[tuple[int, int], ...]
+ModuleRule = Callable[["RuleContext", "fx.Node", nn.Module], Desc]
+FunctionRule = Callable[["RuleContext", "fx.Node"], Desc]
+
+_MODULE_RULES: dict[type[nn.Module], ModuleRule] = {}
+_FUNCTION_RULES: dict[Any, FunctionRule] = {}
+
+
+def register_channel_rule(target: type[nn.Module] | Callable[..., Any] | str, rule: Callable[..., Desc]) -> None:
+    """Tell compscale how ``target`` (a module type, a function, or a ``Tensor`` method name) maps channels."""
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        _MODULE_RULES[target] = rule
+    else:
+        _FUNCTION_RULES[target] = rule
+
+
+def get_module_rule(module: nn.Module) -> ModuleRule | None:
+    for cls in type(module).__mro__:
+        if cls in _MODULE_RULES:
+            return _MODULE_RULES[cls]
+    return None
+
+
+def get_function_rule(node: fx.Node) -> FunctionRule | None:
+    return _FUNCTION_RULES.get(node.target)
+
+
+# --- module rules -------------------------------------------------------------------------------
+
+
+def elementwise(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc:
+    """Output channels are the input's: activations, dropout, pooling, identity."""
+    return ctx.input_desc(node)
+
+
+def fixed(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc:
+    """A layer compscale must not widen through: its input width is pinned and its output is a fixed new space."""
+    ctx.pin(ctx.input_desc(node), f"input of {node.name}")
+    return ctx.new_space(node, ctx.channels(node), fixed_reason=f"output of {node.name}")
+
+
+def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    src = ctx.input_desc(node)
+    ctx.expect_width(node, src, module.in_channels)
+    path = str(node.target)
+    g = module.groups
+    if g > 1 and g == module.in_channels == module.out_channels:  # depthwise: one space through
+        ctx.member(src, path, "depthwise")
+        return src
+    out = ctx.new_space(node, module.out_channels)
+    ctx.layer(path, src, out)
+    if g > 1:
+        for desc in (src, out):
+            ctx.divisor(desc, g, f"{path} (groups={g})")
+        if g == module.in_channels:  # depthwise with a channel multiplier
+            ctx.tie(out, src, module.out_channels // g)
+    return out
+
+
+def norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    src = ctx.input_desc(node)
+    if isinstance(module, nn.GroupNorm):
+        ctx.divisor(src, module.num_groups, f"{node.target} (num_groups={module.num_groups})")
+    if any(p is not None for p in (getattr(module, "weight", None), getattr(module, "running_mean", None))):
+        ctx.member(src, str(node.target), "norm")
+    return src
+
+
+def layer_norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    assert isinstance(module, nn.LayerNorm)
+    shape = ctx.shape(node)
+    src = ctx.input_desc(node)
+    if len(shape) == 2 and tuple(module.normalized_shape) == (shape[1],):
+        ctx.member(src, str(node.target), "norm")
+        return src
+    ctx.unsupported(node, "LayerNorm over dimensions other than the channels of an (N, C) tensor")
+    return src
+
+
+def linear(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    assert isinstance(module, nn.Linear)
+    if len(ctx.shape(node)) != 2:
+        ctx.unsupported(node, "Linear applied to a tensor that is not (N, C)")
+    src = ctx.input_desc(node)
+    ctx.expect_width(node, src, module.in_features)
+    out = ctx.new_space(node, module.out_features)
+    ctx.layer(str(node.target), src, out)
+    return out
+
+
+def flatten_module(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    return ctx.flatten(node, ctx.input_node(node))
+
+
+# --- function rules -----------------------------------------------------------------------------
+
+
+def _binary(ctx: RuleContext, node: fx.Node) -> Desc:
+    """add/sub/mul/div: channels of tensor operands are one space (broadcast size-1 channels excepted)."""
+    descs = [ctx.desc(a) for a in node.args[:2] if ctx.is_tensor(a) and ctx.channels(a) > 1]
+    if not descs:
+        return ctx.input_desc(node)
+    for other in descs[1:]:
+        ctx.union(descs[0], other, node)
+    return descs[0]
+
+
+def _first(ctx: RuleContext, node: fx.Node) -> Desc:
+    return ctx.input_desc(node)
+
+
+def _flatten(ctx: RuleContext, node: fx.Node) -> Desc:
+    return ctx.flatten(node, ctx.input_node(node))
+
+
+def _reshape(ctx: RuleContext, node: fx.Node) -> Desc:
+    src_node = ctx.input_node(node)
+    src, out = ctx.shape(src_node), ctx.shape(node)
+    if len(out) >= 2 and len(src) >= 2 and out[0] == src[0] and out[1] == src[1]:
+        return ctx.desc(src_node)
+    if len(out) == 2 and out[0] == src[0]:
+        return ctx.flatten(node, src_node)
+    ctx.unsupported(node, f"reshape {tuple(src)} -> {tuple(out)} mixes the channel dimension with others")
+
+
+def _reduce(ctx: RuleContext, node: fx.Node) -> Desc:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    ndim = len(ctx.shape(ctx.input_node(node)))
+    if dims and all(d % ndim >= 2 for d in dims):
+        return ctx.input_desc(node)
+    ctx.unsupported(node, "a reduction over the channel (or batch) dimension")
+
+
+def _cat(ctx: RuleContext, node: fx.Node) -> Desc:
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    assert isinstance(tensors, (list, tuple))
+    descs = [ctx.desc(t) for t in tensors]
+    ndim = len(ctx.shape(node))
+    if isinstance(dim, int) and dim % ndim == 1:
+        return tuple(seg for d in descs for seg in d)
+    for other in descs[1:]:
+        ctx.union(descs[0], other, node)
+    return descs[0]
+
+
+_ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
+    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
+    F.dropout, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs,
+    operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "contiguous", "clone", "neg",
+)
+_BINARY_FUNCTIONS: tuple[Any, ...] = (
+    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
+    torch.add, torch.mul, torch.sub, torch.div,
+    "add", "add_", "mul", "mul_", "sub", "div",
+)
+
+
+def _register_builtin() -> None:
+    act_types: tuple[type[nn.Module], ...] = (
+        nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+        nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
+        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
+        nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+    )
+    for t in act_types + drop_path_types():
+        register_channel_rule(t, elementwise)
+    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        register_channel_rule(t, conv)
+    for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm2d, nn.SyncBatchNorm):
+        register_channel_rule(t, norm)
+    register_channel_rule(nn.LayerNorm, layer_norm)
+    register_channel_rule(nn.Linear, linear)
+    register_channel_rule(nn.Flatten, flatten_module)
+    for f in _ELEMENTWISE_FUNCTIONS:
+        register_channel_rule(f, _first)
+    for f in _BINARY_FUNCTIONS:
+        register_channel_rule(f, _binary)
+    for f in (torch.flatten, "flatten"):
+        register_channel_rule(f, _flatten)
+    for f in ("view", "reshape", torch.reshape):
+        register_channel_rule(f, _reshape)
+    for f in ("mean", torch.mean, "amax", "sum"):
+        register_channel_rule(f, _reduce)
+    register_channel_rule(torch.cat, _cat)
+
+
+_register_builtin()

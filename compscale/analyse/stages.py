@@ -1,0 +1,243 @@
+"""Stage analysis: find the blocks of a traced network and group them into stages.
+
+A *block* is a module whose nodes form a single-entry, single-exit region of the graph: one tensor
+is live where it starts and one where it ends. Blocks that add their own input back (an identity
+residual, stride 1, in == out) are *repeats*; the module types of repeats are the network's block
+types. A *stage* is a run of consecutive blocks of one type whose blocks after the first are repeats.
+A block of a block type that no repeat follows is a one-block stage.
+
+Example:
+    >>> from torchvision.models import resnet50
+    >>> from compscale.trace import trace
+    >>> print(find_stages(trace(resnet50())))  # doctest: +NORMALIZE_WHITESPACE
+    stage   blocks  block type  in -> out ch   stride  first .. last
+    layer1       3  Bottleneck    64 -> 256         1  layer1.0 .. layer1.2
+    ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+
+import torch.fx as fx
+
+from compscale.trace import Traced, module_path
+
+__all__ = ["Block", "Stage", "StageTable", "find_stages", "find_blocks", "cut_points"]
+
+_ADDS = (operator.add, operator.iadd, "add", "add_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A single-entry, single-exit module of the graph.
+
+    Attributes:
+        path: the module's qualified name.
+        type_name: its class name.
+        entry: name of the node feeding the block; exit: name of the block's output node.
+        in_shape, out_shape: ``(N, C, H, W)`` at the traced input size.
+        residual: ``"identity"`` (adds its own input), ``"projection"`` (adds a transformed input) or ``None``.
+    """
+
+    path: str
+    type_name: str
+    module_type: type
+    entry: str
+    exit: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    residual: str | None
+
+    @property
+    def stride(self) -> int:
+        if len(self.in_shape) < 3 or self.out_shape[2] == 0:
+            return 1
+        return max(1, self.in_shape[2] // self.out_shape[2])
+
+    @property
+    def is_repeat(self) -> bool:
+        """Stride 1, in == out, adding its input back: a block that can be repeated as is."""
+        return self.residual == "identity" and self.in_shape == self.out_shape
+
+
+@dataclasses.dataclass
+class Stage:
+    """Consecutive blocks of one type whose blocks after the first are repeats."""
+
+    index: int
+    blocks: list[Block]
+    whole_parent: bool = False  # the blocks are all the children of their parent module
+
+    @property
+    def name(self) -> str:
+        """The parent module when the stage is all of it (``layer1``), else the blocks' paths."""
+        if self.whole_parent:
+            return self.parent
+        return self.blocks[0].path if len(self.blocks) == 1 else f"{self.blocks[0].path}..{self.blocks[-1].path}"
+
+    @property
+    def parent(self) -> str:
+        return _parent(self.blocks[-1].path)
+
+    @property
+    def in_channels(self) -> int:
+        return self.blocks[0].in_shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.blocks[-1].out_shape[1]
+
+    @property
+    def stride(self) -> int:
+        return self.blocks[0].stride
+
+    @property
+    def repeat(self) -> Block | None:
+        """The block new blocks copy: the stage's last block if it is a repeat, else ``None`` (synthesize one)."""
+        return self.blocks[-1] if self.blocks[-1].is_repeat else None
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+@dataclasses.dataclass
+class StageTable:
+    """All stages of a network, printable as a table."""
+
+    stages: list[Stage]
+    blocks: list[Block]
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.stages)
+
+    def __getitem__(self, i: int) -> Stage:
+        return self.stages[i]
+
+    def __str__(self) -> str:
+        rows = [("stage", "blocks", "block type", "in -> out ch", "stride", "first .. last")]
+        for s in self.stages:
+            first, last = s.blocks[0].path, s.blocks[-1].path
+            rows.append((s.name, str(len(s.blocks)), s.blocks[0].type_name, f"{s.in_channels:>5} -> {s.out_channels}",
+                         str(s.stride), first if first == last else f"{first} .. {last}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cut_points(nodes: Sequence[fx.Node]) -> set[int]:
+    """Positions after which exactly one value of the graph is still needed (constants aside)."""
+    pos = {n: i for i, n in enumerate(nodes)}
+    cuts = set()
+    live_until = -1
+    for i, n in enumerate(nodes):
+        if live_until <= i:
+            cuts.add(i)  # nothing before i is used after i
+        if n.op != "get_attr" and n.users:
+            live_until = max(live_until, max(pos.get(u, len(nodes)) for u in n.users))
+    return cuts
+
+
+def find_blocks(traced: Traced) -> list[Block]:
+    """Every single-entry, single-exit module region of the graph that contains more than one op."""
+    nodes = [n for n in traced.graph.nodes if n.op not in ("output",)]
+    cuts = cut_points(nodes)
+    spans: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        path = module_path(n)
+        parts = path.split(".") if path else []
+        for k in range(1, len(parts) + (0 if n.op == "call_module" else 1)):
+            spans.setdefault(".".join(parts[:k]), []).append(i)
+    blocks = []
+    for path, idx in spans.items():
+        first, last = idx[0], idx[-1]
+        if len(idx) < 2 or last - first + 1 != len(idx) or first - 1 not in cuts or last not in cuts:
+            continue
+        entry, exit_ = nodes[first - 1], nodes[last]
+        if not (traced.has_shape(entry) and traced.has_shape(exit_)):
+            continue
+        region = nodes[first:last + 1]
+        module = traced.root.get_submodule(path)
+        blocks.append(Block(path, type(module).__name__, type(module), entry.name, exit_.name,
+                            tuple(traced.shape(entry)), tuple(traced.shape(exit_)), _residual(region, entry)))
+    return blocks
+
+
+def _residual(region: Sequence[fx.Node], entry: fx.Node) -> str | None:
+    """How the region adds its input back, judged by its last add of two tensors."""
+    adds = [n for n in region if n.op in ("call_function", "call_method") and n.target in _ADDS
+            and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2]
+    if not adds:
+        return None
+    last_add = adds[-1]
+    if entry in last_add.args[:2]:
+        return "identity"
+    return "projection" if _reaches(entry, last_add, set(region)) else None
+
+
+def _reaches(src: fx.Node, dst: fx.Node, region: set[fx.Node]) -> bool:
+    """Whether ``dst`` has two disjoint-looking routes from ``src``: both of its operands depend on ``src``."""
+    def depends(n: fx.Node) -> bool:
+        stack, seen = [n], set()
+        while stack:
+            cur = stack.pop()
+            if cur is src:
+                return True
+            if cur in seen or cur not in region:
+                continue
+            seen.add(cur)
+            stack.extend(a for a in cur.all_input_nodes)
+        return False
+
+    return all(isinstance(a, fx.Node) and depends(a) for a in dst.args[:2])
+
+
+def find_stages(traced: Traced, stages: Sequence[str] | None = None) -> StageTable:
+    """Group the network's blocks into stages.
+
+    Args:
+        traced: the traced model.
+        stages: optional module paths of blocks' parents (or of blocks) to restrict the stages to.
+    """
+    all_blocks = find_blocks(traced)
+    block_types = {b.module_type for b in all_blocks if b.is_repeat and _innermost_residual(b, all_blocks)}
+    candidates = _outermost([b for b in all_blocks if b.module_type in block_types])
+    if stages is not None:
+        wanted = tuple(stages)
+        candidates = [b for b in candidates if any(b.path == p or b.path.startswith(p + ".") for p in wanted)]
+    result: list[Stage] = []
+    for b in candidates:
+        cur = result[-1] if result else None
+        joins = (cur is not None and b.is_repeat and cur.blocks[-1].exit == b.entry
+                 and b.module_type is cur.blocks[0].module_type and _parent(b.path) == cur.parent)
+        if joins and cur is not None:
+            cur.blocks.append(b)
+        else:
+            result.append(Stage(len(result), [b]))
+    for s in result:
+        siblings = _children(traced, s.parent)
+        s.whole_parent = bool(s.parent) and siblings == [b.path for b in s.blocks]
+    return StageTable(result, all_blocks)
+
+
+def _innermost_residual(block: Block, blocks: Sequence[Block]) -> bool:
+    """True unless a smaller residual block sits inside ``block`` (then that one is the repeat unit)."""
+    return not any(o.path.startswith(block.path + ".") and o.residual for o in blocks)
+
+
+def _outermost(blocks: list[Block]) -> list[Block]:
+    paths = [b.path for b in blocks]
+    return [b for b in blocks if not any(b.path.startswith(p + ".") for p in paths if p != b.path)]
+
+
+def _children(traced: Traced, parent: str) -> list[str]:
+    mod = traced.root.get_submodule(parent) if parent else traced.root
+    prefix = parent + "." if parent else ""
+    return [prefix + name for name, _ in mod.named_children()]

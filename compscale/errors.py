@@ -1,0 +1,44 @@
+"""The exceptions compscale raises.
+
+Every error names the module path or graph node at fault and ends with a ``Hint:`` line
+telling the user what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CompscaleError",
+    "TraceError",
+    "UnsupportedOpError",
+    "NoStageError",
+    "WidthError",
+    "RewriteError",
+]
+
+
+class CompscaleError(Exception):
+    """Base class of every error compscale raises on purpose."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.hint = hint
+        super().__init__(f"{message}\nHint: {hint}" if hint else message)
+
+
+class TraceError(CompscaleError):
+    """torch.fx could not trace the model."""
+
+
+class UnsupportedOpError(CompscaleError):
+    """A graph node whose effect on channels compscale does not know."""
+
+
+class NoStageError(CompscaleError):
+    """Depth scaling was asked for but the model has no stage to deepen."""
+
+
+class WidthError(CompscaleError):
+    """A width plan that cannot be built (a channel group would be empty, a divisor cannot hold)."""
+
+
+class RewriteError(CompscaleError):
+    """A rewrite produced a graph that does not verify."""

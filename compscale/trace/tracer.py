@@ -1,0 +1,184 @@
+"""Trace a model with torch.fx and propagate shapes on fake tensors.
+
+The tracer follows torchvision's ``NodePathTracer`` idea: every node knows the module it runs in
+(fx records ``node.meta["nn_module_stack"]``; :func:`module_path` reads it). Shapes come from
+``torch.fx.passes.shape_prop.ShapeProp`` under a ``FakeTensorMode``, so no real forward runs and no
+activation memory is allocated.
+
+Example:
+    >>> from torchvision.models import resnet18
+    >>> traced = trace(resnet18())
+    >>> traced.shape(traced.output_node)
+    torch.Size([1, 1000])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+
+from compscale.errors import TraceError
+from compscale.registry import drop_path_types
+
+__all__ = ["CompscaleTracer", "Traced", "module_path", "trace", "eval_mode"]
+
+_TRACE_HINT = (
+    "make the offending submodule a leaf with `leaf_modules=[ThatModule]` (compscale will not look inside it), "
+    "or wrap the data-dependent function with `autowrap_functions=[fn]`; see torch.fx's 'Limitations of Symbolic "
+    "Tracing'."
+)
+
+
+class CompscaleTracer(fx.Tracer):
+    """An fx tracer whose leaves are torch's own modules, drop-path modules and the user's ``leaf_modules``."""
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[type[nn.Module]] = (),
+        autowrap_functions: Iterable[Callable[..., Any]] = (),
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self.leaf_types = tuple(leaf_modules) + drop_path_types()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclasses.dataclass
+class Traced:
+    """A traced model: the model, its ``GraphModule`` (sharing the model's leaf modules) and the input shape.
+
+    ``gm`` holds only the leaves the graph calls, under plain ``nn.Module`` parents; look containers
+    (blocks, stages) up in ``root``.
+    """
+
+    root: nn.Module
+    gm: fx.GraphModule
+    input_shape: tuple[int, ...]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    @property
+    def output_node(self) -> fx.Node:
+        out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        arg = out.args[0]
+        if not isinstance(arg, fx.Node):
+            raise TraceError(
+                f"{type(self.gm).__name__}: the model returns {type(arg).__name__}, not a single tensor",
+                "compscale scales models whose forward returns one tensor; wrap the model to return it.",
+            )
+        return arg
+
+    def module(self, node: fx.Node) -> nn.Module:
+        """The submodule a ``call_module`` node calls."""
+        assert node.op == "call_module", node.format_node()
+        return self.gm.get_submodule(str(node.target))
+
+    def shape(self, node: fx.Node) -> torch.Size:
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise TraceError(f"node {node.format_node()} has no tensor shape", "it does not produce one tensor.")
+        return meta.shape
+
+    def has_shape(self, node: fx.Node) -> bool:
+        return hasattr(node.meta.get("tensor_meta"), "shape")
+
+    def nodes(self) -> Iterator[fx.Node]:
+        return iter(self.graph.nodes)
+
+
+def module_path(node: fx.Node) -> str:
+    """The qualified name of the innermost module ``node`` runs in ("" at the top level)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return str(next(reversed(stack.values()))[0])
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own ``training`` flag."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def trace(
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    *,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+) -> Traced:
+    """Trace ``model`` (in eval mode, restored afterwards) and propagate shapes on fake tensors.
+
+    Args:
+        model: the network; it is not modified.
+        input_shape: ``(N, C, H, W)``; by default ``(1, C, 224, 224)`` with ``C`` read off the first conv.
+        leaf_modules: module types fx should not trace into.
+        autowrap_functions: functions fx should record as calls instead of tracing.
+
+    Raises:
+        TraceError: fx cannot trace ``model.forward`` or shapes cannot be propagated.
+    """
+    tracer = CompscaleTracer(leaf_modules, autowrap_functions)
+    name = type(model).__name__
+    with eval_mode(model):
+        try:
+            graph = tracer.trace(model)
+        except Exception as e:  # fx raises TraceError, TypeError, AttributeError... for untraceable code
+            raise TraceError(
+                f"torch.fx cannot trace {name}.forward: {type(e).__name__}: {e}",
+                _TRACE_HINT,
+            ) from e
+    gm = fx.GraphModule(model, graph, class_name=name)
+    shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), 224, 224)
+    traced = Traced(model, gm, shape)
+    propagate_shapes(traced)
+    return traced
+
+
+def propagate_shapes(traced: Traced) -> None:
+    """Fill ``node.meta["tensor_meta"]`` by running the graph on fake tensors (no real compute)."""
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        x = torch.empty(traced.input_shape)
+    with eval_mode(traced.gm):
+        try:
+            ShapeProp(traced.gm, fake_mode).propagate(x)
+        except Exception as e:
+            raise TraceError(
+                f"shape propagation through {type(traced.gm).__name__} at input {tuple(traced.input_shape)} failed: "
+                f"{type(e).__name__}: {e}",
+                "check that the model accepts this input size (pass `input_size=` for another one).",
+            ) from e
+
+
+def _input_channels(gm: fx.GraphModule) -> int:
+    """Channels of the model's input: the ``in_channels`` of the first conv or linear it reaches."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(str(node.target))
+            if isinstance(m, nn.modules.conv._ConvNd):
+                return int(m.in_channels)
+            if isinstance(m, nn.Linear):
+                return int(m.in_features)
+    return 3
