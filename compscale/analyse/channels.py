@@ -56,11 +56,16 @@ class ChannelGroup:
 
 @dataclasses.dataclass(frozen=True)
 class LayerChannels:
-    """The channel groups a conv/linear layer reads (segments, in order) and writes."""
+    """The channel groups a conv/linear layer reads (segments, in order) and writes.
+
+    ``pooled`` is true when the layer sees no spatial extent (a 1x1 map or an (N, C) tensor), as the
+    squeeze and excitation layers of SE and a classifier do.
+    """
 
     path: str
     inputs: tuple[tuple[int, int], ...]
     output: int
+    pooled: bool = False
 
 
 @dataclasses.dataclass
@@ -124,14 +129,16 @@ class _UnionFind:
 class RuleContext:
     """What a channel rule may ask and record; one per analysis."""
 
-    def __init__(self, traced: Traced) -> None:
+    def __init__(self, traced: Traced, pin_io: bool = True) -> None:
         self.traced = traced
+        self.pin_io = pin_io
         self.uf = _UnionFind()
         self.descs: dict[fx.Node, Desc] = {}
         self.fixed: dict[int, str] = {}
         self.divisors: list[tuple[int, int, str]] = []
         self.members: list[tuple[int, str, str]] = []
         self.layers: dict[str, tuple[Desc, Desc]] = {}
+        self.pooled: set[str] = set()
         self.ties: list[tuple[int, int, int]] = []
 
     # queries
@@ -178,7 +185,7 @@ class RuleContext:
         for s, _ in desc:
             self.members.append((s, path, role))
 
-    def layer(self, path: str, src: Desc, out: Desc) -> None:
+    def layer(self, path: str, src: Desc, out: Desc, node: fx.Node | None = None) -> None:
         if path in self.layers:  # a layer called twice: both calls must see the same channels
             prev_src, prev_out = self.layers[path]
             self.uf.union(prev_out[0][0], out[0][0])
@@ -187,6 +194,8 @@ class RuleContext:
                     self.uf.union(a, b)
             return
         self.layers[path] = (src, out)
+        if node is not None and all(d == 1 for d in self.shape(node)[2:]):
+            self.pooled.add(path)
         self.member(src, path, "in")
         self.member(out, path, "out")
 
@@ -229,13 +238,17 @@ def _target_name(traced: Traced, node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def analyse_channels(traced: Traced) -> ChannelGraph:
+def analyse_channels(traced: Traced, pin_io: bool = True) -> ChannelGraph:
     """Group the channels of every conv/linear/norm of ``traced`` into coupled groups.
+
+    Args:
+        traced: the traced model.
+        pin_io: mark the model's input and output groups fixed (off when analysing one block of a model).
 
     Raises:
         UnsupportedOpError: a node whose effect on channels is not known (register a rule for it).
     """
-    ctx = RuleContext(traced)
+    ctx = RuleContext(traced, pin_io)
     for node in traced.graph.nodes:
         desc = _visit(ctx, node)
         if desc is not None:
@@ -245,12 +258,13 @@ def analyse_channels(traced: Traced) -> ChannelGraph:
 
 def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
     if node.op == "output":
-        ctx.pin(ctx.desc(ctx.traced.output_node), "model output")
+        if ctx.pin_io:
+            ctx.pin(ctx.desc(ctx.traced.output_node), "model output")
         return None
     if not ctx.traced.has_shape(node) or len(ctx.shape(node)) < 2:
         return None  # shapes, sizes, scalars: no channels
     if node.op == "placeholder":
-        return ctx.new_space(node, ctx.channels(node), fixed_reason="model input")
+        return ctx.new_space(node, ctx.channels(node), fixed_reason="model input" if ctx.pin_io else None)
     if node.op == "get_attr":
         ctx.unsupported(node, "a tensor attribute used directly in forward")
     if node.op == "call_module":
@@ -292,7 +306,7 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
             depthwise[path] = gid(s)
     layers = {}
     for path, (src, out) in ctx.layers.items():
-        layers[path] = LayerChannels(path, tuple((gid(s), f) for s, f in src), gid(out[0][0]))
+        layers[path] = LayerChannels(path, tuple((gid(s), f) for s, f in src), gid(out[0][0]), path in ctx.pooled)
         groups[gid(out[0][0])].producers.append(path)
     ties = [(gid(a), gid(b), k) for a, b, k in ctx.ties]
     node_groups = {n.name: tuple(gid(s) for s, _ in d) for n, d in ctx.descs.items()}

@@ -89,7 +89,7 @@ def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
         ctx.member(src, path, "depthwise")
         return src
     out = ctx.new_space(node, module.out_channels)
-    ctx.layer(path, src, out)
+    ctx.layer(path, src, out, node)
     if g > 1:
         for desc in (src, out):
             ctx.divisor(desc, g, f"{path} (groups={g})")
@@ -125,7 +125,7 @@ def linear(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
     src = ctx.input_desc(node)
     ctx.expect_width(node, src, module.in_features)
     out = ctx.new_space(node, module.out_features)
-    ctx.layer(str(node.target), src, out)
+    ctx.layer(str(node.target), src, out, node)
     return out
 
 

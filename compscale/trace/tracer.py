@@ -173,12 +173,20 @@ def propagate_shapes(traced: Traced) -> None:
 
 
 def _input_channels(gm: fx.GraphModule) -> int:
-    """Channels of the model's input: the ``in_channels`` of the first conv or linear it reaches."""
+    """Channels of the model's input: the ``in_channels`` of the first conv or linear the graph calls."""
     for node in gm.graph.nodes:
         if node.op == "call_module":
             m = gm.get_submodule(str(node.target))
-            if isinstance(m, nn.modules.conv._ConvNd):
-                return int(m.in_channels)
-            if isinstance(m, nn.Linear):
-                return int(m.in_features)
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                return _input_channels_of(m)
+    return 3
+
+
+def _input_channels_of(model: nn.Module) -> int:
+    """``in_channels`` of the first conv (or ``in_features`` of the first linear) among ``model``'s modules."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+        if isinstance(m, nn.Linear):
+            return int(m.in_features)
     return 3

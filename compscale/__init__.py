@@ -1,0 +1,39 @@
+"""compscale: EfficientNet's compound scaling for any ResNet or MobileNet, as a torch.fx graph rewriter.
+
+>>> import compscale
+>>> from torchvision.models import resnet50
+>>> bigger = compscale.scale(resnet50(), phi=2)
+>>> bigger.scaling.input_size
+(296, 296)
+"""
+
+from compscale.analyse.rules import register_channel_rule
+from compscale.api import scale
+from compscale.errors import (
+    CompscaleError,
+    NoStageError,
+    RewriteError,
+    TraceError,
+    UnsupportedOpError,
+    WidthError,
+)
+from compscale.plan.plan import ScalingPlan
+from compscale.registry import register_drop_path
+from compscale.verify.profile import Profile, profile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "scale",
+    "profile",
+    "Profile",
+    "ScalingPlan",
+    "register_channel_rule",
+    "register_drop_path",
+    "CompscaleError",
+    "TraceError",
+    "UnsupportedOpError",
+    "NoStageError",
+    "WidthError",
+    "RewriteError",
+]

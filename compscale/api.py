@@ -1,0 +1,127 @@
+"""``compscale.scale``: trace -> analyse -> plan -> rewrite (depth, width) -> verify."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from compscale.analyse.channels import analyse_channels
+from compscale.analyse.stages import StageTable, find_stages
+from compscale.errors import NoStageError, RewriteError
+from compscale.plan.plan import (
+    GroupPlan,
+    ScalingPlan,
+    StagePlan,
+    plan_input_size,
+    resolve_multipliers,
+)
+from compscale.plan.policy import RoundFn, default_independent, derive, resolve_widths
+from compscale.plan.rounding import make_divisible, repeats
+from compscale.rewrite.depth import deepen
+from compscale.rewrite.init import InitRules
+from compscale.rewrite.width import apply_widths
+from compscale.trace import trace
+from compscale.trace.tracer import Traced
+
+__all__ = ["scale"]
+
+log = logging.getLogger("compscale")
+
+
+def scale(
+    model: nn.Module,
+    phi: float | None = None,
+    *,
+    alpha: float = 1.2,
+    beta: float = 1.1,
+    gamma: float = 1.15,
+    depth: float | None = None,
+    width: float | None = None,
+    resolution: float | None = None,
+    input_size: int | Sequence[int] = 224,
+    resolution_divisor: int = 8,
+    round_width: RoundFn = make_divisible,
+    stages: Sequence[str] | None = None,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+) -> nn.Module:
+    """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
+
+    ``d = alpha**phi``, ``w = beta**phi``, ``r = gamma**phi``; ``depth``/``width``/``resolution`` override the
+    phi-derived multiplier of their dimension (``scale(m, depth=2)`` deepens only). The caller's model is not
+    modified; the result is a new module on the same device and dtype, carrying its plan as
+    ``result.scaling`` (``result.scaling.input_size`` is the ``(H, W)`` to run it at).
+
+    Args:
+        model: the network to scale.
+        phi: compound coefficient.
+        alpha, beta, gamma: per-dimension bases of the compound rule.
+        depth, width, resolution: explicit multipliers.
+        input_size: the base model's input size (``(H, W)`` or one int).
+        resolution_divisor: the new input size is a multiple of it.
+        round_width: ``round_width(channels, divisor) -> int`` for independent channel groups.
+        stages: restrict depth scaling to blocks under these module paths.
+        leaf_modules, autowrap_functions: passed to the torch.fx tracer.
+
+    Raises:
+        TypeError, ValueError: a bad multiplier.
+        CompscaleError: the model cannot be scaled (its subclasses say why and give a hint).
+
+    Example:
+        >>> from torchvision.models import resnet50
+        >>> deeper = scale(resnet50(), depth=2)
+        >>> [len(s) for s in (deeper.layer1, deeper.layer2, deeper.layer3, deeper.layer4)]
+        [6, 8, 12, 6]
+    """
+    mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
+    base = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
+    tracer_args: dict[str, Any] = {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)}
+    work = copy.deepcopy(model)
+    traced = trace(work, None, **tracer_args)
+    traced = trace(work, (*traced.input_shape[:2], *base), **tracer_args) if base != (224, 224) else traced
+    plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
+    rules = InitRules(model)
+    table = find_stages(traced, stages)
+    plan.stages = _scale_depth(work, traced, table, mult.depth, rules)
+    if mult.width != 1.0:
+        traced = trace(work, traced.input_shape, **tracer_args)
+        cg = analyse_channels(traced)
+        derivations = derive(cg)
+        widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations)
+        apply_widths(work, cg, widths, rules)
+        plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
+                       for g in cg.groups]
+    _verify(work, traced, plan, tracer_args)
+    work.scaling = plan  # type: ignore[assignment]
+    log.info("scaled %s:\n%s", type(model).__name__, plan)
+    return work
+
+
+def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float, rules: InitRules) -> list[StagePlan]:
+    counts = {s.index: repeats(len(s.blocks), d) for s in table}
+    if d != 1.0 and not len(table):
+        raise NoStageError(
+            f"{type(work).__name__} has no stage to deepen: no block of its graph adds its own input back "
+            "(a residual block with stride 1 and in == out channels)",
+            "name the blocks to repeat with `stages=['path.to.container']`, or scale width/resolution only.",
+        )
+    added = deepen(work, traced, table, counts, rules) if d != 1.0 else {}
+    return [StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride,
+                      tuple(added.get(s.index, ()))) for s in table]
+
+
+def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan, tracer_args: dict[str, Any]) -> None:
+    """Re-trace the result at its new input size and lint the graph; the output keeps its shape."""
+    before = tuple(traced.shape(traced.output_node))
+    after_traced = trace(work, (*traced.input_shape[:2], *plan.input_size), **tracer_args)
+    after_traced.graph.lint()
+    after = tuple(after_traced.shape(after_traced.output_node))
+    if after[:2] != before[:2]:
+        raise RewriteError(
+            f"the scaled {type(work).__name__} returns {after} where the model returned {before}",
+            "report this with the model; meanwhile scale the dimensions one at a time to find the culprit.",
+        )

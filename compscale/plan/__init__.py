@@ -1,0 +1,1 @@
+"""Step 3 of the pipeline: the scaling plan (multipliers, repeats per stage, width per group, input size)."""

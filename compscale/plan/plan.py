@@ -1,0 +1,144 @@
+"""The scaling plan: what ``scale`` decided, as plain data carried by the result (``result.scaling``).
+
+The rewrite passes consume it (repeats per stage, width per channel group) and never see alpha,
+beta, gamma or phi.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+from compscale.plan.rounding import round_resolution
+
+__all__ = ["Multipliers", "StagePlan", "GroupPlan", "ScalingPlan", "resolve_multipliers"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Multipliers:
+    """``depth``, ``width`` and ``resolution`` multipliers (and the ``phi`` they came from, if any)."""
+
+    depth: float
+    width: float
+    resolution: float
+    phi: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    name: str
+    blocks_before: int
+    blocks_after: int
+    in_channels: int
+    out_channels: int
+    stride: int
+    new_blocks: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    id: int
+    before: int
+    after: int
+    rule: str
+    members: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class ScalingPlan:
+    """What was scaled and how; ``input_size`` is the ``(H, W)`` the scaled network is meant to run at."""
+
+    multipliers: Multipliers
+    base_input_size: tuple[int, int]
+    input_size: tuple[int, int]
+    stages: list[StagePlan] = dataclasses.field(default_factory=list)
+    groups: list[GroupPlan] = dataclasses.field(default_factory=list)
+
+    @property
+    def depth(self) -> float:
+        return self.multipliers.depth
+
+    @property
+    def width(self) -> float:
+        return self.multipliers.width
+
+    @property
+    def resolution(self) -> float:
+        return self.multipliers.resolution
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        m = self.multipliers
+        phi = f"phi={m.phi:g}: " if m.phi is not None else ""
+        lines = [
+            f"{phi}depth x{m.depth:.4g}, width x{m.width:.4g}, resolution x{m.resolution:.4g}",
+            f"input size {self.base_input_size[0]}x{self.base_input_size[1]} -> "
+            f"{self.input_size[0]}x{self.input_size[1]}",
+        ]
+        if self.stages:
+            lines.append(_table(
+                ("stage", "blocks", "in -> out ch (base)", "stride"),
+                [(s.name, f"{s.blocks_before} -> {s.blocks_after}", f"{s.in_channels} -> {s.out_channels}",
+                  str(s.stride)) for s in self.stages],
+            ))
+        changed = [g for g in self.groups if g.before != g.after]
+        if changed:
+            lines.append(_table(
+                ("group", "width", "rule", "first members"),
+                [(str(g.id), f"{g.before} -> {g.after}", g.rule, ", ".join(g.members[:2])) for g in changed],
+            ))
+        return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    all_rows = [header, *rows]
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in all_rows)
+
+
+def _check_multiplier(name: str, value: Any, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def resolve_multipliers(
+    phi: float | None,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    depth: float | None,
+    width: float | None,
+    resolution: float | None,
+) -> Multipliers:
+    """``d = alpha**phi``, ``w = beta**phi``, ``r = gamma**phi``; explicit ``depth``/``width``/``resolution`` win.
+
+    Raises:
+        TypeError: a multiplier that is not a real number.
+        ValueError: a multiplier that is zero, negative, NaN or infinite.
+    """
+    a, b, g = (_check_multiplier(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)))
+    p = None if phi is None else _check_multiplier("phi", phi, positive=False)
+
+    def pick(name: str, explicit: float | None, base: float) -> float:
+        if explicit is not None:
+            return _check_multiplier(name, explicit)
+        return base ** p if p is not None else 1.0
+
+    return Multipliers(pick("depth", depth, a), pick("width", width, b), pick("resolution", resolution, g), p)
+
+
+def plan_input_size(base: tuple[int, int], resolution: float, divisor: int = 8) -> tuple[int, int]:
+    """The new ``(H, W)``: each side ``base * r`` rounded to a multiple of ``divisor`` (unchanged when r == 1)."""
+    if resolution == 1.0:
+        return base
+    return (round_resolution(base[0], resolution, divisor), round_resolution(base[1], resolution, divisor))

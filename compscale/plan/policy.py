@@ -1,0 +1,182 @@
+"""Width policy: how each channel group's new width follows from the multiplier.
+
+Hand-built families derive some widths from others instead of rounding each on its own; the rules
+here recover those derivations from the channel-group graph (see docs/choosing.md):
+
+* ``fixed``: the model's input channels and outputs (classes) never change.
+* ``tied``: a depthwise conv with a channel multiplier keeps ``out = k * in``.
+* ``squeeze``: a group sandwiched between two layers of one group ``P`` (squeeze-excitation) keeps its
+  ratio to ``P``: ``floor(new(P) * base / base(P))``, at least 1.
+* ``expansion``: a group produced from a group ``H`` with ``base = k * base(H)``, ``k >= 2`` an integer,
+  stays ``k * new(H)`` (bottleneck output, inverted-residual hidden width, EfficientNet head).
+* ``independent``: everything else: ``round_width(base * w, divisor)`` with ``divisor`` the lcm of 8 and
+  the group's grouped-conv / GroupNorm divisors.
+
+Each rule is a small function; :func:`resolve_widths` is the one place that combines them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+
+from compscale.analyse.channels import ChannelGraph, ChannelGroup
+from compscale.errors import WidthError
+from compscale.plan.rounding import make_divisible
+
+__all__ = ["Derivation", "derive", "resolve_widths", "RoundFn"]
+
+RoundFn = Callable[[float, int], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Derivation:
+    """How one group's width follows from another's (``parent`` is ``None`` for independent/fixed groups)."""
+
+    rule: str
+    parent: int | None = None
+    ratio: Fraction = Fraction(1)
+
+
+def derive(cg: ChannelGraph) -> dict[int, Derivation]:
+    """The derivation of every group of ``cg``."""
+    squeezes = _squeezes(cg)
+    ties = {out: (src, k) for out, src, k in cg.ties}
+    result: dict[int, Derivation] = {}
+    for g in cg.groups:
+        if g.fixed:
+            result[g.id] = Derivation("fixed")
+        elif g.id in ties:
+            src, k = ties[g.id]
+            result[g.id] = Derivation("tied", src, Fraction(k))
+        elif g.id in squeezes:
+            p = squeezes[g.id]
+            result[g.id] = Derivation("squeeze", p, Fraction(g.base, cg.groups[p].base))
+    for g in cg.groups:
+        if g.id not in result:
+            result[g.id] = _expansion(cg, g, result)
+    return result
+
+
+def _squeezes(cg: ChannelGraph) -> dict[int, int]:
+    """Groups ``G`` that a layer makes from pooled ``P`` and another layer turns back into ``P`` (SE)."""
+    made_from: dict[int, set[int]] = {}
+    turned_into: dict[int, set[int]] = {}
+    for layer in cg.layers.values():
+        if len(layer.inputs) == 1 and layer.pooled:
+            made_from.setdefault(layer.output, set()).add(layer.inputs[0][0])
+            turned_into.setdefault(layer.inputs[0][0], set()).add(layer.output)
+    result = {}
+    for g, parents in made_from.items():
+        back = parents & turned_into.get(g, set())
+        if back and cg.groups[g].base < cg.groups[min(back)].base:
+            result[g] = min(back)
+    return result
+
+
+def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation]) -> Derivation:
+    """Vote over ``g``'s producers: each says "k x my input group" or "independent"; ties go to independent."""
+    votes: Counter[tuple[int, int] | None] = Counter()
+    for path in g.producers:
+        layer = cg.layers[path]
+        if len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
+            votes[None] += 1
+            continue
+        h = cg.groups[layer.inputs[0][0]]
+        k, rem = divmod(g.base, h.base)
+        if rem == 0 and k >= 2 and not h.fixed and h.id != g.id:
+            votes[(h.id, k)] += 1
+        else:
+            votes[None] += 1
+    if not votes:
+        return Derivation("independent")
+    best = max(votes.values())
+    winners = [v for v, c in votes.items() if c == best]
+    if None in winners:
+        return Derivation("independent")
+    # prefer a parent that is itself independent (a bottleneck's planes, not the previous stage's output)
+    winners.sort(key=lambda v: (known.get(v[0], Derivation("independent")).rule != "independent", v[0]))
+    parent, k = winners[0]  # type: ignore[misc]
+    return Derivation("expansion", parent, Fraction(k))
+
+
+def resolve_widths(
+    cg: ChannelGraph,
+    independent: Callable[[ChannelGroup, int], int],
+    seeds: Mapping[int, int] | None = None,
+    derivations: Mapping[int, Derivation] | None = None,
+) -> dict[int, int]:
+    """New width of every group.
+
+    Args:
+        cg: the channel groups.
+        independent: ``independent(group, divisor) -> width`` for groups no other group determines.
+        seeds: widths forced on some groups (their derived groups follow them).
+        derivations: as returned by :func:`derive` (computed when omitted).
+
+    Raises:
+        WidthError: a group would be empty or would break a divisor it must keep.
+    """
+    derivations = derive(cg) if derivations is None else derivations
+    seeds = dict(seeds or {})
+    widths: dict[int, int] = {}
+
+    def width(gid: int, visiting: frozenset[int] = frozenset()) -> int:
+        if gid in widths:
+            return widths[gid]
+        g, d = cg.groups[gid], derivations[gid]
+        if gid in seeds:
+            w = seeds[gid]
+        elif d.rule == "fixed":
+            w = g.base
+        elif d.parent is not None and d.parent not in visiting:
+            pw = width(d.parent, visiting | {gid})
+            w = max(1, math.floor(pw * d.ratio)) if d.rule == "squeeze" else int(pw * d.ratio)
+            if any(w % k for k in g.divisors):  # a derived width a grouped conv cannot take: round instead
+                w = independent(g, divisor_of(g))
+        else:
+            w = independent(g, divisor_of(g))
+        widths[gid] = w
+        return w
+
+    for g in cg.groups:
+        width(g.id)
+    _check(cg, widths)
+    return widths
+
+
+def divisor_of(g: ChannelGroup, base: int = 8) -> int:
+    """The multiple a group's width must round to: lcm of ``base`` and its grouped-conv/GroupNorm divisors."""
+    d = base
+    for k in g.divisors:
+        d = math.lcm(d, k)
+    return d
+
+
+def _check(cg: ChannelGraph, widths: Mapping[int, int]) -> None:
+    for g in cg.groups:
+        w = widths[g.id]
+        where = ", ".join(p for p, _ in g.members[:3]) or "no layer"
+        if w < 1:
+            raise WidthError(
+                f"channel group {g.id} ({g.base} channels: {where}) would have {w} channels",
+                "use a larger width multiplier, or keep this group with `fixed=`.",
+            )
+        for d, why in g.divisors.items():
+            if w % d:
+                raise WidthError(
+                    f"channel group {g.id} ({where}) would have {w} channels, not divisible by {d} as {why} needs",
+                    "pick a width multiplier (or rounding) that keeps the divisor.",
+                )
+
+
+def default_independent(multiplier: float, round_width: RoundFn = make_divisible) -> Callable[[ChannelGroup, int], int]:
+    """The independent-group rule of the references: ``make_divisible(base * w, divisor)``."""
+
+    def rule(g: ChannelGroup, divisor: int) -> int:
+        return round_width(g.base * multiplier, divisor)
+
+    return rule

@@ -1,0 +1,93 @@
+"""The depth pass: give each stage its planned number of blocks.
+
+New blocks are appended at the stage's end as fresh copies of its repeat block (or of a synthesized one,
+:mod:`compscale.rewrite.synth`), initialised as the model's constructor would. Drop-path rates that
+are linear in the block index are re-spread over the new number of blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+from torch import nn
+
+from compscale.analyse.stages import StageTable
+from compscale.errors import RewriteError
+from compscale.registry import drop_path_attr
+from compscale.rewrite.init import InitRules, reinit
+from compscale.rewrite.modules import insert_after
+from compscale.rewrite.synth import synthesize_repeat
+from compscale.trace import Traced
+
+__all__ = ["deepen", "fresh_copy", "respread_drop_path"]
+
+
+def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
+    """A deep copy of ``template`` with every parameter drawn anew."""
+    new = copy.deepcopy(template)
+    for (_, m), (_, t) in zip(new.named_modules(), template.named_modules()):
+        if any(True for _ in m.parameters(recurse=False)) or list(m.buffers(recurse=False)):
+            reinit(m, rules, template=t)
+    return new
+
+
+def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[int, int],
+           rules: InitRules | None) -> dict[int, list[str]]:
+    """Append blocks so that stage ``i`` of ``table`` has ``counts[i]`` blocks; returns the new paths per stage.
+
+    ``root`` is the model being rewritten (``traced`` was traced from it). Stages are handled last to first
+    so that renumbering a flat container never moves a stage not yet handled.
+    """
+    drop_rates = _drop_rates(root)
+    added: dict[int, list[str]] = {}
+    for stage in reversed(table.stages):
+        extra = counts.get(stage.index, len(stage.blocks)) - len(stage.blocks)
+        if extra <= 0:
+            continue
+        parent = root.get_submodule(stage.parent) if stage.parent else root
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            raise RewriteError(
+                f"cannot add blocks to stage {stage.name}: its blocks live in {type(parent).__name__} "
+                f"{stage.parent or '<root>'!r}, whose forward calls them one by one",
+                "keep the stage's blocks in an nn.Sequential, or leave it out with `stages=`.",
+            )
+        if stage.repeat is not None:
+            template = root.get_submodule(stage.repeat.path)
+            new = [fresh_copy(template, rules) for _ in range(extra)]
+        else:
+            first = synthesize_repeat(traced, stage, table.blocks, rules)
+            new = [first] + [fresh_copy(first, rules) for _ in range(extra - 1)]
+        names = insert_after(parent, stage.blocks[-1].path.rpartition(".")[2], new)
+        prefix = stage.parent + "." if stage.parent else ""
+        added[stage.index] = [prefix + n for n in names]
+    respread_drop_path(root, len(drop_rates), drop_rates)
+    return added
+
+
+def _drop_rates(root: nn.Module) -> list[float]:
+    return [float(getattr(m, attr)) for m in root.modules() if (attr := drop_path_attr(m)) is not None]
+
+
+def respread_drop_path(root: nn.Module, old_count: int, old_rates: list[float]) -> None:
+    """If the old rates were ``c * k`` over the blocks ``k``, set ``c`` anew for the new number of blocks.
+
+    The reference builders use ``p * k / N`` (torchvision) or ``p * k / (N - 1)`` (timm's linspace); the
+    hypothesis whose ``p`` is the rounder number wins, and the new rates use the same ``p`` over the new ``N``.
+    """
+    modules = [(m, attr) for m in root.modules() if (attr := drop_path_attr(m)) is not None]
+    if old_count < 2 or len(modules) == old_count:
+        return
+    c = old_rates[1]
+    if c <= 0 or any(abs(r - c * k) > 1e-6 for k, r in enumerate(old_rates)):
+        return  # not linear in the block index: leave the rates as they are
+    p_n, p_n1 = c * old_count, c * (old_count - 1)
+    per_block = 1.0 / len(modules) if _roundness(p_n) <= _roundness(p_n1) else 1.0 / (len(modules) - 1)
+    p = p_n if per_block == 1.0 / len(modules) else p_n1
+    for k, (m, attr) in enumerate(modules):
+        setattr(m, attr, p * k * per_block)
+
+
+def _roundness(p: float) -> float:
+    """Distance of ``p`` from the nearest multiple of 0.05: smaller is rounder."""
+    return abs(p / 0.05 - round(p / 0.05))

@@ -1,0 +1,148 @@
+"""Fresh initialisation "the way the model's own constructor does it", inferred from the model.
+
+Constructors initialise each layer type by one law: torchvision's ResNet and MobileNet draw conv
+weights from ``kaiming_normal_(mode="fan_out")`` (std = sqrt(2 / fan_out)), PyTorch's default is
+uniform with bound 1/sqrt(fan_in), MobileNetV2's classifier uses a constant std of 0.01, norms start at
+weight 1 (or 0 for a zero-init residual) and bias 0. :class:`InitRules` finds, per layer type, which of
+``std ~ fan_out^-1/2``, ``std ~ fan_in^-1/2`` or ``std = const`` fits all of that type's weights in the
+model best, and whether they look uniform or normal; :func:`reinit` draws a new layer from it.
+A layer of which the model holds one copy only (a classifier) keeps PyTorch's default law when its
+weights fit it, else a constant std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["InitRules", "reinit"]
+
+_LAWS = ("fan_out", "fan_in", "const")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Law:
+    law: str
+    coef: float
+    uniform: bool
+
+
+def _fans(w: torch.Tensor) -> tuple[int, int]:
+    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    return w.shape[1] * receptive, w.shape[0] * receptive
+
+
+def _scale(law: str, fan_in: int, fan_out: int) -> float:
+    return {"fan_out": fan_out ** -0.5, "fan_in": fan_in ** -0.5, "const": 1.0}[law]
+
+
+def _looks_uniform(w: torch.Tensor) -> bool:
+    x = w.detach().float().flatten()
+    if x.numel() < 16:
+        return False
+    x = x - x.mean()
+    var = x.pow(2).mean()
+    kurtosis = (x.pow(4).mean() / var.pow(2)).item() if var > 0 else 3.0
+    return kurtosis < 2.4  # uniform: 1.8, normal: 3.0
+
+
+class InitRules:
+    """Per layer type, the law the model's constructor drew weights from."""
+
+    def __init__(self, model: nn.Module) -> None:
+        samples: dict[type, list[torch.Tensor]] = {}
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(w, torch.Tensor) and w.numel() > 1:
+                samples.setdefault(_kind(m), []).append(w.detach())
+        self.laws = {kind: _fit(ws) for kind, ws in samples.items()}
+
+    def law_for(self, module: nn.Module) -> _Law | None:
+        return self.laws.get(_kind(module))
+
+
+def _kind(m: nn.Module) -> type:
+    return nn.Linear if isinstance(m, nn.Linear) else nn.modules.conv._ConvNd
+
+
+def _fit(weights: list[torch.Tensor]) -> _Law | None:
+    if weights[0].device.type == "meta":
+        return None
+    stats = []
+    for w in weights:
+        std = w.float().std().item()
+        if std > 0:
+            stats.append((std, *_fans(w)))
+    if not stats:
+        return None
+    uniform = sum(_looks_uniform(w) for w in weights) * 2 > len(weights)
+    if len(stats) == 1:
+        std, fan_in, _ = stats[0]
+        default_std = fan_in ** -0.5 / math.sqrt(3)  # PyTorch's kaiming_uniform_(a=sqrt(5))
+        if abs(std / default_std - 1) < 0.15:
+            return None  # PyTorch's default: reset_parameters() reproduces it exactly
+        return _Law("const", std, uniform)
+    best = None
+    for law in _LAWS:
+        coefs = [std / _scale(law, fi, fo) for std, fi, fo in stats]
+        mean = sum(coefs) / len(coefs)
+        spread = math.sqrt(sum((c - mean) ** 2 for c in coefs) / len(coefs)) / mean
+        if best is None or spread < best[0] - 1e-9:
+            best = (spread, _Law(law, mean, uniform))
+    assert best is not None
+    return best[1]
+
+
+@torch.no_grad()
+def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | None = None) -> None:
+    """Give ``module`` fresh parameters as the model's constructor would, in place.
+
+    Norm layers copy their template's constant weight/bias (1/0, or 0 for a zero-init residual) and reset
+    their running statistics. Conv/linear weights follow ``rules``; a bias copies the template's zeros or
+    is drawn by PyTorch's default.
+    """
+    template = module if template is None else template
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        _reinit_norm(module, template)
+        return
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        for p in module.parameters(recurse=False):
+            nn.init.normal_(p, std=0.02)
+        return
+    law = rules.law_for(module) if rules is not None else None
+    if law is None:
+        module.reset_parameters()
+    else:
+        fan_in, fan_out = _fans(module.weight)
+        std = law.coef * _scale(law.law, fan_in, fan_out)
+        if law.uniform:
+            bound = std * math.sqrt(3)
+            nn.init.uniform_(module.weight, -bound, bound)
+        else:
+            nn.init.normal_(module.weight, 0.0, std)
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return
+    t_bias = getattr(template, "bias", None)
+    if isinstance(t_bias, torch.Tensor) and t_bias.device.type != "meta" and not bool(t_bias.any()):
+        bias.zero_()  # the constructor zeroed biases
+    elif law is not None:  # reset_parameters() did not run: PyTorch's default bias law
+        bound = _fans(module.weight)[0] ** -0.5
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def _reinit_norm(module: nn.Module, template: nn.Module) -> None:
+    for name in ("weight", "bias"):
+        p = getattr(module, name, None)
+        t = getattr(template, name, None)
+        if p is None:
+            continue
+        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() and bool((t == t.flatten()[0]).all()):
+            p.fill_(t.flatten()[0].item())
+        else:
+            p.fill_(1.0 if name == "weight" else 0.0)
+    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+        module.reset_running_stats()

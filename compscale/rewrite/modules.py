@@ -1,0 +1,102 @@
+"""Module surgery shared by the rewrite passes: resize a layer, replace or insert a submodule."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["resize", "set_submodule", "insert_after", "next_name"]
+
+
+def _clone_shell(module: nn.Module) -> nn.Module:
+    """A shallow copy whose parameter/buffer/module dicts are its own (hooks and attributes shared)."""
+    new = copy.copy(module)
+    new._parameters = module._parameters.copy()
+    new._buffers = module._buffers.copy()
+    new._modules = module._modules.copy()
+    return new
+
+
+def _empty(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    return torch.empty(tuple(shape), device=like.device, dtype=like.dtype)
+
+
+def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) -> nn.Module:
+    """A copy of ``module`` (conv, linear or norm) with new channel counts and uninitialised parameters.
+
+    The copy keeps the module's class and every other attribute, so a subclass of ``nn.Conv2d`` stays one.
+    """
+    new = _clone_shell(module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        groups = out_ch if depthwise else module.groups
+        new.in_channels, new.out_channels, new.groups = in_ch, out_ch, groups
+        _replace_param(new, "weight", (out_ch, in_ch // groups, *module.kernel_size))
+        _replace_param(new, "bias", (out_ch,))
+    elif isinstance(module, nn.Linear):
+        new.in_features, new.out_features = in_ch, out_ch
+        _replace_param(new, "weight", (out_ch, in_ch))
+        _replace_param(new, "bias", (out_ch,))
+    elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        if isinstance(module, nn.GroupNorm):
+            new.num_channels = out_ch
+        elif isinstance(module, nn.LayerNorm):
+            new.normalized_shape = (out_ch,)
+        else:
+            new.num_features = out_ch
+        for name in ("weight", "bias"):
+            _replace_param(new, name, (out_ch,))
+        for name in ("running_mean", "running_var"):
+            buf = new._buffers.get(name)
+            if buf is not None:
+                new._buffers[name] = _empty(buf, (out_ch,))
+    else:
+        raise TypeError(f"cannot resize {type(module).__name__}")
+    return new
+
+
+def _replace_param(module: nn.Module, name: str, shape: Sequence[int]) -> None:
+    p = module._parameters.get(name)
+    if p is not None:
+        module._parameters[name] = nn.Parameter(_empty(p, shape), requires_grad=p.requires_grad)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` of ``root`` (the parent's forward then calls it)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def next_name(existing: Sequence[str], after: str) -> str:
+    """The name of a new child following ``after``: the next free index (``3`` after ``2``, ``b1-3`` after ``b1-2``)."""
+    m = re.fullmatch(r"(.*?)(\d+)", after)
+    prefix, k = (m.group(1), int(m.group(2))) if m else (after + "_", 0)
+    taken = set(existing)
+    while f"{prefix}{k}" in taken:
+        k += 1
+    return f"{prefix}{k}"
+
+
+def insert_after(parent: nn.Module, after: str, modules: Sequence[nn.Module]) -> list[str]:
+    """Insert ``modules`` after child ``after`` of ``parent`` (a Sequential or ModuleList, in order).
+
+    When every child name is an index, the children are renumbered so that indices stay consecutive, as
+    in a container built with the new blocks from the start; otherwise new names follow ``next_name``.
+    """
+    items = list(parent._modules.items())
+    pos = [k for k, _ in items].index(after) + 1
+    numbered = all(k.isdigit() for k, _ in items)
+    names: list[str] = []
+    for _ in modules:
+        names.append(next_name([k for k, _ in items] + names, names[-1] if names else after))
+    merged = items[:pos] + list(zip(names, modules)) + items[pos:]
+    if numbered:
+        merged = [(str(i), m) for i, (_, m) in enumerate(merged)]
+        names = [str(pos + i) for i in range(len(modules))]
+    parent._modules = OrderedDict(merged)  # type: ignore[assignment]
+    return names

@@ -1,0 +1,150 @@
+"""Synthesize the repeat block of a stage that has only one block.
+
+A one-block stage (MobileNetV2's first and last, EfficientNet-B0's first and last) has no block that
+can be repeated as is. Its repeat is what the block's constructor would build with input width = the
+stage's output width, stride 1 and the residual on. From the graph alone: the block's subgraph is cut
+out, its input channel group is re-widthed to the stage output (groups derived from it follow: an
+inverted residual's hidden width stays ``t x in``, an SE squeeze keeps its ratio), strided layers get
+stride 1, and the block gets an identity residual: a projection shortcut is replaced by the input
+itself, or the input is added back after the tail a residual peer of the same type uses (its
+stochastic-depth layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from compscale.analyse.channels import analyse_channels
+from compscale.analyse.stages import _ADDS, Block, Stage
+from compscale.errors import RewriteError
+from compscale.plan.policy import resolve_widths
+from compscale.registry import drop_path_attr
+from compscale.rewrite.init import InitRules
+from compscale.rewrite.width import apply_widths
+from compscale.trace import Traced, trace
+
+__all__ = ["synthesize_repeat", "extract_block"]
+
+
+def extract_block(traced: Traced, block: Block) -> fx.GraphModule:
+    """The block's own subgraph as a ``GraphModule`` over a deep copy of the block module."""
+    nodes = list(traced.graph.nodes)
+    names = [n.name for n in nodes]
+    region = nodes[names.index(block.entry) + 1: names.index(block.exit) + 1]
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {nodes[names.index(block.entry)]: graph.placeholder("x")}
+    prefix = block.path + "."
+    for n in region:
+        new = graph.node_copy(n, lambda a: env[a])
+        if n.op in ("call_module", "get_attr"):
+            new.target = str(n.target)[len(prefix):]
+        env[n] = new
+    graph.output(env[region[-1]])
+    root = copy.deepcopy(traced.root.get_submodule(block.path))
+    gm = fx.GraphModule(root, graph, class_name=block.type_name)
+    # GraphModule rebuilds the hierarchy from plain nn.Modules in call order; keep the block's own
+    # containers (Sequential, SqueezeExcitation, ...) in their order, so the copy reads like the original.
+    gm._modules = OrderedDict(root.named_children())  # type: ignore[assignment]
+    return gm
+
+
+def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rules: InitRules | None) -> nn.Module:
+    """The repeat block of a one-block ``stage`` (see the module docstring)."""
+    block = stage.blocks[0]
+    gm = extract_block(traced, block)
+    sub = trace(gm, block.in_shape)
+    cg = analyse_channels(sub, pin_io=False)
+    entry_group = cg.node_groups["x"]
+    if len(entry_group) != 1:
+        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
+    widths = resolve_widths(cg, lambda g, d: g.base, seeds={entry_group[0]: block.out_shape[1]})
+    apply_widths(gm, cg, widths, rules)
+    _unstride(gm)
+    _make_identity_residual(gm, block, traced, blocks)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.graph.lint()
+    check = trace(gm, block.out_shape)
+    if tuple(check.shape(check.output_node)) != block.out_shape:
+        raise RewriteError(
+            f"the repeat synthesized from {block.path} maps {block.out_shape} to {tuple(check.shape(check.output_node))}",
+            "name the stages to deepen with `stages=` so that this block is left alone.",
+        )
+    return gm
+
+
+def _unstride(gm: fx.GraphModule) -> None:
+    for m in gm.modules():
+        stride = getattr(m, "stride", None)
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.MaxPool2d, nn.AvgPool2d)) and stride not in (1, None):
+            m.stride = (1,) * len(stride) if isinstance(stride, tuple) else 1
+
+
+def _make_identity_residual(gm: fx.GraphModule, block: Block, traced: Traced, blocks: Sequence[Block]) -> None:
+    graph = gm.graph
+    x = next(n for n in graph.nodes if n.op == "placeholder")
+    out = next(n for n in graph.nodes if n.op == "output")
+    adds = [n for n in graph.nodes if n.target in _ADDS and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2]
+    if block.residual == "projection" and adds:
+        add = adds[-1]
+        a, b = add.args[:2]
+        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+        shortcut = a if _distance(a, x) <= _distance(b, x) else b
+        add.replace_input_with(shortcut, x)
+        return
+    last = out.args[0]
+    assert isinstance(last, fx.Node)
+    with graph.inserting_before(out):
+        cur = last
+        for rel, module in _residual_tail(traced, block, blocks):
+            if not _has_submodule(gm, rel):
+                gm.add_submodule(rel, copy.deepcopy(module))
+            cur = graph.call_module(rel, (cur,))
+        res = graph.call_function(operator.add, (cur, x))
+    out.args = (res,)
+
+
+def _distance(node: fx.Node, src: fx.Node) -> int:
+    """Number of ops from ``src`` to ``node`` along first inputs (large when unrelated)."""
+    steps = 0
+    while node is not src and steps < 10_000:
+        ins = node.all_input_nodes
+        if not ins:
+            return 10_000
+        node, steps = ins[0], steps + 1
+    return steps
+
+
+def _has_submodule(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _residual_tail(traced: Traced, block: Block, blocks: Sequence[Block]) -> list[tuple[str, nn.Module]]:
+    """Drop-path layers a residual peer of the same type applies to its branch before adding the input back."""
+    peer = next((b for b in blocks if b.module_type is block.module_type and b.is_repeat), None)
+    if peer is None:
+        return []
+    by_name = {n.name: n for n in traced.graph.nodes}
+    add = by_name[peer.exit]
+    while add.target not in _ADDS and add.all_input_nodes:  # ops after the add (a trailing ReLU)
+        add = add.all_input_nodes[0]
+    branch = next((a for a in add.args[:2] if isinstance(a, fx.Node) and a.name != peer.entry), None)
+    tail: list[tuple[str, nn.Module]] = []
+    while branch is not None and branch.op == "call_module":
+        module = traced.gm.get_submodule(str(branch.target))
+        if drop_path_attr(module) is None:
+            break
+        tail.insert(0, (str(branch.target)[len(peer.path) + 1:], module))
+        branch = branch.all_input_nodes[0]
+    return tail
