@@ -24,16 +24,16 @@ from compscale.verify.profile import Profile, profile
 __version__ = "0.1.0"
 
 __all__ = [
-    "scale",
-    "profile",
-    "Profile",
-    "ScalingPlan",
-    "register_channel_rule",
-    "register_drop_path",
     "CompscaleError",
+    "NoStageError",
+    "Profile",
+    "RewriteError",
+    "ScalingPlan",
     "TraceError",
     "UnsupportedOpError",
-    "NoStageError",
     "WidthError",
-    "RewriteError",
+    "profile",
+    "register_channel_rule",
+    "register_drop_path",
+    "scale",
 ]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 __all__ = [
     "CompscaleError",
+    "NoStageError",
+    "RewriteError",
     "TraceError",
     "UnsupportedOpError",
-    "NoStageError",
     "WidthError",
-    "RewriteError",
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["register_drop_path", "drop_path_types", "drop_path_attr"]
+__all__ = ["drop_path_attr", "drop_path_types", "register_drop_path"]
 
 _DROP_PATH: dict[type[nn.Module], str] = {}
 

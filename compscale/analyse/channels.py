@@ -24,7 +24,7 @@ from compscale.analyse.rules import Desc, get_function_rule, get_module_rule
 from compscale.errors import UnsupportedOpError
 from compscale.trace import Traced, module_path
 
-__all__ = ["ChannelGroup", "ChannelGraph", "LayerChannels", "RuleContext", "analyse_channels"]
+__all__ = ["ChannelGraph", "ChannelGroup", "LayerChannels", "RuleContext", "analyse_channels"]
 
 _RULE_HINT = (
     "tell compscale how it maps channels: `compscale.register_channel_rule({target}, rule)` with a rule from "

@@ -17,25 +17,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from compscale.registry import drop_path_types
 
 if TYPE_CHECKING:
-    import torch.fx as fx
-
     from compscale.analyse.channels import RuleContext
 
 __all__ = [
     "Desc",
-    "ModuleRule",
     "FunctionRule",
-    "register_channel_rule",
-    "get_module_rule",
-    "get_function_rule",
+    "ModuleRule",
     "elementwise",
     "fixed",
+    "get_function_rule",
+    "get_module_rule",
+    "register_channel_rule",
 ]
 
 Desc = tuple[tuple[int, int], ...]
@@ -138,7 +137,7 @@ def flatten_module(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
 
 def _binary(ctx: RuleContext, node: fx.Node) -> Desc:
     """add/sub/mul/div: channels of tensor operands are one space (broadcast size-1 channels excepted)."""
-    descs = [ctx.desc(a) for a in node.args[:2] if ctx.is_tensor(a) and ctx.channels(a) > 1]
+    descs = [ctx.desc(a) for a in node.args[:2] if isinstance(a, fx.Node) and ctx.is_tensor(a) and ctx.channels(a) > 1]
     if not descs:
         return ctx.input_desc(node)
     for other in descs[1:]:
@@ -165,8 +164,9 @@ def _reshape(ctx: RuleContext, node: fx.Node) -> Desc:
 
 
 def _reduce(ctx: RuleContext, node: fx.Node) -> Desc:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims: tuple[int, ...] = (arg,) if isinstance(arg, int) else tuple(a for a in arg if isinstance(a, int)) \
+        if isinstance(arg, (list, tuple)) else ()
     ndim = len(ctx.shape(ctx.input_node(node)))
     if dims and all(d % ndim >= 2 for d in dims):
         return ctx.input_desc(node)

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from compscale.trace import Traced, module_path
 
-__all__ = ["Block", "Stage", "StageTable", "find_stages", "find_blocks", "cut_points"]
+__all__ = ["Block", "Stage", "StageTable", "cut_points", "find_blocks", "find_stages"]
 
 _ADDS = (operator.add, operator.iadd, "add", "add_")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from compscale.plan.rounding import round_resolution
 
-__all__ = ["Multipliers", "StagePlan", "GroupPlan", "ScalingPlan", "resolve_multipliers"]
+__all__ = ["GroupPlan", "Multipliers", "ScalingPlan", "StagePlan", "resolve_multipliers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +85,15 @@ class ScalingPlan:
                 [(s.name, f"{s.blocks_before} -> {s.blocks_after}", f"{s.in_channels} -> {s.out_channels}",
                   str(s.stride)) for s in self.stages],
             ))
-        changed = [g for g in self.groups if g.before != g.after]
+        changed: dict[tuple[int, int, str], list[GroupPlan]] = {}
+        for g in self.groups:
+            if g.before != g.after:
+                changed.setdefault((g.before, g.after, g.rule), []).append(g)
         if changed:
             lines.append(_table(
-                ("group", "width", "rule", "first members"),
-                [(str(g.id), f"{g.before} -> {g.after}", g.rule, ", ".join(g.members[:2])) for g in changed],
+                ("width", "rule", "groups", "e.g."),
+                [(f"{b} -> {a}", rule, str(len(gs)), gs[0].members[0] if gs[0].members else "")
+                 for (b, a, rule), gs in sorted(changed.items())],
             ))
         return "\n".join(lines)
 

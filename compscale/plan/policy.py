@@ -27,7 +27,7 @@ from compscale.analyse.channels import ChannelGraph, ChannelGroup
 from compscale.errors import WidthError
 from compscale.plan.rounding import make_divisible
 
-__all__ = ["Derivation", "derive", "resolve_widths", "RoundFn"]
+__all__ = ["Derivation", "RoundFn", "derive", "resolve_widths"]
 
 RoundFn = Callable[[float, int], int]
 
@@ -95,11 +95,12 @@ def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation
         return Derivation("independent")
     best = max(votes.values())
     winners = [v for v, c in votes.items() if c == best]
-    if None in winners:
+    derived = [v for v in winners if v is not None]
+    if len(derived) < len(winners):
         return Derivation("independent")
     # prefer a parent that is itself independent (a bottleneck's planes, not the previous stage's output)
-    winners.sort(key=lambda v: (known.get(v[0], Derivation("independent")).rule != "independent", v[0]))
-    parent, k = winners[0]  # type: ignore[misc]
+    derived.sort(key=lambda v: (known.get(v[0], Derivation("independent")).rule != "independent", v[0]))
+    parent, k = derived[0]
     return Derivation("expansion", parent, Fraction(k))
 
 

@@ -28,9 +28,9 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
 
 def repeats(n: int, depth: float) -> int:
     """Blocks of a stage of ``n`` blocks at depth multiplier ``depth``: ``ceil(n * depth)``, as the references."""
-    return int(math.ceil(n * depth))
+    return math.ceil(n * depth)
 
 
 def round_resolution(size: int, multiplier: float, divisor: int = 8) -> int:
     """``size * multiplier`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``)."""
-    return max(divisor, int(round(size * multiplier / divisor)) * divisor)
+    return max(divisor, round(size * multiplier / divisor) * divisor)

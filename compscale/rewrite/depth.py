@@ -16,7 +16,7 @@ from compscale.analyse.stages import StageTable
 from compscale.errors import RewriteError
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
-from compscale.rewrite.modules import insert_after
+from compscale.rewrite.modules import insert_after, remove_children
 from compscale.rewrite.synth import synthesize_repeat
 from compscale.trace import Traced
 
@@ -43,15 +43,19 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
     added: dict[int, list[str]] = {}
     for stage in reversed(table.stages):
         extra = counts.get(stage.index, len(stage.blocks)) - len(stage.blocks)
-        if extra <= 0:
+        if extra == 0:
             continue
         parent = root.get_submodule(stage.parent) if stage.parent else root
         if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
             raise RewriteError(
-                f"cannot add blocks to stage {stage.name}: its blocks live in {type(parent).__name__} "
+                f"cannot change the depth of stage {stage.name}: its blocks live in {type(parent).__name__} "
                 f"{stage.parent or '<root>'!r}, whose forward calls them one by one",
                 "keep the stage's blocks in an nn.Sequential, or leave it out with `stages=`.",
             )
+        if extra < 0:  # shallower: drop trailing repeats, never the stage's first block
+            keep = max(1, len(stage.blocks) + extra)
+            remove_children(parent, [b.path.rpartition(".")[2] for b in stage.blocks[keep:]])
+            continue
         if stage.repeat is not None:
             template = root.get_submodule(stage.repeat.path)
             new = [fresh_copy(template, rules) for _ in range(extra)]
@@ -76,16 +80,16 @@ def respread_drop_path(root: nn.Module, old_count: int, old_rates: list[float]) 
     hypothesis whose ``p`` is the rounder number wins, and the new rates use the same ``p`` over the new ``N``.
     """
     modules = [(m, attr) for m in root.modules() if (attr := drop_path_attr(m)) is not None]
-    if old_count < 2 or len(modules) == old_count:
+    if old_count < 2 or len(modules) in (old_count, 1):
         return
     c = old_rates[1]
     if c <= 0 or any(abs(r - c * k) > 1e-6 for k, r in enumerate(old_rates)):
         return  # not linear in the block index: leave the rates as they are
-    p_n, p_n1 = c * old_count, c * (old_count - 1)
-    per_block = 1.0 / len(modules) if _roundness(p_n) <= _roundness(p_n1) else 1.0 / (len(modules) - 1)
-    p = p_n if per_block == 1.0 / len(modules) else p_n1
+    over_n = _roundness(c * old_count) <= _roundness(c * (old_count - 1))  # torchvision's p*k/N, else timm's
+    p = c * old_count if over_n else c * (old_count - 1)
+    n = len(modules) if over_n else len(modules) - 1
     for k, (m, attr) in enumerate(modules):
-        setattr(m, attr, p * k * per_block)
+        setattr(m, attr, p * k / n)
 
 
 def _roundness(p: float) -> float:

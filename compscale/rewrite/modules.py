@@ -6,11 +6,12 @@ import copy
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["resize", "set_submodule", "insert_after", "next_name"]
+__all__ = ["insert_after", "next_name", "remove_children", "resize", "set_submodule"]
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -31,7 +32,7 @@ def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) 
 
     The copy keeps the module's class and every other attribute, so a subclass of ``nn.Conv2d`` stays one.
     """
-    new = _clone_shell(module)
+    new: Any = _clone_shell(module)
     if isinstance(module, nn.modules.conv._ConvNd):
         groups = out_ch if depthwise else module.groups
         new.in_channels, new.out_channels, new.groups = in_ch, out_ch, groups
@@ -98,5 +99,13 @@ def insert_after(parent: nn.Module, after: str, modules: Sequence[nn.Module]) ->
     if numbered:
         merged = [(str(i), m) for i, (_, m) in enumerate(merged)]
         names = [str(pos + i) for i in range(len(modules))]
-    parent._modules = OrderedDict(merged)  # type: ignore[assignment]
+    parent._modules = OrderedDict(merged)
     return names
+
+
+def remove_children(parent: nn.Module, names: Sequence[str]) -> None:
+    """Drop children ``names`` of ``parent``; index-named children are renumbered to stay consecutive."""
+    items = [(k, m) for k, m in parent._modules.items() if k not in set(names)]
+    if all(k.isdigit() for k in parent._modules):
+        items = [(str(i), m) for i, (_, m) in enumerate(items)]
+    parent._modules = OrderedDict(items)

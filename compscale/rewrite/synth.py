@@ -29,7 +29,7 @@ from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths
 from compscale.trace import Traced, trace
 
-__all__ = ["synthesize_repeat", "extract_block"]
+__all__ = ["extract_block", "synthesize_repeat"]
 
 
 def extract_block(traced: Traced, block: Block) -> fx.GraphModule:
@@ -50,7 +50,7 @@ def extract_block(traced: Traced, block: Block) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, class_name=block.type_name)
     # GraphModule rebuilds the hierarchy from plain nn.Modules in call order; keep the block's own
     # containers (Sequential, SqueezeExcitation, ...) in their order, so the copy reads like the original.
-    gm._modules = OrderedDict(root.named_children())  # type: ignore[assignment]
+    gm._modules = OrderedDict(root.named_children())
     return gm
 
 
@@ -74,7 +74,8 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
     check = trace(gm, block.out_shape)
     if tuple(check.shape(check.output_node)) != block.out_shape:
         raise RewriteError(
-            f"the repeat synthesized from {block.path} maps {block.out_shape} to {tuple(check.shape(check.output_node))}",
+            f"the repeat synthesized from {block.path} maps {block.out_shape} "
+            f"to {tuple(check.shape(check.output_node))}",
             "name the stages to deepen with `stages=` so that this block is left alone.",
         )
     return gm

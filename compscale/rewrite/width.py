@@ -49,5 +49,5 @@ def _channels(m: nn.Module) -> tuple[int, int]:
         return m.num_channels, m.num_channels
     if isinstance(m, nn.LayerNorm):
         return m.normalized_shape[0], m.normalized_shape[0]
-    n = int(getattr(m, "num_features"))
-    return n, n
+    assert isinstance(m, nn.modules.batchnorm._NormBase), type(m)
+    return m.num_features, m.num_features

@@ -22,13 +22,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
 from compscale.errors import TraceError
 from compscale.registry import drop_path_types
 
-__all__ = ["CompscaleTracer", "Traced", "module_path", "trace", "eval_mode"]
+__all__ = ["CompscaleTracer", "Traced", "eval_mode", "module_path", "trace"]
 
 _TRACE_HINT = (
     "make the offending submodule a leaf with `leaf_modules=[ThatModule]` (compscale will not look inside it), "
@@ -145,15 +151,36 @@ def trace(
         try:
             graph = tracer.trace(model)
         except Exception as e:  # fx raises TraceError, TypeError, AttributeError... for untraceable code
-            raise TraceError(
-                f"torch.fx cannot trace {name}.forward: {type(e).__name__}: {e}",
-                _TRACE_HINT,
-            ) from e
+            where = f"{name}.forward"
+            if tracer.module_stack:  # fx leaves the stack as it was when tracing failed
+                path, mtype = next(reversed(tracer.module_stack.values()))
+                if path:
+                    where += f", inside submodule {path!r} ({getattr(mtype, '__name__', mtype)}.forward)"
+            raise TraceError(f"torch.fx cannot trace {where}: {type(e).__name__}: {e}", _TRACE_HINT) from e
     gm = fx.GraphModule(model, graph, class_name=name)
     shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), 224, 224)
     traced = Traced(model, gm, shape)
     propagate_shapes(traced)
     return traced
+
+
+class _ShapeProp(ShapeProp):
+    """fx's ShapeProp, with one fallback: a leaf module whose forward depends on data (``if x.mean() > 0``)
+    cannot run on fake tensors, so that one module runs on zeros of its input's shape."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(target, args, kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            module = self.real_module.get_submodule(str(target))
+            with unset_fake_temporarily(), torch.no_grad():
+                real = tree_map(_zeros_like_fake, (args, kwargs))
+                out = module(*real[0], **real[1])
+            return tree_map(lambda t: self.fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+def _zeros_like_fake(t: Any) -> Any:
+    return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t
 
 
 def propagate_shapes(traced: Traced) -> None:
@@ -163,7 +190,7 @@ def propagate_shapes(traced: Traced) -> None:
         x = torch.empty(traced.input_shape)
     with eval_mode(traced.gm):
         try:
-            ShapeProp(traced.gm, fake_mode).propagate(x)
+            _ShapeProp(traced.gm, fake_mode).propagate(x)
         except Exception as e:
             raise TraceError(
                 f"shape propagation through {type(traced.gm).__name__} at input {tuple(traced.input_shape)} failed: "

@@ -35,7 +35,8 @@ class Profile:
     input_size: tuple[int, int]
 
     def __str__(self) -> str:
-        return f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.3f} GMACs at {self.input_size[0]}x{self.input_size[1]}"
+        h, w = self.input_size
+        return f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.3f} GMACs at {h}x{w}"
 
 
 def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_channels: int | None = None) -> Profile:
@@ -46,7 +47,7 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
         input_size: ``(H, W)``, or one int for a square input.
         in_channels: input channels; read off the model's first conv when omitted.
     """
-    size = (int(input_size), int(input_size)) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
+    size = _pair(input_size)
     channels = in_channels if in_channels is not None else _input_channels_of(model)
     params = sum(p.numel() for p in model.parameters())
     on_meta = any(p.device.type == "meta" for p in model.parameters())
@@ -59,3 +60,7 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
             with fake:
                 model(torch.empty(1, channels, *size))
     return Profile(counter.get_total_flops() // 2, params, size)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

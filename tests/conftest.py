@@ -1,0 +1,56 @@
+"""Shared helpers: compare a scaled model with one built by hand, layer for layer."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import compscale
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def leaf_layers(model: nn.Module) -> dict[str, tuple]:
+    """Every parameterised leaf layer: name -> (type, weight shape, stride, padding, groups, has bias)."""
+    out = {}
+    for name, m in model.named_modules():
+        if next(m.children(), None) is not None or not any(True for _ in m.parameters(recurse=False)):
+            continue
+        weight = getattr(m, "weight", None)
+        out[name] = (
+            type(m).__name__,
+            tuple(weight.shape) if weight is not None else None,
+            getattr(m, "stride", None),
+            getattr(m, "padding", None),
+            getattr(m, "groups", None),
+            getattr(m, "bias", None) is not None,
+        )
+    return out
+
+
+def residual_adds(model: nn.Module) -> int:
+    gm = fx.symbolic_trace(model.eval())
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in _ADDS)
+
+
+def assert_same_architecture(scaled: nn.Module, reference: nn.Module, input_size: int = 224) -> None:
+    """Same layers (names, types, shapes, strides, groups), same residual adds, equal params and MACs."""
+    got, want = leaf_layers(scaled), leaf_layers(reference)
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    assert not missing and not extra, f"missing {missing[:5]}, extra {extra[:5]}"
+    diffs = [(k, got[k], want[k]) for k in want if got[k] != want[k]]
+    assert not diffs, f"{len(diffs)} layers differ, first: {diffs[0]}"
+    assert residual_adds(scaled) == residual_adds(reference)
+    a, b = compscale.profile(scaled, input_size), compscale.profile(reference, input_size)
+    assert (a.params, a.macs) == (b.params, b.macs)
+    shapes = {k: v.shape for k, v in scaled.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,134 @@
+"""Depth scaling equals the deeper network built directly (issue: foundation and depth)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_same_architecture
+from torch import nn
+from torchvision.models import efficientnet_b0, efficientnet_b1, mobilenet_v2, resnet18, resnet50
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops import StochasticDepth
+
+import compscale
+
+MOBILENET_V2_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+                        [6, 320, 1, 1]]
+
+
+def test_resnet50_depth_2_is_resnet_6_8_12_6() -> None:
+    scaled = compscale.scale(resnet50(), depth=2)
+    assert_same_architecture(scaled, ResNet(Bottleneck, [6, 8, 12, 6]))
+    assert type(scaled) is ResNet and type(scaled.layer1[5]) is Bottleneck
+    assert [(s.blocks_before, s.blocks_after) for s in scaled.scaling.stages] == [(3, 6), (4, 8), (6, 12), (3, 6)]
+    assert scaled.scaling.input_size == (224, 224)
+
+
+def test_resnet18_depth_1_5_is_resnet_3_3_3_3() -> None:
+    assert_same_architecture(compscale.scale(resnet18(), depth=1.5), ResNet(BasicBlock, [3, 3, 3, 3]))
+
+
+@pytest.mark.parametrize("d", [1.5, 4])
+def test_mobilenet_v2_depth_matches_ceil_n_d(d: float) -> None:
+    scaled = compscale.scale(mobilenet_v2(), depth=d)
+    setting = [[t, c, math.ceil(n * d), s] for t, c, n, s in MOBILENET_V2_SETTING]
+    reference = mobilenet_v2(inverted_residual_setting=setting)
+    assert_same_architecture(scaled, reference)
+    # the one-block stages (16 and 320 channels) gained real residual blocks: the synthesized repeat adds its input
+    x = torch.randn(2, 320, 7, 7)
+    block = scaled.features[-2]  # the last block of the 320-channel stage (features[-1] is the head)
+    assert block(x).shape == x.shape
+
+
+def test_efficientnet_b0_depth_1_1_is_b1() -> None:
+    scaled = compscale.scale(efficientnet_b0(), depth=1.1)
+    reference = efficientnet_b1()
+    assert_same_architecture(scaled, reference)
+    rates = [m.p for m in scaled.modules() if isinstance(m, StochasticDepth)]
+    assert rates == pytest.approx([m.p for m in reference.modules() if isinstance(m, StochasticDepth)])
+
+
+def test_synthesized_repeat_drops_path_and_adds_input_back() -> None:
+    scaled = compscale.scale(efficientnet_b0(), depth=2)  # stage 1 gains a block made from its only block
+    new_block = scaled.features[1][1]
+    assert isinstance(new_block.stochastic_depth, StochasticDepth)
+    code = new_block.code
+    assert "stochastic_depth" in code and "+ x" in code
+    new_block.eval()
+    x = torch.randn(1, 16, 112, 112)
+    assert new_block(x).shape == x.shape
+
+
+def test_new_blocks_keep_names_and_take_next_index() -> None:
+    base = resnet50()
+    scaled = compscale.scale(base, depth=2)
+    assert scaled.scaling.stages[0].new_blocks == ("layer1.3", "layer1.4", "layer1.5")
+    for name, value in base.state_dict().items():  # every original tensor is still there, same name, same value
+        assert torch.equal(scaled.state_dict()[name], value)
+
+
+def test_new_blocks_are_initialised_like_the_constructor() -> None:
+    scaled = compscale.scale(resnet50(), depth=2)
+    reference = ResNet(Bottleneck, [6, 8, 12, 6])
+    for path in ("layer3.11.conv2", "layer1.5.conv3"):
+        got, want = scaled.get_submodule(path).weight, reference.get_submodule(path).weight
+        assert got.std().item() == pytest.approx(want.std().item(), rel=0.1)  # kaiming_normal_, fan_out
+    bn = scaled.get_submodule("layer2.7.bn3")
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0) and torch.all(bn.running_var == 1)
+
+
+def test_zero_init_residual_is_kept_in_new_blocks() -> None:
+    scaled = compscale.scale(resnet50(zero_init_residual=True), depth=1.5)
+    assert torch.all(scaled.layer1[-1].bn3.weight == 0)
+
+
+def test_result_runs_in_train_and_eval_and_state_dict_reloads() -> None:
+    scaled = compscale.scale(mobilenet_v2(), depth=1.5)
+    x = torch.randn(2, 3, 64, 64)
+    scaled.train()
+    scaled(x).sum().backward()
+    scaled.eval()
+    with torch.no_grad():
+        y = scaled(x)
+    again = compscale.scale(mobilenet_v2(), depth=1.5)
+    again.load_state_dict(scaled.state_dict())
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), y)
+
+
+def test_depth_1_and_phi_0_compute_the_same_function() -> None:
+    base = resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = base(x)
+        for scaled in (compscale.scale(base, depth=1.0), compscale.scale(base, phi=0)):
+            assert torch.equal(scaled.eval()(x), want)
+
+
+def test_caller_model_is_never_modified() -> None:
+    base = mobilenet_v2()
+    base.train()
+    base.features[3].eval()  # a mixed train/eval state must survive too
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    modes = [m.training for m in base.modules()]
+    n_modules = len(list(base.modules()))
+    compscale.scale(base, depth=2, width=1.4)
+    assert [m.training for m in base.modules()] == modes
+    assert len(list(base.modules())) == n_modules
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_result_keeps_device_and_dtype() -> None:
+    base = resnet18().to(torch.float64)
+    scaled = compscale.scale(base, depth=1.5, width=1.25)
+    assert {p.dtype for p in scaled.parameters()} == {torch.float64}
+    assert {p.device for p in scaled.parameters()} == {torch.device("cpu")}
+
+
+def test_depth_below_1_removes_nothing_below_one_block() -> None:
+    scaled = compscale.scale(resnet50(), depth=0.5)
+    assert [len(layer) for layer in (scaled.layer1, scaled.layer2, scaled.layer3, scaled.layer4)] == [2, 2, 3, 2]
+    assert isinstance(scaled, nn.Module)
