@@ -79,23 +79,21 @@ def scale(
     """
     mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
     base = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
-    tracer_args: dict[str, Any] = {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)}
     work = copy.deepcopy(model)
-    traced = trace(work, None, **tracer_args)
-    traced = trace(work, (*traced.input_shape[:2], *base), **tracer_args) if base != (224, 224) else traced
+    traced = trace(work, input_size=base, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
     rules = InitRules(model)
     table = find_stages(traced, stages)
     plan.stages = _scale_depth(work, traced, table, mult.depth, rules)
     if mult.width != 1.0:
-        traced = trace(work, traced.input_shape, **tracer_args)
+        traced = traced.retrace(work, traced.input_shape)
         cg = analyse_channels(traced)
         derivations = derive(cg)
         widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations)
         apply_widths(work, cg, widths, rules)
         plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
                        for g in cg.groups]
-    _verify(work, traced, plan, tracer_args)
+    _verify(work, traced, plan)
     work.scaling = plan  # type: ignore[assignment]
     log.info("scaled %s:\n%s", type(model).__name__, plan)
     return work
@@ -114,10 +112,10 @@ def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float, r
                       tuple(added.get(s.index, ()))) for s in table]
 
 
-def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan, tracer_args: dict[str, Any]) -> None:
+def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan) -> None:
     """Re-trace the result at its new input size and lint the graph; the output keeps its shape."""
     before = tuple(traced.shape(traced.output_node))
-    after_traced = trace(work, (*traced.input_shape[:2], *plan.input_size), **tracer_args)
+    after_traced = traced.retrace(work, (*traced.input_shape[:2], *plan.input_size))
     after_traced.graph.lint()
     after = tuple(after_traced.shape(after_traced.output_node))
     if after[:2] != before[:2]:

@@ -74,17 +74,17 @@ class ChannelGraph:
 
     groups: list[ChannelGroup]
     layers: dict[str, LayerChannels]
-    norms: dict[str, int]
-    depthwise: dict[str, int]
+    norms: dict[str, tuple[int, ...]]
+    depthwise: dict[str, tuple[int, ...]]
     ties: list[tuple[int, int, int]]
     node_groups: dict[str, tuple[int, ...]]
 
     def group_of(self, path: str, role: str = "out") -> ChannelGroup:
         """The group of a layer's output (``role="out"``), or of a norm/depthwise layer's channels."""
         if path in self.norms:
-            return self.groups[self.norms[path]]
+            return self.groups[self.norms[path][0]]
         if path in self.depthwise:
-            return self.groups[self.depthwise[path]]
+            return self.groups[self.depthwise[path][0]]
         return self.groups[self.layers[path].output]
 
     def details(self) -> str:
@@ -296,14 +296,14 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
         groups[gid(s)].fixed = groups[gid(s)].fixed or why
     for s, d, why in ctx.divisors:
         groups[gid(s)].divisors.setdefault(d, why)
-    norms: dict[str, int] = {}
-    depthwise: dict[str, int] = {}
+    norms: dict[str, tuple[int, ...]] = {}
+    depthwise: dict[str, tuple[int, ...]] = {}
     for s, path, role in ctx.members:
         groups[gid(s)].members.append((path, role))
         if role == "norm":
-            norms[path] = gid(s)
+            norms[path] = (*norms.get(path, ()), gid(s))
         elif role == "depthwise":
-            depthwise[path] = gid(s)
+            depthwise[path] = (*depthwise.get(path, ()), gid(s))
     layers = {}
     for path, (src, out) in ctx.layers.items():
         layers[path] = LayerChannels(path, tuple((gid(s), f) for s, f in src), gid(out[0][0]), path in ctx.pooled)

@@ -27,7 +27,7 @@ from compscale.plan.policy import resolve_widths
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths
-from compscale.trace import Traced, trace
+from compscale.trace import Traced
 
 __all__ = ["extract_block", "synthesize_repeat"]
 
@@ -58,7 +58,7 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
     """The repeat block of a one-block ``stage`` (see the module docstring)."""
     block = stage.blocks[0]
     gm = extract_block(traced, block)
-    sub = trace(gm, block.in_shape)
+    sub = traced.retrace(gm, block.in_shape)
     cg = analyse_channels(sub, pin_io=False)
     entry_group = cg.node_groups["x"]
     if len(entry_group) != 1:
@@ -71,7 +71,7 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.graph.lint()
-    check = trace(gm, block.out_shape)
+    check = traced.retrace(gm, block.out_shape)
     if tuple(check.shape(check.output_node)) != block.out_shape:
         raise RewriteError(
             f"the repeat synthesized from {block.path} maps {block.out_shape} "

@@ -24,10 +24,12 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
     for path, layer in cg.layers.items():
         new_in = sum(widths[g] * f for g, f in layer.inputs)
         changes[path] = (new_in, widths[layer.output], False)
-    for path, g in cg.depthwise.items():
-        changes[path] = (widths[g], widths[g], True)
-    for path, g in cg.norms.items():
-        changes[path] = (widths[g], widths[g], False)
+    for path, gs in cg.depthwise.items():
+        w = sum(widths[g] for g in gs)
+        changes[path] = (w, w, True)
+    for path, gs in cg.norms.items():
+        w = sum(widths[g] for g in gs)
+        changes[path] = (w, w, False)
     changed = []
     for path, (new_in, new_out, depthwise) in changes.items():
         module = root.get_submodule(path)

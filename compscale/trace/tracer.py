@@ -71,6 +71,12 @@ class Traced:
     root: nn.Module
     gm: fx.GraphModule
     input_shape: tuple[int, ...]
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
+
+    def retrace(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
+        """Trace another model (a rewritten one, a block) with the same tracer options."""
+        return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions)
 
     @property
     def graph(self) -> fx.Graph:
@@ -131,6 +137,7 @@ def trace(
     model: nn.Module,
     input_shape: Sequence[int] | None = None,
     *,
+    input_size: Sequence[int] = (224, 224),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
 ) -> Traced:
@@ -138,13 +145,15 @@ def trace(
 
     Args:
         model: the network; it is not modified.
-        input_shape: ``(N, C, H, W)``; by default ``(1, C, 224, 224)`` with ``C`` read off the first conv.
+        input_shape: ``(N, C, H, W)``; by default ``(1, C, *input_size)`` with ``C`` read off the first conv.
+        input_size: ``(H, W)`` when ``input_shape`` is not given.
         leaf_modules: module types fx should not trace into.
         autowrap_functions: functions fx should record as calls instead of tracing.
 
     Raises:
         TraceError: fx cannot trace ``model.forward`` or shapes cannot be propagated.
     """
+    leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
     tracer = CompscaleTracer(leaf_modules, autowrap_functions)
     name = type(model).__name__
     with eval_mode(model):
@@ -158,8 +167,8 @@ def trace(
                     where += f", inside submodule {path!r} ({getattr(mtype, '__name__', mtype)}.forward)"
             raise TraceError(f"torch.fx cannot trace {where}: {type(e).__name__}: {e}", _TRACE_HINT) from e
     gm = fx.GraphModule(model, graph, class_name=name)
-    shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), 224, 224)
-    traced = Traced(model, gm, shape)
+    shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), *input_size)
+    traced = Traced(model, gm, shape, leaf_modules, autowrap_functions)
     propagate_shapes(traced)
     return traced
 
