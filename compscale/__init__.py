@@ -5,6 +5,8 @@
 >>> bigger = compscale.scale(resnet50(), phi=2)
 >>> bigger.scaling.input_size
 (296, 296)
+>>> compscale.plan(resnet50(), phi=2).macs  # the same network's cost, without building it
+16334706880
 """
 
 from compscale.analyse.rules import register_channel_rule
@@ -12,12 +14,14 @@ from compscale.api import scale
 from compscale.errors import (
     CompscaleError,
     NoStageError,
+    ResolutionError,
     RewriteError,
     TraceError,
     UnsupportedOpError,
     WidthError,
 )
-from compscale.plan.plan import ScalingPlan
+from compscale.planning.plan import ScalingPlan
+from compscale.planning.planner import Planner, plan
 from compscale.registry import register_drop_path
 from compscale.verify.profile import Profile, profile
 
@@ -26,12 +30,15 @@ __version__ = "0.1.0"
 __all__ = [
     "CompscaleError",
     "NoStageError",
+    "Planner",
     "Profile",
+    "ResolutionError",
     "RewriteError",
     "ScalingPlan",
     "TraceError",
     "UnsupportedOpError",
     "WidthError",
+    "plan",
     "profile",
     "register_channel_rule",
     "register_drop_path",

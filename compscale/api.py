@@ -11,18 +11,20 @@ from torch import nn
 
 from compscale.analyse.channels import analyse_channels
 from compscale.analyse.stages import StageTable, find_stages
-from compscale.errors import NoStageError, RewriteError
-from compscale.plan.plan import (
+from compscale.errors import RewriteError
+from compscale.planning.plan import (
     GroupPlan,
     ScalingPlan,
     StagePlan,
     plan_input_size,
     resolve_multipliers,
 )
-from compscale.plan.policy import RoundFn, default_independent, derive, resolve_widths
-from compscale.plan.rounding import make_divisible, repeats
+from compscale.planning.planner import no_stage_error
+from compscale.planning.policy import RoundFn, default_independent, derive, resolve_widths
+from compscale.planning.rounding import make_divisible, repeats
 from compscale.rewrite.depth import deepen
 from compscale.rewrite.init import InitRules
+from compscale.rewrite.resolution import adapt_to_input_size
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
 from compscale.trace.tracer import Traced
@@ -93,6 +95,8 @@ def scale(
         apply_widths(work, cg, widths, rules)
         plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
                        for g in cg.groups]
+    if plan.input_size != base:
+        adapt_to_input_size(work, traced, (*traced.input_shape[:2], *plan.input_size), rules)
     _verify(work, traced, plan)
     work.scaling = plan  # type: ignore[assignment]
     log.info("scaled %s:\n%s", type(model).__name__, plan)
@@ -102,11 +106,7 @@ def scale(
 def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float, rules: InitRules) -> list[StagePlan]:
     counts = {s.index: repeats(len(s.blocks), d) for s in table}
     if d != 1.0 and not len(table):
-        raise NoStageError(
-            f"{type(work).__name__} has no stage to deepen: no block of its graph adds its own input back "
-            "(a residual block with stride 1 and in == out channels)",
-            "name the blocks to repeat with `stages=['path.to.container']`, or scale width/resolution only.",
-        )
+        raise no_stage_error(type(work).__name__)
     added = deepen(work, traced, table, counts, rules) if d != 1.0 else {}
     return [StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride,
                       tuple(added.get(s.index, ()))) for s in table]

@@ -18,7 +18,7 @@ from torch import nn
 
 from compscale.api import scale
 from compscale.errors import CompscaleError
-from compscale.plan.plan import ScalingPlan
+from compscale.planning.plan import ScalingPlan
 from compscale.verify.profile import Profile, profile
 
 __all__ = ["load_model", "main"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CompscaleError",
     "NoStageError",
+    "ResolutionError",
     "RewriteError",
     "TraceError",
     "UnsupportedOpError",
@@ -42,3 +43,7 @@ class WidthError(CompscaleError):
 
 class RewriteError(CompscaleError):
     """A rewrite produced a graph that does not verify."""
+
+
+class ResolutionError(CompscaleError):
+    """The model cannot run at the new input size (its shapes depend on the input size)."""

@@ -19,7 +19,7 @@ from torchvision.models import (
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import compscale
-from compscale.plan.rounding import make_divisible
+from compscale.planning.rounding import make_divisible
 
 
 def resnet_by_hand(block: type[nn.Module], layers: list[int], stem: int, planes: list[int]) -> ResNet:

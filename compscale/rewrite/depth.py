@@ -40,7 +40,7 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
     so that renumbering a flat container never moves a stage not yet handled.
     """
     drop_rates = _drop_rates(root)
-    added: dict[int, list[str]] = {}
+    added: dict[int, list[nn.Module]] = {}
     for stage in reversed(table.stages):
         extra = counts.get(stage.index, len(stage.blocks)) - len(stage.blocks)
         if extra == 0:
@@ -62,11 +62,12 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
         else:
             first = synthesize_repeat(traced, stage, table.blocks, rules)
             new = [first] + [fresh_copy(first, rules) for _ in range(extra - 1)]
-        names = insert_after(parent, stage.blocks[-1].path.rpartition(".")[2], new)
-        prefix = stage.parent + "." if stage.parent else ""
-        added[stage.index] = [prefix + n for n in names]
+        insert_after(parent, stage.blocks[-1].path.rpartition(".")[2], new)
+        added[stage.index] = new
     respread_drop_path(root, len(drop_rates), drop_rates)
-    return added
+    # paths are read at the end: inserting into a flat container renumbers the stages after it
+    paths = {id(m): name for name, m in root.named_modules()}
+    return {i: [paths[id(m)] for m in mods] for i, mods in added.items()}
 
 
 def _drop_rates(root: nn.Module) -> list[float]:

@@ -83,7 +83,7 @@ def next_name(existing: Sequence[str], after: str) -> str:
     return f"{prefix}{k}"
 
 
-def insert_after(parent: nn.Module, after: str, modules: Sequence[nn.Module]) -> list[str]:
+def insert_after(parent: nn.Module, after: str, modules: Sequence[nn.Module]) -> None:
     """Insert ``modules`` after child ``after`` of ``parent`` (a Sequential or ModuleList, in order).
 
     When every child name is an index, the children are renumbered so that indices stay consecutive, as
@@ -98,9 +98,7 @@ def insert_after(parent: nn.Module, after: str, modules: Sequence[nn.Module]) ->
     merged = items[:pos] + list(zip(names, modules)) + items[pos:]
     if numbered:
         merged = [(str(i), m) for i, (_, m) in enumerate(merged)]
-        names = [str(pos + i) for i in range(len(modules))]
     parent._modules = OrderedDict(merged)
-    return names
 
 
 def remove_children(parent: nn.Module, names: Sequence[str]) -> None:

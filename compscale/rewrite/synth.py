@@ -23,7 +23,7 @@ from torch import nn
 from compscale.analyse.channels import analyse_channels
 from compscale.analyse.stages import _ADDS, Block, Stage
 from compscale.errors import RewriteError
-from compscale.plan.policy import resolve_widths
+from compscale.planning.policy import resolve_widths
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths

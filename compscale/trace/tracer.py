@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -75,8 +76,13 @@ class Traced:
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
 
     def retrace(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
-        """Trace another model (a rewritten one, a block) with the same tracer options."""
+        """Trace another model (a rewritten one, a block) with the same tracer options, shapes included."""
         return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions)
+
+    def retrace_graph(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
+        """As :meth:`retrace`, without propagating shapes (the caller does, with its own options)."""
+        return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions,
+                     shapes=False)
 
     @property
     def graph(self) -> fx.Graph:
@@ -138,6 +144,7 @@ def trace(
     input_shape: Sequence[int] | None = None,
     *,
     input_size: Sequence[int] = (224, 224),
+    shapes: bool = True,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
 ) -> Traced:
@@ -147,6 +154,7 @@ def trace(
         model: the network; it is not modified.
         input_shape: ``(N, C, H, W)``; by default ``(1, C, *input_size)`` with ``C`` read off the first conv.
         input_size: ``(H, W)`` when ``input_shape`` is not given.
+        shapes: propagate shapes (``node.meta["tensor_meta"]``).
         leaf_modules: module types fx should not trace into.
         autowrap_functions: functions fx should record as calls instead of tracing.
 
@@ -169,19 +177,37 @@ def trace(
     gm = fx.GraphModule(model, graph, class_name=name)
     shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), *input_size)
     traced = Traced(model, gm, shape, leaf_modules, autowrap_functions)
-    propagate_shapes(traced)
+    if shapes:
+        propagate_shapes(traced)
     return traced
 
 
 class _ShapeProp(ShapeProp):
-    """fx's ShapeProp, with one fallback: a leaf module whose forward depends on data (``if x.mean() > 0``)
-    cannot run on fake tensors, so that one module runs on zeros of its input's shape."""
+    """fx's ShapeProp, with two additions.
+
+    A leaf module whose forward depends on data (``if x.mean() > 0``) cannot run on fake tensors, so that
+    one module runs on zeros of its input's shape. With ``tolerate_linears``, a ``Linear`` fed the wrong
+    number of features (a flatten head at another input size) is recorded in ``mismatched_linears`` and
+    passes on a tensor of its output shape.
+    """
+
+    def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode | None, tolerate_linears: bool = False) -> None:
+        super().__init__(gm, fake_mode)
+        self.tolerate_linears = tolerate_linears
+        self.mismatched_linears: dict[str, int] = {}
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.real_module.get_submodule(str(target))
+        x = args[0] if args else None
+        if (self.tolerate_linears and isinstance(module, nn.Linear) and isinstance(x, torch.Tensor)
+                and x.shape[-1] != module.in_features):
+            self.mismatched_linears[str(target)] = int(x.shape[-1])
+            return torch.empty(*x.shape[:-1], module.out_features, dtype=x.dtype, device=x.device)
         try:
             return super().call_module(target, args, kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException):
-            module = self.real_module.get_submodule(str(target))
+            if self.fake_mode is None:
+                raise
             with unset_fake_temporarily(), torch.no_grad():
                 real = tree_map(_zeros_like_fake, (args, kwargs))
                 out = module(*real[0], **real[1])
@@ -192,20 +218,41 @@ def _zeros_like_fake(t: Any) -> Any:
     return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t
 
 
-def propagate_shapes(traced: Traced) -> None:
-    """Fill ``node.meta["tensor_meta"]`` by running the graph on fake tensors (no real compute)."""
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
-        x = torch.empty(traced.input_shape)
-    with eval_mode(traced.gm):
+def propagate_shapes(traced: Traced, tolerate_linears: bool = False) -> dict[str, int]:
+    """Fill ``node.meta["tensor_meta"]`` by running the graph on fake tensors (no real compute).
+
+    Returns the ``Linear`` layers fed a wrong number of features (path -> features fed) when
+    ``tolerate_linears`` is set; otherwise such a layer fails like any other.
+    """
+    device = next((t.device for t in traced.gm.parameters()), torch.device("cpu"))
+    if device.type == "meta":  # nothing to fake: meta tensors already carry shapes only
+        fake_mode, x = None, torch.empty(traced.input_shape, device=device)
+    else:
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake_mode:
+            x = torch.empty(traced.input_shape, device=device)
+    prop = _ShapeProp(traced.gm, fake_mode, tolerate_linears)
+    with eval_mode(traced.gm), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints its tracebacks
         try:
-            _ShapeProp(traced.gm, fake_mode).propagate(x)
+            prop.propagate(x)
         except Exception as e:
             raise TraceError(
                 f"shape propagation through {type(traced.gm).__name__} at input {tuple(traced.input_shape)} failed: "
-                f"{type(e).__name__}: {e}",
-                "check that the model accepts this input size (pass `input_size=` for another one).",
+                f"{_first_line(e)}",
+                "check that the model accepts this input size; a model whose layers expect one size (fixed-size "
+                "pooling, constant interpolate sizes) cannot change resolution: make them adaptive.",
             ) from e
+    return prop.mismatched_linears
+
+
+def _first_line(e: BaseException) -> str:
+    """The innermost cause's type and first line, and the node ShapeProp names."""
+    inner: BaseException = e
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    node = str(e).split(" with meta=")[0].removeprefix("ShapeProp error for: ")
+    text = f"{type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}"
+    return f"{text} (at {node})" if node != str(e) else text
 
 
 def _input_channels(gm: fx.GraphModule) -> int:

@@ -11,7 +11,7 @@ import math
 import numbers
 from typing import Any
 
-from compscale.plan.rounding import round_resolution
+from compscale.planning.rounding import round_resolution
 
 __all__ = ["GroupPlan", "Multipliers", "ScalingPlan", "StagePlan", "resolve_multipliers"]
 
@@ -55,6 +55,10 @@ class ScalingPlan:
     input_size: tuple[int, int]
     stages: list[StagePlan] = dataclasses.field(default_factory=list)
     groups: list[GroupPlan] = dataclasses.field(default_factory=list)
+    macs: int | None = None  # estimated by the planner (compscale.plan); None on a scaled model
+    params: int | None = None
+    base_macs: int | None = None
+    base_params: int | None = None
 
     @property
     def depth(self) -> float:
@@ -71,6 +75,18 @@ class ScalingPlan:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def eval_transform(self, crop_ratio: float = 0.875) -> Any:
+        """The evaluation transform for :attr:`input_size` (``torchvision.transforms.v2``, ImageNet preset)."""
+        from compscale.transforms import eval_transform
+
+        return eval_transform(self.input_size, crop_ratio)
+
+    def train_transform(self) -> Any:
+        """The training transform for :attr:`input_size` (random resized crop, flip, normalise)."""
+        from compscale.transforms import train_transform
+
+        return train_transform(self.input_size)
+
     def __str__(self) -> str:
         m = self.multipliers
         phi = f"phi={m.phi:g}: " if m.phi is not None else ""
@@ -79,6 +95,10 @@ class ScalingPlan:
             f"input size {self.base_input_size[0]}x{self.base_input_size[1]} -> "
             f"{self.input_size[0]}x{self.input_size[1]}",
         ]
+        if self.macs is not None and self.base_macs and self.params is not None and self.base_params:
+            lines.append(f"MACs {self.base_macs / 1e9:.3f} G -> {self.macs / 1e9:.3f} G "
+                         f"(x{self.macs / self.base_macs:.2f}), params {self.base_params / 1e6:.2f} M -> "
+                         f"{self.params / 1e6:.2f} M (x{self.params / self.base_params:.2f})")
         if self.stages:
             lines.append(_table(
                 ("stage", "blocks", "in -> out ch (base)", "stride"),

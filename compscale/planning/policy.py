@@ -25,7 +25,7 @@ from fractions import Fraction
 
 from compscale.analyse.channels import ChannelGraph, ChannelGroup
 from compscale.errors import WidthError
-from compscale.plan.rounding import make_divisible
+from compscale.planning.rounding import make_divisible
 
 __all__ = ["Derivation", "RoundFn", "derive", "resolve_widths"]
 

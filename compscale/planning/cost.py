@@ -1,0 +1,222 @@
+"""Cost of a planned network, without building it: MACs and parameters from channel widths and sizes.
+
+The planner traces one *probe* network on the meta device (no weights): the model with one extra block
+per stage, so that every block a plan may add has a representative. A plan then costs, per conv/linear
+layer, ``out * in / groups * kernel * H_out * W_out`` MACs (what ``FlopCounterMode`` counts for conv and
+matmul, halved), each layer of a stage's extra block counted ``blocks_after - blocks_before`` times.
+Output sizes at a new input size come from conv arithmetic over the graph (checked against fx's shape
+propagation at the base size); a graph with an op this arithmetic does not know falls back to fx's
+shape propagation at every size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Mapping, Sequence
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from compscale.analyse.channels import ChannelGraph
+from compscale.analyse.rules import get_function_rule, get_module_rule
+from compscale.trace import Traced
+
+__all__ = ["CostModel"]
+
+Spatial = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    path: str
+    node: str
+    kind: str  # "conv", "linear", "norm", "other"
+    inputs: tuple[tuple[int, int], ...]  # (group, factor) segments; a factor > 1 follows a flatten
+    output: int | None
+    groups: int = 1
+    depthwise: bool = False
+    kernel: int = 1
+    bias: bool = False
+    flatten_src: str | None = None  # the node whose spatial map a linear's input flattened
+    fixed_params: int = 0
+    norm_params_per_channel: int = 0
+
+
+class CostModel:
+    """MACs and parameters of the probe network at any widths, stage depths and input size."""
+
+    def __init__(self, traced: Traced, cg: ChannelGraph, extra_blocks: Mapping[int, str]) -> None:
+        self.traced = traced
+        self.extra_blocks = dict(extra_blocks)
+        self.layers = _inventory(traced, cg)
+        self._exact_arith = _spatial(traced, traced.input_shape[2:]) == _recorded_spatial(traced)
+
+    def multiplicity(self, path: str, extra: Mapping[int, int]) -> int:
+        """How many times a layer of the probe appears in a network with ``extra[s]`` blocks added to stage s."""
+        for stage, prefix in self.extra_blocks.items():
+            if path.startswith(prefix + "."):
+                return extra.get(stage, 0)
+        return 1
+
+    def spatial(self, input_size: Sequence[int]) -> dict[str, Spatial]:
+        sizes = _spatial(self.traced, input_size) if self._exact_arith else None
+        if sizes is not None:
+            return sizes
+        probe = self.traced.retrace(self.traced.root, (*self.traced.input_shape[:2], *input_size))
+        return _recorded_spatial(probe)
+
+    def cost(self, widths: Mapping[int, int], extra: Mapping[int, int], input_size: Sequence[int]) -> tuple[int, int]:
+        """``(macs, params)`` with ``widths`` per group of the probe and ``extra[s]`` blocks added per stage."""
+        sizes = self.spatial(input_size)
+        base_sizes = _recorded_spatial(self.traced)
+        macs = params = 0
+        for layer in self.layers:
+            k = self.multiplicity(layer.path, extra)
+            if k == 0:
+                continue
+            m, p = _layer_cost(layer, widths, sizes, base_sizes)
+            macs, params = macs + k * m, params + k * p
+        return macs, params
+
+
+def _layer_cost(layer: _Layer, widths: Mapping[int, int], sizes: Mapping[str, Spatial],
+                base_sizes: Mapping[str, Spatial]) -> tuple[int, int]:
+    if layer.kind == "other":
+        return 0, layer.fixed_params
+    out = widths[layer.output] if layer.output is not None else 0
+    if layer.kind == "norm":
+        return 0, out * layer.norm_params_per_channel
+    fan_in = sum(widths[g] * f for g, f in layer.inputs)
+    if layer.flatten_src is not None:  # a flatten head: its features follow the flattened map's size
+        fan_in = fan_in * math.prod(sizes[layer.flatten_src]) // math.prod(base_sizes[layer.flatten_src])
+    if layer.depthwise:
+        fan_in, groups = out, out
+    else:
+        groups = layer.groups
+    weights = out * (fan_in // groups) * layer.kernel
+    positions = math.prod(sizes.get(layer.node, ())) if layer.kind == "conv" else 1
+    return weights * positions, weights + (out if layer.bias else 0)
+
+
+def _inventory(traced: Traced, cg: ChannelGraph) -> list[_Layer]:
+    nodes = {n.name: n for n in traced.graph.nodes}
+    layers = []
+    seen: set[str] = set()
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or str(node.target) in seen:
+            continue
+        path = str(node.target)
+        seen.add(path)
+        module = traced.gm.get_submodule(path)
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        bias = getattr(module, "bias", None) is not None
+        if path in cg.layers:
+            lc = cg.layers[path]
+            kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
+            kernel = math.prod(getattr(module, "kernel_size", (1,)))
+            groups = getattr(module, "groups", 1)
+            layers.append(_Layer(path, node.name, kind, lc.inputs, lc.output, groups, False, kernel, bias,
+                                 _flatten_source(node, nodes) if any(f > 1 for _, f in lc.inputs) else None))
+        elif path in cg.depthwise:
+            g = cg.depthwise[path][0]
+            assert isinstance(module, nn.modules.conv._ConvNd)
+            layers.append(_Layer(path, node.name, "conv", ((g, 1),), g, module.groups, True,
+                                 math.prod(module.kernel_size), bias))
+        elif path in cg.norms and len(cg.norms[path]) == 1:
+            per_channel = own // max(1, cg.groups[cg.norms[path][0]].base)
+            layers.append(_Layer(path, node.name, "norm", (), cg.norms[path][0], norm_params_per_channel=per_channel))
+        elif own:
+            layers.append(_Layer(path, node.name, "other", (), None, fixed_params=own))
+    return layers
+
+
+def _flatten_source(node: fx.Node, nodes: Mapping[str, fx.Node]) -> str | None:
+    """The spatial map a linear's input was flattened from (walking back through elementwise ops)."""
+    cur = node.all_input_nodes[0] if node.all_input_nodes else None
+    while cur is not None:
+        shape = cur.meta.get("tensor_meta")
+        if shape is not None and len(shape.shape) > 2:
+            return cur.name
+        cur = cur.all_input_nodes[0] if cur.all_input_nodes else None
+    return None
+
+
+def _recorded_spatial(traced: Traced) -> dict[str, Spatial]:
+    return {n.name: tuple(traced.shape(n)[2:]) for n in traced.graph.nodes
+            if traced.has_shape(n) and len(traced.shape(n)) > 2}
+
+
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_SAME_FUNCS = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, "add", "add_",
+               "mul", "mul_", "sub", "div")
+
+
+def _spatial(traced: Traced, input_size: Sequence[int]) -> dict[str, Spatial] | None:
+    """Output spatial size of every 4-d node at ``input_size``, by conv arithmetic; ``None`` for an unknown op."""
+    out: dict[str, Spatial] = {}
+    for node in traced.graph.nodes:
+        if not traced.has_shape(node) or len(traced.shape(node)) <= 2:
+            continue
+        size = _node_spatial(traced, node, out, tuple(input_size))
+        if size is None:
+            return None
+        out[node.name] = size
+    return out
+
+
+def _node_spatial(traced: Traced, node: fx.Node, known: Mapping[str, Spatial], input_size: Spatial) -> Spatial | None:
+    if node.op == "placeholder":
+        return input_size
+    ins = [known[a.name] for a in node.all_input_nodes if a.name in known]
+    if not ins:
+        return None
+    if node.op == "call_module":
+        module = traced.gm.get_submodule(str(node.target))
+        if isinstance(module, (nn.modules.conv._ConvNd, *_POOLS)):
+            return _window(module, ins[0])
+        if isinstance(module, _ADAPTIVE):
+            return _adaptive(module.output_size, ins[0])
+        return ins[0] if get_module_rule(module) is not None else None
+    if node.target in _SAME_FUNCS:
+        return tuple(max(d) for d in zip(*ins))
+    if node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        return _adaptive(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"), ins[0])
+    if node.target in ("mean", "amax", "sum") and node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2]):
+        return (1,) * len(ins[0])
+    if get_function_rule(node) is not None and node.target not in (F.interpolate, F.avg_pool2d, F.max_pool2d):
+        return ins[0]
+    return None
+
+
+def _adaptive(output_size: object, size: Spatial) -> Spatial | None:
+    """An adaptive pool's output size (``None`` entries keep the input's)."""
+    if isinstance(output_size, int):
+        return (output_size,) * len(size)
+    if isinstance(output_size, (tuple, list)):
+        return tuple(o if isinstance(o, int) else n for o, n in zip(output_size, size))
+    return None
+
+
+def _window(module: nn.Module, size: Spatial) -> Spatial:
+    """PyTorch's output-size arithmetic of conv and pooling windows."""
+    def pair(v: object) -> tuple[int, ...]:
+        return tuple(v) if isinstance(v, tuple) else (int(v),) * len(size)  # type: ignore[call-overload]
+
+    k, s, d = pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(getattr(module, "dilation", 1))
+    p = pair(module.padding) if not isinstance(module.padding, str) else None
+    ceil = getattr(module, "ceil_mode", False)
+    result = []
+    for i, n in enumerate(size):
+        if p is None:  # padding="same" or "valid"
+            result.append(n if module.padding == "same" else (n - d[i] * (k[i] - 1) - 1) // s[i] + 1)
+            continue
+        span = n + 2 * p[i] - d[i] * (k[i] - 1) - 1
+        o = (-(-span // s[i]) if ceil else span // s[i]) + 1
+        if ceil and (o - 1) * s[i] >= n + p[i]:
+            o -= 1
+        result.append(o)
+    return tuple(result)

@@ -1,0 +1,53 @@
+"""The resolution pass: make a model whose shapes depend on its input size run at the new size.
+
+A model ending in global pooling needs nothing. A head that flattens a spatial map into a ``Linear``
+with fixed ``in_features`` is found by shape propagation at the new size; the ``Linear`` takes the new
+number of features and fresh weights, with a warning. Anything else that cannot take the new size
+(fixed-size pooling feeding an add, constant interpolate sizes) fails shape propagation with a
+``ResolutionError`` that names the node.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from torch import nn
+
+from compscale.errors import ResolutionError, TraceError
+from compscale.rewrite.init import InitRules, reinit
+from compscale.rewrite.modules import resize, set_submodule
+from compscale.trace import Traced
+from compscale.trace.tracer import propagate_shapes
+
+__all__ = ["adapt_to_input_size"]
+
+
+def adapt_to_input_size(
+    root: nn.Module, traced: Traced, input_shape: Sequence[int], rules: InitRules | None
+) -> list[str]:
+    """Resize the ``Linear`` layers of ``root`` fed a different number of features at ``input_shape``.
+
+    Returns the paths of the layers changed.
+    """
+    probe = traced.retrace_graph(root, input_shape)
+    try:
+        mismatched = propagate_shapes(probe, tolerate_linears=True)
+    except TraceError as e:
+        raise ResolutionError(
+            f"{type(root).__name__} cannot run at input {tuple(input_shape[2:])}: {str(e).splitlines()[0]}",
+            "the model's shapes depend on its input size: use adaptive pooling (nn.AdaptiveAvgPool2d) and sizes "
+            "relative to the input, or keep `resolution=1`.",
+        ) from e
+    for path, features in mismatched.items():
+        old = root.get_submodule(path)
+        assert isinstance(old, nn.Linear)
+        new = resize(old, features, old.out_features)
+        reinit(new, rules, template=old)
+        set_submodule(root, path, new)
+        warnings.warn(
+            f"compscale: {path} takes {features} features at input {tuple(input_shape[2:])} instead of "
+            f"{old.in_features}; it was rebuilt with fresh weights",
+            stacklevel=3,
+        )
+    return list(mismatched)
