@@ -90,7 +90,7 @@ def scale(
     if mult.width != 1.0:
         traced = traced.retrace(work, traced.input_shape)
         cg = analyse_channels(traced)
-        derivations = derive(cg)
+        derivations = derive(cg, [b.path for s in find_stages(traced, stages) for b in s.blocks])
         widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations)
         apply_widths(work, cg, widths, rules)
         plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.fx as fx
 from torch import nn
+from torchvision.models.resnet import ResNet
 
 import compscale
 
@@ -49,6 +50,18 @@ def assert_same_architecture(scaled: nn.Module, reference: nn.Module, input_size
     assert (a.params, a.macs) == (b.params, b.macs)
     shapes = {k: v.shape for k, v in scaled.state_dict().items()}
     assert shapes == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def resnet_by_hand(block: type[nn.Module], layers: list[int], stem: int, planes: list[int]) -> ResNet:
+    """torchvision's ResNet, with the stem width and each stage's planes chosen by hand."""
+    model = ResNet(block, layers)  # type: ignore[arg-type]
+    model.inplanes = stem
+    model.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(stem)
+    for i, (p, n) in enumerate(zip(planes, layers)):
+        setattr(model, f"layer{i + 1}", model._make_layer(block, p, n, stride=1 if i == 0 else 2))  # type: ignore[arg-type]
+    model.fc = nn.Linear(planes[-1] * block.expansion, 1000)  # type: ignore[attr-defined]
+    return model
 
 
 @pytest.fixture(autouse=True)

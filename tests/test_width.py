@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_architecture
+from conftest import assert_same_architecture, resnet_by_hand
 from torch import nn
 from torchvision.models import (
     efficientnet_b0,
@@ -16,22 +16,10 @@ from torchvision.models import (
     resnet50,
     resnext50_32x4d,
 )
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import compscale
 from compscale.planning.rounding import make_divisible
-
-
-def resnet_by_hand(block: type[nn.Module], layers: list[int], stem: int, planes: list[int]) -> ResNet:
-    """torchvision's ResNet, with the stem width and each stage's planes chosen by hand."""
-    model = ResNet(block, layers)  # type: ignore[arg-type]
-    model.inplanes = stem
-    model.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
-    model.bn1 = nn.BatchNorm2d(stem)
-    for i, (p, n) in enumerate(zip(planes, layers)):
-        setattr(model, f"layer{i + 1}", model._make_layer(block, p, n, stride=1 if i == 0 else 2))  # type: ignore[arg-type]
-    model.fc = nn.Linear(planes[-1] * block.expansion, 1000)  # type: ignore[attr-defined]
-    return model
 
 
 @pytest.mark.parametrize("w", [1.4, 2.0])
@@ -79,7 +67,7 @@ def test_width_plan_records_rules() -> None:
     rules = {(g.before, g.after): g.rule for g in plan.groups}
     assert rules[(3, 3)] == "fixed" and rules[(1000, 1000)] == "fixed"
     assert rules[(96, 144)] == "expansion"  # 6 x the scaled 16 -> 24 input of features.2
-    assert rules[(1280, 1792)] == "expansion"  # the head: 4 x the scaled 320
+    assert rules[(1280, 1792)] == "independent"  # the head, outside every block: make_divisible(1280 * 1.4)
     assert "width x1.4" in str(plan)
 
 

@@ -76,7 +76,7 @@ class Planner:
         added = deepen(probe, traced, self.table, {s.index: len(s.blocks) + 1 for s in self.table}, None)
         self.traced = traced.retrace(probe, traced.input_shape)
         self.cg = analyse_channels(self.traced)
-        self.derivations = derive(self.cg)
+        self.derivations = derive(self.cg, [b.path for s in find_stages(self.traced, stages) for b in s.blocks])
         self.cost = CostModel(self.traced, self.cg, {s: paths[0] for s, paths in added.items()})
         base_widths = {g.id: g.base for g in self.cg.groups}
         self.base_macs, self.base_params = self.cost.cost(base_widths, {}, self.base_size)

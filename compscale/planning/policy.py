@@ -7,8 +7,9 @@ here recover those derivations from the channel-group graph (see docs/choosing.m
 * ``tied``: a depthwise conv with a channel multiplier keeps ``out = k * in``.
 * ``squeeze``: a group sandwiched between two layers of one group ``P`` (squeeze-excitation) keeps its
   ratio to ``P``: ``floor(new(P) * base / base(P))``, at least 1.
-* ``expansion``: a group produced from a group ``H`` with ``base = k * base(H)``, ``k >= 2`` an integer,
-  stays ``k * new(H)`` (bottleneck output, inverted-residual hidden width, EfficientNet head).
+* ``expansion``: a group produced inside a block from a group ``H`` with ``base = k * base(H)``, ``k >= 2``
+  an integer, stays ``k * new(H)`` (bottleneck output, inverted-residual hidden width). Stems and heads,
+  outside every block, are rounded on their own (MobileNetV2's head is ``make_divisible(1280 * w)``).
 * ``independent``: everything else: ``round_width(base * w, divisor)`` with ``divisor`` the lcm of 8 and
   the group's grouped-conv / GroupNorm divisors.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
 from compscale.analyse.channels import ChannelGraph, ChannelGroup
@@ -41,8 +42,14 @@ class Derivation:
     ratio: Fraction = Fraction(1)
 
 
-def derive(cg: ChannelGraph) -> dict[int, Derivation]:
-    """The derivation of every group of ``cg``."""
+def derive(cg: ChannelGraph, blocks: Sequence[str] | None = None) -> dict[int, Derivation]:
+    """The derivation of every group of ``cg``.
+
+    Args:
+        cg: the channel groups.
+        blocks: module paths of the network's blocks; only layers inside one derive an expansion
+            (``None``: every layer does, as when ``cg`` is one block).
+    """
     squeezes = _squeezes(cg)
     ties = {out: (src, k) for out, src, k in cg.ties}
     result: dict[int, Derivation] = {}
@@ -57,7 +64,7 @@ def derive(cg: ChannelGraph) -> dict[int, Derivation]:
             result[g.id] = Derivation("squeeze", p, Fraction(g.base, cg.groups[p].base))
     for g in cg.groups:
         if g.id not in result:
-            result[g.id] = _expansion(cg, g, result)
+            result[g.id] = _expansion(cg, g, result, blocks)
     return result
 
 
@@ -77,12 +84,15 @@ def _squeezes(cg: ChannelGraph) -> dict[int, int]:
     return result
 
 
-def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation]) -> Derivation:
+def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation],
+               blocks: Sequence[str] | None) -> Derivation:
     """Vote over ``g``'s producers: each says "k x my input group" or "independent"; ties go to independent."""
     votes: Counter[tuple[int, int] | None] = Counter()
+    prefixes = None if blocks is None else tuple(b + "." for b in blocks)
     for path in g.producers:
         layer = cg.layers[path]
-        if len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
+        outside = prefixes is not None and not path.startswith(prefixes)
+        if outside or len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
             votes[None] += 1
             continue
         h = cg.groups[layer.inputs[0][0]]

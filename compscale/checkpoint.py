@@ -1,0 +1,78 @@
+"""Save a scaled model as what rebuilds it: the base model's name, the multipliers, the weights.
+
+``load`` rebuilds the architecture with :func:`compscale.scale` on a fresh base model and loads the
+weights, so a checkpoint survives code changes that ``torch.save(model)`` (a pickle of classes) would not.
+
+Example:
+    >>> scaled = compscale.scale(torchvision.models.resnet18(), phi=1)   # doctest: +SKIP
+    >>> save(scaled, "r18-phi1.pt", model="resnet18")                    # doctest: +SKIP
+    >>> load("r18-phi1.pt").scaling.input_size                           # doctest: +SKIP
+    (256, 256)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compscale.errors import CompscaleError
+
+__all__ = ["load", "load_model", "save", "scale_options"]
+
+FORMAT = "compscale/1"
+
+
+def load_model(spec: str) -> nn.Module:
+    """A torchvision model name (``resnet50``) or ``package.module:callable`` returning an ``nn.Module``.
+
+    Raises:
+        CompscaleError: the name is not a torchvision model, or the callable cannot be imported.
+    """
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory: Callable[[], Any] = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise CompscaleError(f"cannot load {spec!r}: {e}", "give package.module:callable, importable here.") from e
+        model = factory()
+    else:
+        import torchvision.models
+
+        if spec not in torchvision.models.list_models():
+            raise CompscaleError(f"unknown model {spec!r}", "use a torchvision model name or package.module:callable.")
+        model = torchvision.models.get_model(spec, weights=None)
+    if not isinstance(model, nn.Module):
+        raise CompscaleError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def scale_options(scaled: nn.Module) -> dict[str, Any]:
+    """The ``compscale.scale`` keyword arguments that rebuild ``scaled`` from its base model."""
+    plan = getattr(scaled, "scaling", None)
+    if plan is None:
+        raise CompscaleError(f"{type(scaled).__name__} carries no `scaling` plan", "save a model from compscale.scale.")
+    m = plan.multipliers
+    return {"depth": m.depth, "width": m.width, "resolution": m.resolution, "input_size": list(plan.base_input_size)}
+
+
+def save(scaled: nn.Module, path: str | os.PathLike[str], model: str, **extra: Any) -> None:
+    """Write ``scaled``'s weights with what rebuilds it (``model`` is the base model's spec for :func:`load_model`)."""
+    torch.save({"format": FORMAT, "model": model, "scale": scale_options(scaled), "state_dict": scaled.state_dict(),
+                **extra}, path)
+
+
+def load(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> nn.Module:
+    """Rebuild the scaled model saved at ``path`` and load its weights."""
+    from compscale.api import scale
+
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CompscaleError(f"{path} is not a compscale checkpoint", "write one with compscale.checkpoint.save.")
+    scaled = scale(load_model(ckpt["model"]), **ckpt["scale"])
+    scaled.load_state_dict(ckpt["state_dict"])
+    return scaled
