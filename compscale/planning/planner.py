@@ -12,11 +12,10 @@ Example:
 
 from __future__ import annotations
 
-import copy
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from compscale.analyse.channels import analyse_channels
@@ -34,18 +33,9 @@ from compscale.planning.plan import (
 from compscale.planning.policy import RoundFn, default_independent, derive, resolve_widths
 from compscale.planning.rounding import make_divisible, repeats
 from compscale.trace import trace
+from compscale.trace.tracer import meta_copy
 
 __all__ = ["Planner", "meta_copy", "no_stage_error", "plan"]
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers live on the meta device (no memory, no copy)."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
 
 
 class Planner:
@@ -87,6 +77,43 @@ class Planner:
         """The plan (and its estimated MACs and params) for these multipliers; see :func:`compscale.scale`."""
         return self.plan_for(resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution))
 
+    def solve(self, target_macs: float, vary: str = "phi", *, alpha: float = 1.2, beta: float = 1.1,
+              gamma: float = 1.15, depth: float | None = None, width: float | None = None,
+              resolution: float | None = None) -> ScalingPlan:
+        """The plan whose MACs come closest to ``target_macs``, varying phi or one multiplier.
+
+        ``vary="phi"`` searches phi (explicit ``depth``/``width``/``resolution`` stay fixed); ``vary="width"``
+        (or ``"depth"``, ``"resolution"``) searches that multiplier with the others fixed (1 unless given).
+        MACs are step functions of the multipliers (``ceil``, rounding to 8), so the answer is the closest
+        step; check ``plan.macs`` against the target.
+
+        Example: width-only at the cost of compound phi=1::
+
+            planner.solve(planner.plan(1).macs, vary="width")
+        """
+        if vary not in _DIMENSIONS:
+            raise ValueError(f"vary must be one of {_DIMENSIONS}, got {vary!r}")
+        if not (isinstance(target_macs, (int, float)) and math.isfinite(target_macs) and target_macs > 0):
+            raise ValueError(f"target_macs must be a positive number, got {target_macs!r}")
+        fixed = {"depth": depth, "width": width, "resolution": resolution}
+
+        def plan_at(x: float) -> ScalingPlan:
+            if vary == "phi":
+                return self.plan(x, alpha=alpha, beta=beta, gamma=gamma, **fixed)
+            return self.plan(**{**{k: v if v is not None else 1.0 for k, v in fixed.items()}, vary: x})
+
+        def cost(x: float) -> float:
+            macs = plan_at(x).macs
+            assert macs is not None
+            return float(macs)
+
+        lo, hi = (-1.0, 1.0) if vary == "phi" else (0.5, 2.0)
+        while cost(hi) < target_macs and hi < 1e3:
+            hi = hi * 2 if vary != "phi" else hi + 2
+        while cost(lo) > target_macs and (lo > 1e-3 if vary != "phi" else lo > -20):
+            lo = lo / 2 if vary != "phi" else lo - 2
+        return plan_at(_bisect(cost, target_macs, lo, hi, log=vary != "phi"))
+
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
         if mult.depth != 1.0 and not len(self.table):
             raise no_stage_error(self.model_name)
@@ -109,6 +136,9 @@ class Planner:
         )
 
 
+_DIMENSIONS = ("phi", "depth", "width", "resolution")
+
+
 def no_stage_error(name: str) -> NoStageError:
     """The error for a depth multiplier on a model without stages (shared with ``scale``)."""
     return NoStageError(
@@ -116,6 +146,21 @@ def no_stage_error(name: str) -> NoStageError:
         "(a residual block with stride 1 and in == out channels)",
         "name the blocks to repeat with `stages=['path.to.container']`, or scale width/resolution only.",
     )
+
+
+def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float, log: bool) -> float:
+    """The argument in [lo, hi] whose (monotone, stepwise) cost is closest to ``target``."""
+    best = min((lo, hi), key=lambda x: abs(cost(x) / target - 1))
+    for _ in range(40):
+        mid = math.sqrt(lo * hi) if log else (lo + hi) / 2
+        c = cost(mid)
+        if abs(c / target - 1) < abs(cost(best) / target - 1):
+            best = mid
+        if c < target:
+            lo = mid
+        else:
+            hi = mid
+    return best
 
 
 def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,

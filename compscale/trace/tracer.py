@@ -2,8 +2,8 @@
 
 The tracer follows torchvision's ``NodePathTracer`` idea: every node knows the module it runs in
 (fx records ``node.meta["nn_module_stack"]``; :func:`module_path` reads it). Shapes come from
-``torch.fx.passes.shape_prop.ShapeProp`` under a ``FakeTensorMode``, so no real forward runs and no
-activation memory is allocated.
+``torch.fx.passes.shape_prop.ShapeProp`` on a meta-device copy of the module (its parameters copied as
+shapes only), so no real forward runs and no activation memory is allocated.
 
 Example:
     >>> from torchvision.models import resnet18
@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,12 +24,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensorMode,
-    unset_fake_temporarily,
-)
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_map
 
@@ -182,56 +177,84 @@ def trace(
     return traced
 
 
-class _ShapeProp(ShapeProp):
-    """fx's ShapeProp, with two additions.
+def meta_copy(model: nn.Module) -> Any:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device (no memory, no data copy)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
 
-    A leaf module whose forward depends on data (``if x.mean() > 0``) cannot run on fake tensors, so that
-    one module runs on zeros of its input's shape. With ``tolerate_linears``, a ``Linear`` fed the wrong
-    number of features (a flatten head at another input size) is recorded in ``mismatched_linears`` and
-    passes on a tensor of its output shape.
+
+class _ShapeProp(ShapeProp):
+    """fx's ShapeProp run on a meta-device copy of the graph module, with two additions.
+
+    A leaf module whose forward depends on data (``if x.mean() > 0``) cannot run on meta tensors, so that
+    one module runs, for real, on zeros of its input's shape. With ``tolerate_linears``, a ``Linear`` fed
+    the wrong number of features (a flatten head at another input size) is recorded in
+    ``mismatched_linears`` and passes on a tensor of its output shape.
     """
 
-    def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode | None, tolerate_linears: bool = False) -> None:
-        super().__init__(gm, fake_mode)
+    def __init__(self, gm: fx.GraphModule, tolerate_linears: bool = False) -> None:
+        super().__init__(gm)  # runs gm's own graph, so that its nodes receive the shapes
+        self.meta_module = gm if _on_meta(gm) else meta_copy(gm)
         self.tolerate_linears = tolerate_linears
         self.mismatched_linears: dict[str, int] = {}
 
+    def fetch_attr(self, target: str) -> Any:
+        return super().fetch_attr(target) if self.meta_module is self.module else _fetch(self.meta_module, target)
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.real_module.get_submodule(str(target))
+        module = _fetch(self.meta_module, str(target))
         x = args[0] if args else None
         if (self.tolerate_linears and isinstance(module, nn.Linear) and isinstance(x, torch.Tensor)
                 and x.shape[-1] != module.in_features):
             self.mismatched_linears[str(target)] = int(x.shape[-1])
             return torch.empty(*x.shape[:-1], module.out_features, dtype=x.dtype, device=x.device)
+        if isinstance(module, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
+            return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
         try:
-            return super().call_module(target, args, kwargs)
-        except (DataDependentOutputException, DynamicOutputShapeException):
-            if self.fake_mode is None:
+            return module(*args, **kwargs)
+        except (NotImplementedError, RuntimeError):
+            real = self.module.get_submodule(str(target))
+            if _on_meta(real):
                 raise
-            with unset_fake_temporarily(), torch.no_grad():
-                real = tree_map(_zeros_like_fake, (args, kwargs))
-                out = module(*real[0], **real[1])
-            return tree_map(lambda t: self.fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
+            with torch.no_grad():
+                real_args, real_kwargs = tree_map(_zeros_like, (args, kwargs))
+                out = real(*real_args, **real_kwargs)
+            return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, out)
 
 
-def _zeros_like_fake(t: Any) -> Any:
+_SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d,
+)
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in module.parameters())
+
+
+def _zeros_like(t: Any) -> Any:
     return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t
 
 
 def propagate_shapes(traced: Traced, tolerate_linears: bool = False) -> dict[str, int]:
-    """Fill ``node.meta["tensor_meta"]`` by running the graph on fake tensors (no real compute).
+    """Fill ``node.meta["tensor_meta"]`` by running the graph on meta tensors (no real compute, no memory).
 
     Returns the ``Linear`` layers fed a wrong number of features (path -> features fed) when
     ``tolerate_linears`` is set; otherwise such a layer fails like any other.
     """
-    device = next((t.device for t in traced.gm.parameters()), torch.device("cpu"))
-    if device.type == "meta":  # nothing to fake: meta tensors already carry shapes only
-        fake_mode, x = None, torch.empty(traced.input_shape, device=device)
-    else:
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with fake_mode:
-            x = torch.empty(traced.input_shape, device=device)
-    prop = _ShapeProp(traced.gm, fake_mode, tolerate_linears)
+    prop = _ShapeProp(traced.gm, tolerate_linears)
+    x = torch.empty(traced.input_shape, device="meta")
     with eval_mode(traced.gm), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints its tracebacks
         try:
             prop.propagate(x)
