@@ -88,7 +88,8 @@ def scale(
     table = find_stages(traced, stages)
     plan.stages = _scale_depth(work, traced, table, mult.depth, rules)
     if mult.width != 1.0:
-        traced = traced.retrace(work, traced.input_shape)
+        if any(s.blocks_before != s.blocks_after for s in plan.stages):
+            traced = traced.retrace(work, traced.input_shape)
         cg = analyse_channels(traced)
         derivations = derive(cg, [b.path for s in find_stages(traced, stages) for b in s.blocks])
         widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations)

@@ -198,26 +198,37 @@ class _ShapeProp(ShapeProp):
 
     def __init__(self, gm: fx.GraphModule, tolerate_linears: bool = False) -> None:
         super().__init__(gm)  # runs gm's own graph, so that its nodes receive the shapes
-        self.meta_module = gm if _on_meta(gm) else meta_copy(gm)
         self.tolerate_linears = tolerate_linears
         self.mismatched_linears: dict[str, int] = {}
+        self._meta: dict[str, Any] = {}
+
+    def _on_meta(self, target: str) -> Any:
+        """A meta-device copy of attribute ``target`` (a leaf module or a tensor), made once."""
+        if target not in self._meta:
+            real = super().fetch_attr(target)
+            if isinstance(real, nn.Module):
+                self._meta[target] = real if _on_meta(real) else meta_copy(real)
+            elif isinstance(real, torch.Tensor):
+                self._meta[target] = torch.empty_like(real, device="meta")
+            else:
+                self._meta[target] = real
+        return self._meta[target]
 
     def fetch_attr(self, target: str) -> Any:
-        return super().fetch_attr(target) if self.meta_module is self.module else _fetch(self.meta_module, target)
+        return self._on_meta(target)
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = _fetch(self.meta_module, str(target))
+        real = super().fetch_attr(str(target))
         x = args[0] if args else None
-        if (self.tolerate_linears and isinstance(module, nn.Linear) and isinstance(x, torch.Tensor)
-                and x.shape[-1] != module.in_features):
-            self.mismatched_linears[str(target)] = int(x.shape[-1])
-            return torch.empty(*x.shape[:-1], module.out_features, dtype=x.dtype, device=x.device)
-        if isinstance(module, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
+        if isinstance(real, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
             return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
+        if (self.tolerate_linears and isinstance(real, nn.Linear) and isinstance(x, torch.Tensor)
+                and x.shape[-1] != real.in_features):
+            self.mismatched_linears[str(target)] = int(x.shape[-1])
+            return torch.empty(*x.shape[:-1], real.out_features, dtype=x.dtype, device=x.device)
         try:
-            return module(*args, **kwargs)
+            return self._on_meta(str(target))(*args, **kwargs)
         except (NotImplementedError, RuntimeError):
-            real = self.module.get_submodule(str(target))
             if _on_meta(real):
                 raise
             with torch.no_grad():
@@ -230,13 +241,6 @@ _SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
     nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d,
 )
-
-
-def _fetch(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _on_meta(module: nn.Module) -> bool:
