@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from compscale.analyse.channels import analyse_channels
-from compscale.analyse.stages import StageTable, find_stages
-from compscale.errors import RewriteError
+from compscale.analyse.channels import ChannelGraph, analyse_channels
+from compscale.analyse.stages import StageFilter, StageTable, find_stages
+from compscale.errors import RewriteError, WidthError
 from compscale.planning.plan import (
     GroupPlan,
     ScalingPlan,
@@ -47,7 +47,8 @@ def scale(
     input_size: int | Sequence[int] = 224,
     resolution_divisor: int = 8,
     round_width: RoundFn = make_divisible,
-    stages: Sequence[str] | None = None,
+    stages: StageFilter | None = None,
+    fixed: Sequence[str] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
 ) -> nn.Module:
@@ -66,7 +67,9 @@ def scale(
         input_size: the base model's input size (``(H, W)`` or one int).
         resolution_divisor: the new input size is a multiple of it.
         round_width: ``round_width(channels, divisor) -> int`` for independent channel groups.
-        stages: restrict depth scaling to blocks under these module paths.
+        stages: restrict depth scaling to blocks under these module paths, or to blocks whose path a
+            predicate accepts.
+        fixed: layers (module paths) whose output width must not change; widths derived from them follow.
         leaf_modules, autowrap_functions: passed to the torch.fx tracer.
 
     Raises:
@@ -86,13 +89,14 @@ def scale(
     plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
     rules = InitRules(model)
     table = find_stages(traced, stages)
-    plan.stages = _scale_depth(work, traced, table, mult.depth, rules)
+    work, plan.stages = _scale_depth(work, traced, table, mult.depth, rules)
     if mult.width != 1.0:
         if any(s.blocks_before != s.blocks_after for s in plan.stages):
             traced = traced.retrace(work, traced.input_shape)
         cg = analyse_channels(traced)
         derivations = derive(cg, [b.path for s in find_stages(traced, stages) for b in s.blocks])
-        widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations)
+        widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations,
+                                seeds=_fixed_widths(cg, fixed))
         apply_widths(work, cg, widths, rules)
         plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
                        for g in cg.groups]
@@ -104,13 +108,26 @@ def scale(
     return work
 
 
-def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float, rules: InitRules) -> list[StagePlan]:
+def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
+                 rules: InitRules) -> tuple[nn.Module, list[StagePlan]]:
     counts = {s.index: repeats(len(s.blocks), d) for s in table}
     if d != 1.0 and not len(table):
         raise no_stage_error(type(work).__name__)
-    added = deepen(work, traced, table, counts, rules) if d != 1.0 else {}
-    return [StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride,
+    work, added = deepen(work, traced, table, counts, rules) if d != 1.0 else (work, {})
+    return work, [StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride,
                       tuple(added.get(s.index, ()))) for s in table]
+
+
+def _fixed_widths(cg: ChannelGraph, fixed: Sequence[str]) -> dict[int, int]:
+    """Seeds that keep the output group of each layer in ``fixed`` at its width."""
+    seeds = {}
+    for path in fixed:
+        if path not in cg.layers and path not in cg.norms and path not in cg.depthwise:
+            raise WidthError(f"fixed={path!r} names no conv, linear or norm layer of the model",
+                             "give module paths as in model.named_modules(), e.g. 'layer4.2.conv3'.")
+        g = cg.group_of(path)
+        seeds[g.id] = g.base
+    return seeds
 
 
 def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
@@ -199,17 +199,23 @@ def _reaches(src: fx.Node, dst: fx.Node, region: set[fx.Node]) -> bool:
     return all(isinstance(a, fx.Node) and depends(a) for a in dst.args[:2])
 
 
-def find_stages(traced: Traced, stages: Sequence[str] | None = None) -> StageTable:
+StageFilter = Sequence[str] | Callable[[str], bool]
+
+
+def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable:
     """Group the network's blocks into stages.
 
     Args:
         traced: the traced model.
-        stages: optional module paths of blocks' parents (or of blocks) to restrict the stages to.
+        stages: restrict depth scaling to some blocks: module paths (a block, or a container of blocks),
+            or a predicate on a block's path (``lambda path: path.startswith("layer")``).
     """
     all_blocks = find_blocks(traced)
     block_types = {b.module_type for b in all_blocks if b.is_repeat and _innermost_residual(b, all_blocks)}
     candidates = _outermost([b for b in all_blocks if b.module_type in block_types])
-    if stages is not None:
+    if callable(stages):
+        candidates = [b for b in candidates if stages(b.path)]
+    elif stages is not None:
         wanted = tuple(stages)
         candidates = [b for b in candidates if any(b.path == p or b.path.startswith(p + ".") for p in wanted)]
     result: list[Stage] = []

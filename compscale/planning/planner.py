@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from compscale.analyse.channels import analyse_channels
-from compscale.analyse.stages import StageTable, find_stages
+from compscale.analyse.stages import StageFilter, StageTable, find_stages
 from compscale.errors import NoStageError
 from compscale.planning.cost import CostModel
 from compscale.planning.plan import (
@@ -48,7 +48,7 @@ class Planner:
         input_size: int | Sequence[int] = 224,
         resolution_divisor: int = 8,
         round_width: RoundFn = make_divisible,
-        stages: Sequence[str] | None = None,
+        stages: StageFilter | None = None,
         leaf_modules: Iterable[type[nn.Module]] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
@@ -63,7 +63,7 @@ class Planner:
         traced = trace(probe, input_size=self.base_size, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions)
         self.table: StageTable = find_stages(traced, stages)
-        added = deepen(probe, traced, self.table, {s.index: len(s.blocks) + 1 for s in self.table}, None)
+        probe, added = deepen(probe, traced, self.table, {s.index: len(s.blocks) + 1 for s in self.table}, None)
         self.traced = traced.retrace(probe, traced.input_shape)
         self.cg = analyse_channels(self.traced)
         self.derivations = derive(self.cg, [b.path for s in find_stages(self.traced, stages) for b in s.blocks])

@@ -8,19 +8,21 @@ are linear in the block index are re-spread over the new number of blocks.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch.fx as fx
 from torch import nn
 
-from compscale.analyse.stages import StageTable
+from compscale.analyse.stages import Stage, StageTable
 from compscale.errors import RewriteError
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
-from compscale.rewrite.modules import insert_after, remove_children
+from compscale.rewrite.modules import insert_after, next_name, remove_children
 from compscale.rewrite.synth import synthesize_repeat
 from compscale.trace import Traced
+from compscale.trace.tracer import CompscaleTracer, eval_mode
 
-__all__ = ["deepen", "fresh_copy", "respread_drop_path"]
+__all__ = ["deepen", "fresh_copy", "insert_in_graph", "respread_drop_path"]
 
 
 def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
@@ -33,41 +35,102 @@ def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
 
 
 def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[int, int],
-           rules: InitRules | None) -> dict[int, list[str]]:
-    """Append blocks so that stage ``i`` of ``table`` has ``counts[i]`` blocks; returns the new paths per stage.
+           rules: InitRules | None) -> tuple[nn.Module, dict[int, list[str]]]:
+    """Give stage ``i`` of ``table`` ``counts[i]`` blocks; returns the (new) root and the new paths per stage.
 
-    ``root`` is the model being rewritten (``traced`` was traced from it). Stages are handled last to first
-    so that renumbering a flat container never moves a stage not yet handled.
+    ``root`` is the model being rewritten (``traced`` was traced from it). Blocks kept in an ``nn.Sequential``
+    or ``nn.ModuleList`` are inserted there and ``root`` keeps its class; blocks that ``forward`` calls one by
+    one (``x = self.block2(x)``) are inserted in the graph, and the root becomes a ``GraphModule``. Stages are
+    handled last to first so that renumbering a flat container never moves a stage not yet handled.
     """
     drop_rates = _drop_rates(root)
     added: dict[int, list[nn.Module]] = {}
+    in_graph: list[tuple[Stage, list[nn.Module]]] = []
     for stage in reversed(table.stages):
         extra = counts.get(stage.index, len(stage.blocks)) - len(stage.blocks)
         if extra == 0:
             continue
         parent = root.get_submodule(stage.parent) if stage.parent else root
-        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
-            raise RewriteError(
-                f"cannot change the depth of stage {stage.name}: its blocks live in {type(parent).__name__} "
-                f"{stage.parent or '<root>'!r}, whose forward calls them one by one",
-                "keep the stage's blocks in an nn.Sequential, or leave it out with `stages=`.",
-            )
+        in_container = isinstance(parent, (nn.Sequential, nn.ModuleList))
         if extra < 0:  # shallower: drop trailing repeats, never the stage's first block
+            if not in_container:
+                raise RewriteError(
+                    f"cannot remove blocks of stage {stage.name}: {type(parent).__name__}.forward calls them by name",
+                    "keep the stage's blocks in an nn.Sequential, or use a depth multiplier >= 1.",
+                )
             keep = max(1, len(stage.blocks) + extra)
             remove_children(parent, [b.path.rpartition(".")[2] for b in stage.blocks[keep:]])
             continue
-        if stage.repeat is not None:
-            template = root.get_submodule(stage.repeat.path)
-            new = [fresh_copy(template, rules) for _ in range(extra)]
+        new = _new_blocks(root, traced, table, stage, extra, rules)
+        if in_container:
+            insert_after(parent, stage.blocks[-1].path.rpartition(".")[2], new)
         else:
-            first = synthesize_repeat(traced, stage, table.blocks, rules)
-            new = [first] + [fresh_copy(first, rules) for _ in range(extra - 1)]
-        insert_after(parent, stage.blocks[-1].path.rpartition(".")[2], new)
+            in_graph.append((stage, new))
         added[stage.index] = new
+    if in_graph:
+        root = insert_in_graph(root, traced, in_graph)
     respread_drop_path(root, len(drop_rates), drop_rates)
     # paths are read at the end: inserting into a flat container renumbers the stages after it
     paths = {id(m): name for name, m in root.named_modules()}
-    return {i: [paths[id(m)] for m in mods] for i, mods in added.items()}
+    return root, {i: [paths[id(m)] for m in mods] for i, mods in added.items()}
+
+
+def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage, extra: int,
+                rules: InitRules | None) -> list[nn.Module]:
+    if stage.repeat is not None:
+        template = root.get_submodule(stage.repeat.path)
+        return [fresh_copy(template, rules) for _ in range(extra)]
+    first = synthesize_repeat(traced, stage, table.blocks, rules)
+    return [first] + [fresh_copy(first, rules) for _ in range(extra - 1)]
+
+
+def insert_in_graph(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> fx.GraphModule:
+    """A ``GraphModule`` of ``root`` whose graph calls each stage's new blocks after its last block.
+
+    The stages' blocks, and the root's children that hold none of them, are traced as leaves, so they keep
+    their classes and the generated code reads as the hand-written forward: ``block3 = self.block3(block2)``.
+    """
+    blocks = {b.path for stage, _ in stages for b in stage.blocks}
+    untouched = {name for name, _ in root.named_children()
+                 if not any(b == name or b.startswith(name + ".") for b in blocks)}
+    leaves = blocks | untouched
+    tracer = CompscaleTracer(traced.leaf_modules, traced.autowrap_functions, leaf_paths=leaves)
+    with eval_mode(root):
+        graph = tracer.trace(root)
+    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    gm.train(root.training)
+    for stage, new in stages:
+        last = stage.blocks[-1].path
+        node = next(n for n in graph.nodes if n.op == "call_module" and n.target == last)
+        users = list(node.users)
+        cur, after = node, last.rpartition(".")[2]
+        for module in new:
+            path = _child_path(gm, stage.parent, after)
+            gm.add_submodule(path, module)
+            with graph.inserting_after(cur):
+                cur = graph.call_module(path, (cur,))
+            after = path.rpartition(".")[2]
+        for user in users:
+            user.replace_input_with(node, cur)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _child_path(gm: nn.Module, parent: str, after: str) -> str:
+    """Next index after ``after`` among the parent's children (``block3`` after ``block2``), else ``after_0``."""
+    container = gm.get_submodule(parent) if parent else gm
+    existing = list(container._modules)
+    name = next_name(existing, after)
+    if not _is_next(after, name):  # the next index belongs to another stage's block: suffix this one's name
+        name = next_name(existing, f"{after}_0")
+    return f"{parent}.{name}" if parent else name
+
+
+def _is_next(after: str, name: str) -> bool:
+    """Whether ``name`` is ``after`` with its trailing index plus one (``b2`` -> ``b3``)."""
+    stem = after.rstrip("0123456789")
+    return name.startswith(stem) and after[len(stem):].isdigit() and name[len(stem):] == str(int(after[len(stem):]) + 1)
 
 
 def _drop_rates(root: nn.Module) -> list[float]:

@@ -46,12 +46,14 @@ class CompscaleTracer(fx.Tracer):
         self,
         leaf_modules: Iterable[type[nn.Module]] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
+        leaf_paths: Iterable[str] = (),
     ) -> None:
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self.leaf_types = tuple(leaf_modules) + drop_path_types()
+        self.leaf_paths = frozenset(leaf_paths)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaf_types):
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_paths:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
