@@ -16,11 +16,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Any, NoReturn
 
 import torch.fx as fx
 
-from compscale.analyse.rules import Desc, get_function_rule, get_module_rule
+from compscale.analyse.rules import _MULTI_OUTPUT, Desc, get_function_rule, get_module_rule
 from compscale.errors import UnsupportedOpError
 from compscale.trace import Traced, module_path
 
@@ -76,7 +77,7 @@ class ChannelGraph:
     layers: dict[str, LayerChannels]
     norms: dict[str, tuple[int, ...]]
     depthwise: dict[str, tuple[int, ...]]
-    ties: list[tuple[int, int, int]]
+    ties: list[tuple[int, int, Fraction]]
     node_groups: dict[str, tuple[int, ...]]
 
     def group_of(self, path: str, role: str = "out") -> ChannelGroup:
@@ -139,7 +140,9 @@ class RuleContext:
         self.members: list[tuple[int, str, str]] = []
         self.layers: dict[str, tuple[Desc, Desc]] = {}
         self.pooled: set[str] = set()
-        self.ties: list[tuple[int, int, int]] = []
+        self.ties: list[tuple[int, int, Fraction]] = []
+        self.multi: dict[fx.Node, list[Desc]] = {}  # ops returning several tensors (chunk, split)
+        self.grouped: dict[fx.Node, tuple[Desc, int, bool]] = {}  # (N, g, C/g, H, W) views: source, g, transposed
 
     # queries
     def is_tensor(self, arg: Any) -> bool:
@@ -203,8 +206,9 @@ class RuleContext:
         for s, _ in desc:
             self.divisors.append((s, d, why))
 
-    def tie(self, out: Desc, src: Desc, factor: int) -> None:
-        self.ties.append((out[0][0], src[0][0], factor))
+    def tie(self, out: Desc, src: Desc, factor: Fraction | int) -> None:
+        """``out``'s width is ``factor`` times ``src``'s (a depthwise multiplier, a channel split, a shuffle)."""
+        self.ties.append((out[0][0], src[0][0], Fraction(factor)))
 
     def pin(self, desc: Desc, why: str) -> None:
         for s, _ in desc:
@@ -261,6 +265,11 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         if ctx.pin_io:
             ctx.pin(ctx.desc(ctx.traced.output_node), "model output")
         return None
+    if node.op in ("call_function", "call_method") and node.target in _MULTI_OUTPUT:
+        frule = get_function_rule(node)
+        assert frule is not None
+        frule(ctx, node)  # records ctx.multi[node]
+        return None
     if not ctx.traced.has_shape(node) or len(ctx.shape(node)) < 2:
         return None  # shapes, sizes, scalars: no channels
     if node.op == "placeholder":
@@ -272,12 +281,14 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         rule = get_module_rule(module)
         if rule is None:
             ctx.unsupported(node, f"no channel rule for module type {type(module).__name__}")
-        desc = rule(ctx, node, module)
+        desc: Desc | None = rule(ctx, node, module)
     else:
         frule = get_function_rule(node)
         if frule is None:
             ctx.unsupported(node, f"no channel rule for {node.op} {_target_name(ctx.traced, node)}")
         desc = frule(ctx, node)
+    if desc is None:  # a view the rule tracks itself (a channel shuffle's grouped view)
+        return None
     if ctx.width(desc) != ctx.channels(node):
         ctx.unsupported(node, f"its rule gives {ctx.width(desc)} channels but the tensor has {ctx.channels(node)}")
     return desc

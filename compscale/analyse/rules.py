@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,13 +40,14 @@ __all__ = [
 
 Desc = tuple[tuple[int, int], ...]
 ModuleRule = Callable[["RuleContext", "fx.Node", nn.Module], Desc]
-FunctionRule = Callable[["RuleContext", "fx.Node"], Desc]
+FunctionRule = Callable[["RuleContext", "fx.Node"], "Desc | None"]
 
-_MODULE_RULES: dict[type[nn.Module], ModuleRule] = {}
+_MODULE_RULES: dict[type[nn.Module], Callable[..., Desc | None]] = {}
 _FUNCTION_RULES: dict[Any, FunctionRule] = {}
 
 
-def register_channel_rule(target: type[nn.Module] | Callable[..., Any] | str, rule: Callable[..., Desc]) -> None:
+def register_channel_rule(target: type[nn.Module] | Callable[..., Any] | str,
+                          rule: Callable[..., Desc | None]) -> None:
     """Tell compscale how ``target`` (a module type, a function, or a ``Tensor`` method name) maps channels."""
     if isinstance(target, type) and issubclass(target, nn.Module):
         _MODULE_RULES[target] = rule
@@ -53,7 +55,7 @@ def register_channel_rule(target: type[nn.Module] | Callable[..., Any] | str, ru
         _FUNCTION_RULES[target] = rule
 
 
-def get_module_rule(module: nn.Module) -> ModuleRule | None:
+def get_module_rule(module: nn.Module) -> Callable[..., Desc | None] | None:
     for cls in type(module).__mro__:
         if cls in _MODULE_RULES:
             return _MODULE_RULES[cls]
@@ -153,14 +155,85 @@ def _flatten(ctx: RuleContext, node: fx.Node) -> Desc:
     return ctx.flatten(node, ctx.input_node(node))
 
 
-def _reshape(ctx: RuleContext, node: fx.Node) -> Desc:
+def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src_node = ctx.input_node(node)
     src, out = ctx.shape(src_node), ctx.shape(node)
+    if src_node in ctx.grouped:
+        return _ungroup(ctx, node, src_node)
+    if len(out) == len(src) + 1 and out[0] == src[0] and out[1] * out[2] == src[1] and out[3:] == src[2:]:
+        ctx.grouped[node] = (ctx.desc(src_node), out[1], False)  # (N, g, C/g, H, W): a shuffle begins
+        return None
     if len(out) >= 2 and len(src) >= 2 and out[0] == src[0] and out[1] == src[1]:
         return ctx.desc(src_node)
     if len(out) == 2 and out[0] == src[0]:
         return ctx.flatten(node, src_node)
     ctx.unsupported(node, f"reshape {tuple(src)} -> {tuple(out)} mixes the channel dimension with others")
+
+
+def _ungroup(ctx: RuleContext, node: fx.Node, src_node: fx.Node) -> Desc:
+    """Back from (N, g, C/g, H, W) to (N, C, H, W): a channel shuffle if the view was transposed."""
+    desc, g, transposed = ctx.grouped[src_node]
+    if tuple(ctx.shape(node))[1] != ctx.width(desc):
+        ctx.unsupported(node, "a grouped channel view that does not come back to its channels")
+    if not transposed or len(desc) == 1:
+        ctx.divisor(desc, g, f"{node.name} (channel shuffle in {g} groups)")
+        return desc  # channels permuted within one group: its width stays one width
+    if len(desc) != g:
+        ctx.unsupported(node, f"a shuffle of {len(desc)} concatenated parts in {g} groups")
+    for part in desc[1:]:  # a shuffle interleaves the parts: they must keep one width
+        ctx.union(desc[:1], (part,), node)
+    out = ctx.new_space(node, ctx.width(desc))
+    ctx.tie(out, desc[:1], g)
+    return out
+
+
+def _transpose(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    src_node = ctx.input_node(node)
+    dims = {d for d in node.args[1:3] if isinstance(d, int)}
+    if src_node in ctx.grouped and dims == {1, 2}:
+        desc, g, transposed = ctx.grouped[src_node]
+        ctx.grouped[node] = (desc, g, not transposed)
+        return None
+    ctx.unsupported(node, "a transpose that moves the channel dimension")
+
+
+def _contiguous(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    src_node = ctx.input_node(node)
+    if src_node in ctx.grouped:
+        ctx.grouped[node] = ctx.grouped[src_node]
+        return None
+    return ctx.desc(src_node)
+
+
+def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """``chunk``/``split`` along channels into equal parts: each part is a space of 1/k of the source's width."""
+    src_node = ctx.input_node(node)
+    shape = ctx.shape(src_node)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    parts = node.meta["tensor_meta"]
+    sizes = [p.shape[1] for p in parts] if isinstance(parts, (list, tuple)) else []
+    if not isinstance(dim, int) or dim % len(shape) != 1:
+        ctx.multi[node] = [ctx.desc(src_node)] * len(sizes)  # a split over batch or space keeps channels
+        return None
+    src = ctx.desc(src_node)
+    if len(src) == len(sizes) and all(ctx.width((seg,)) == n for seg, n in zip(src, sizes)):
+        ctx.multi[node] = [(seg,) for seg in src]  # undoing a concat: each part is one of its segments
+        return None
+    if len(src) != 1 or len(set(sizes)) != 1:
+        ctx.unsupported(node, f"a split of {ctx.width(src)} channels into {sizes}")
+    k = len(sizes)
+    ctx.divisor(src, k, f"{node.name} (split in {k})")
+    first = ctx.new_space(node, sizes[0])
+    ctx.tie(first, src, Fraction(1, k))
+    ctx.multi[node] = [first] * k  # equal parts: one width
+    return None
+
+
+def _getitem(ctx: RuleContext, node: fx.Node) -> Desc:
+    src_node, index = node.args[0], node.args[1]
+    if isinstance(src_node, fx.Node) and src_node in ctx.multi and isinstance(index, int):
+        return ctx.multi[src_node][index]
+    ctx.unsupported(node, "indexing a tensor (slicing channels)")
 
 
 def _reduce(ctx: RuleContext, node: fx.Node) -> Desc:
@@ -190,8 +263,9 @@ _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
     F.dropout, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
     torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs,
-    operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "contiguous", "clone", "neg",
+    operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clone", "neg",
 )
+_MULTI_OUTPUT: tuple[Any, ...] = ("chunk", "split", torch.chunk, torch.split)
 _BINARY_FUNCTIONS: tuple[Any, ...] = (
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
     torch.add, torch.mul, torch.sub, torch.div,
@@ -223,6 +297,12 @@ def _register_builtin() -> None:
         register_channel_rule(f, _flatten)
     for f in ("view", "reshape", torch.reshape):
         register_channel_rule(f, _reshape)
+    for f in ("transpose", torch.transpose):
+        register_channel_rule(f, _transpose)
+    register_channel_rule("contiguous", _contiguous)
+    for f in _MULTI_OUTPUT:
+        register_channel_rule(f, _split)
+    register_channel_rule(operator.getitem, _getitem)
     for f in ("mean", torch.mean, "amax", "sum"):
         register_channel_rule(f, _reduce)
     register_channel_rule(torch.cat, _cat)

@@ -21,6 +21,7 @@ import dataclasses
 import operator
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.fx as fx
 
 from compscale.trace import Traced, module_path
@@ -59,8 +60,8 @@ class Block:
 
     @property
     def is_repeat(self) -> bool:
-        """Stride 1, in == out, adding its input back: a block that can be repeated as is."""
-        return self.residual == "identity" and self.in_shape == self.out_shape
+        """Stride 1, in == out, merging its input back: a block that can be repeated as is."""
+        return self.residual in ("identity", "concat") and self.in_shape == self.out_shape
 
 
 @dataclasses.dataclass
@@ -145,11 +146,12 @@ def cut_points(nodes: Sequence[fx.Node]) -> set[int]:
 
 def find_blocks(traced: Traced) -> list[Block]:
     """Every single-entry, single-exit module region of the graph that contains more than one op."""
-    nodes = [n for n in traced.graph.nodes if n.op not in ("output",)]
+    # constants (get_attr: a layer scale, a norm's weight used functionally) carry no data flow
+    nodes = [n for n in traced.graph.nodes if n.op not in ("output", "get_attr")]
     cuts = cut_points(nodes)
     spans: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
-        if n.op in ("placeholder", "get_attr"):
+        if n.op == "placeholder":
             continue
         path = module_path(n)
         parts = path.split(".") if path else []
@@ -166,20 +168,42 @@ def find_blocks(traced: Traced) -> list[Block]:
         region = nodes[first:last + 1]
         module = traced.root.get_submodule(path)
         blocks.append(Block(path, type(module).__name__, type(module), entry.name, exit_.name,
-                            tuple(traced.shape(entry)), tuple(traced.shape(exit_)), _residual(region, entry)))
+                            tuple(traced.shape(entry)), tuple(traced.shape(exit_)), _residual(traced, region, entry)))
     return blocks
 
 
-def _residual(region: Sequence[fx.Node], entry: fx.Node) -> str | None:
-    """How the region adds its input back, judged by its last add of two tensors."""
-    adds = [n for n in region if n.op in ("call_function", "call_method") and n.target in _ADDS
-            and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2]
-    if not adds:
-        return None
-    last_add = adds[-1]
-    if entry in last_add.args[:2]:
-        return "identity"
-    return "projection" if _reaches(entry, last_add, set(region)) else None
+def _residual(traced: Traced, region: Sequence[fx.Node], entry: fx.Node) -> str | None:
+    """How the region merges its input back into its output.
+
+    ``"identity"``: an add (or a concat: ``"concat"``) of the input, reached through parameter-free ops only
+    (an ``nn.Identity`` shortcut, a channel split), with a branch computed by layers. ``"projection"``: both
+    operands of the region's last add go through layers (a 1x1-conv shortcut).
+    """
+    free, layered = {entry}, set()
+    kind = None
+    for n in region:
+        inputs = [a for a in n.all_input_nodes if a in free or a in layered]
+        if not inputs:
+            continue
+        if any(a in layered for a in inputs) or _has_params(traced, n):
+            layered.add(n)
+        else:
+            free.add(n)
+        operands = n.args[0] if n.target is torch.cat else n.args[:2]
+        if n.target in _ADDS or n.target is torch.cat:
+            ops = [a for a in operands if isinstance(a, fx.Node)] if isinstance(operands, (list, tuple)) else []
+            if any(a in free for a in ops) and any(a in layered for a in ops):
+                kind = "concat" if n.target is torch.cat else "identity"
+    if kind is not None:
+        return kind
+    adds = [n for n in region if n.target in _ADDS and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2]
+    return "projection" if adds and _reaches(entry, adds[-1], set(region)) else None
+
+
+def _has_params(traced: Traced, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    return any(True for _ in traced.gm.get_submodule(str(node.target)).parameters())
 
 
 def _reaches(src: fx.Node, dst: fx.Node, region: set[fx.Node]) -> bool:

@@ -58,7 +58,7 @@ def derive(cg: ChannelGraph, blocks: Sequence[str] | None = None) -> dict[int, D
             result[g.id] = Derivation("fixed")
         elif g.id in ties:
             src, k = ties[g.id]
-            result[g.id] = Derivation("tied", src, Fraction(k))
+            result[g.id] = Derivation("tied", src, k)
         elif g.id in squeezes:
             p = squeezes[g.id]
             result[g.id] = Derivation("squeeze", p, Fraction(g.base, cg.groups[p].base))

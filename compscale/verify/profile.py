@@ -2,7 +2,8 @@
 
 MACs are FLOPs / 2 (the EfficientNet paper's unit: ResNet-50 at 224 is 4.09 GMACs). No real
 forward runs and no activation memory is allocated; a model built on the meta device is profiled
-without ever allocating its weights.
+without ever allocating its weights. Only a model whose forward branches on tensor values (which fake
+tensors cannot run) is counted on a real forward of one all-zero image.
 
 Example:
     >>> from torchvision.models import resnet50
@@ -18,7 +19,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from compscale.trace.tracer import _input_channels_of, eval_mode
@@ -52,13 +57,19 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
     params = sum(p.numel() for p in model.parameters())
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     counter = FlopCounterMode(display=False)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with eval_mode(model), torch.no_grad(), counter:
         if on_meta:
             model(torch.empty(1, channels, *size, device="meta"))
         else:
-            fake = FakeTensorMode(allow_non_fake_inputs=True)
-            with fake:
-                model(torch.empty(1, channels, *size))
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    model(torch.empty(1, channels, *size, device=device))
+            except (DataDependentOutputException, DynamicOutputShapeException):
+                # a forward that branches on values cannot run on fake tensors: count a real one, on zeros
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    model(torch.zeros(1, channels, *size, device=device))
     return Profile(counter.get_total_flops() // 2, params, size)
 
 
