@@ -24,7 +24,7 @@ from compscale.planning.policy import RoundFn, default_independent, derive, reso
 from compscale.planning.rounding import make_divisible, repeats
 from compscale.rewrite.depth import deepen
 from compscale.rewrite.init import InitRules
-from compscale.rewrite.resolution import adapt_to_input_size
+from compscale.rewrite.resolution import adapt_inputs
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
 from compscale.trace.tracer import Traced
@@ -101,7 +101,7 @@ def scale(
         plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
                        for g in cg.groups]
     if plan.input_size != base:
-        adapt_to_input_size(work, traced, (*traced.input_shape[:2], *plan.input_size), rules)
+        adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), rules)
     _verify(work, traced, plan)
     work.scaling = plan  # type: ignore[assignment]
     log.info("scaled %s:\n%s", type(model).__name__, plan)
@@ -114,6 +114,8 @@ def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
     if d != 1.0 and not len(table):
         raise no_stage_error(type(work).__name__)
     work, added = deepen(work, traced, table, counts, rules) if d != 1.0 else (work, {})
+    if any(s.grows and counts[s.index] != len(s.blocks) for s in table):  # dense blocks feed more channels on
+        adapt_inputs(work, traced, traced.input_shape, rules, warn=False)
     return work, [StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride,
                       tuple(added.get(s.index, ()))) for s in table]
 

@@ -419,17 +419,26 @@ ZOO: dict[str, Case] = {
     "cifar_resnet": Case(CifarResNet, 32, True),
     "mobilenet_v2_se_hardswish": Case(MobileV2SE, 64, True),
     "mobilenet_v3_hard_se": Case(MobileV3Like, 64, True),
-    "densenet_like": Case(DenseNetLike, 32, False),
+    "densenet_like": Case(DenseNetLike, 32, True),
     "inception_like": Case(InceptionLike, 32, True),
-    "shufflenet_v2_like": Case(ShuffleLike, 64, False),
+    "shufflenet_v2_like": Case(ShuffleLike, 64, True),
     "flatten_linear_head": Case(FlattenHeadResNet, 32, True),
     "untraceable_leaf": Case(GuardedResNet, 32, True, (NanGuard,)),
     "deep_stem_resnet": Case(DeepStemResNet, 64, True),
 }
 
 
-@pytest.mark.parametrize("phi", [1, 2])
-@pytest.mark.parametrize("name", list(ZOO))
+# Known gaps, kept failing on purpose (strict xfail) until compscale closes them.
+KNOWN = {
+    ("densenet_like", 2): "a dense block costs quadratically in its depth: ceil(3 * 1.44) = 5 layers cost about "
+                          "(5/3)**2 = 2.8x, so phi=2 lands at 6.6x, above 1.5 * 1.92**2 = 5.5x",
+}
+CASES = [pytest.param(name, phi, id=f"{name}-{phi}",
+                      marks=[pytest.mark.xfail(reason=KNOWN[name, phi], strict=True)] if (name, phi) in KNOWN else [])
+         for name in ZOO for phi in (1, 2)]
+
+
+@pytest.mark.parametrize(("name", "phi"), CASES)
 def test_scales_runs_and_costs_the_compound_ratio(name: str, phi: int) -> None:
     case = ZOO[name]
     torch.manual_seed(0)

@@ -59,6 +59,12 @@ class Block:
         return max(1, self.in_shape[2] // self.out_shape[2])
 
     @property
+    def grows(self) -> bool:
+        """A dense layer: concatenates new channels to its input, same spatial size (``cat([x, f(x)])``)."""
+        return (self.residual == "concat" and self.in_shape[2:] == self.out_shape[2:]
+                and self.out_shape[1] > self.in_shape[1])
+
+    @property
     def is_repeat(self) -> bool:
         """Stride 1, in == out, merging its input back: a block that can be repeated as is."""
         return self.residual in ("identity", "concat") and self.in_shape == self.out_shape
@@ -94,6 +100,11 @@ class Stage:
     @property
     def stride(self) -> int:
         return self.blocks[0].stride
+
+    @property
+    def grows(self) -> bool:
+        """A dense block: each block adds channels, so every new block is synthesized for its own input width."""
+        return all(b.grows for b in self.blocks)
 
     @property
     def repeat(self) -> Block | None:
@@ -235,7 +246,8 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
             or a predicate on a block's path (``lambda path: path.startswith("layer")``).
     """
     all_blocks = find_blocks(traced)
-    block_types = {b.module_type for b in all_blocks if b.is_repeat and _innermost_residual(b, all_blocks)}
+    block_types = {b.module_type for b in all_blocks
+                   if (b.is_repeat or b.grows) and _innermost_residual(b, all_blocks)}
     candidates = _outermost([b for b in all_blocks if b.module_type in block_types])
     if callable(stages):
         candidates = [b for b in candidates if stages(b.path)]
@@ -245,12 +257,17 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     result: list[Stage] = []
     for b in candidates:
         cur = result[-1] if result else None
-        joins = (cur is not None and b.is_repeat and cur.blocks[-1].exit == b.entry
+        joins = (cur is not None and (b.is_repeat or (b.grows and cur.grows)) and cur.blocks[-1].exit == b.entry
                  and b.module_type is cur.blocks[0].module_type and _parent(b.path) == cur.parent)
         if joins and cur is not None:
             cur.blocks.append(b)
         else:
             result.append(Stage(len(result), [b]))
+    # a lone growing block (torchvision's _DenseBlock concatenates all its layers inside one forward) has no
+    # layer granularity to repeat: adding a copy would add a whole dense block, not layers
+    result = [s for s in result if not (s.grows and len(s.blocks) == 1)]
+    for i, s in enumerate(result):
+        s.index = i
     for s in result:
         siblings = _children(traced, s.parent)
         s.whole_parent = bool(s.parent) and siblings == [b.path for b in s.blocks]

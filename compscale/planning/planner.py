@@ -53,6 +53,7 @@ class Planner:
         autowrap_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
         from compscale.rewrite.depth import deepen  # the probe is built by the depth pass itself
+        from compscale.rewrite.resolution import adapt_inputs
 
         self.model_name = type(model).__name__
         self.base_size = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]),
@@ -64,6 +65,8 @@ class Planner:
                        autowrap_functions=autowrap_functions)
         self.table: StageTable = find_stages(traced, stages)
         probe, added = deepen(probe, traced, self.table, {s.index: len(s.blocks) + 1 for s in self.table}, None)
+        if any(s.grows for s in self.table):
+            adapt_inputs(probe, traced, traced.input_shape, None, warn=False)
         self.traced = traced.retrace(probe, traced.input_shape)
         self.cg = analyse_channels(self.traced)
         self.derivations = derive(self.cg, [b.path for s in find_stages(self.traced, stages) for b in s.blocks])

@@ -18,7 +18,7 @@ from compscale.errors import RewriteError
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import insert_after, next_name, remove_children
-from compscale.rewrite.synth import synthesize_repeat
+from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced
 from compscale.trace.tracer import CompscaleTracer, eval_mode
 
@@ -77,6 +77,8 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
 
 def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage, extra: int,
                 rules: InitRules | None) -> list[nn.Module]:
+    if stage.grows:
+        return synthesize_dense(traced, stage, extra, rules)
     if stage.repeat is not None:
         template = root.get_submodule(stage.repeat.path)
         return [fresh_copy(template, rules) for _ in range(extra)]

@@ -1,4 +1,4 @@
-"""The resolution pass: make a model whose shapes depend on its input size run at the new size.
+"""Adapt layers to the channels they are now fed: after a resolution change, or a dense block that grew.
 
 A model ending in global pooling needs nothing. A head that flattens a spatial map into a ``Linear``
 with fixed ``in_features`` is found by shape propagation at the new size; the ``Linear`` takes the new
@@ -20,19 +20,20 @@ from compscale.rewrite.modules import resize, set_submodule
 from compscale.trace import Traced
 from compscale.trace.tracer import propagate_shapes
 
-__all__ = ["adapt_to_input_size"]
+__all__ = ["adapt_inputs"]
 
 
-def adapt_to_input_size(
-    root: nn.Module, traced: Traced, input_shape: Sequence[int], rules: InitRules | None
+def adapt_inputs(
+    root: nn.Module, traced: Traced, input_shape: Sequence[int], rules: InitRules | None, warn: bool = True
 ) -> list[str]:
-    """Resize the ``Linear`` layers of ``root`` fed a different number of features at ``input_shape``.
+    """Resize the layers of ``root`` fed a different number of channels at ``input_shape``.
 
-    Returns the paths of the layers changed.
+    A flatten head's ``Linear`` at a new input size (with a warning, ``warn``), and the layers after a dense
+    block that grew (its transition, final norm and classifier). Returns the paths of the layers changed.
     """
     probe = traced.retrace_graph(root, input_shape)
     try:
-        mismatched = propagate_shapes(probe, tolerate_linears=True)
+        mismatched = propagate_shapes(probe, tolerate_inputs=True)
     except TraceError as e:
         raise ResolutionError(
             f"{type(root).__name__} cannot run at input {tuple(input_shape[2:])}: {str(e).splitlines()[0]}",
@@ -41,13 +42,28 @@ def adapt_to_input_size(
         ) from e
     for path, features in mismatched.items():
         old = root.get_submodule(path)
-        assert isinstance(old, nn.Linear)
-        new = resize(old, features, old.out_features)
+        before = _fed(old)
+        out = features if isinstance(old, nn.modules.batchnorm._BatchNorm) else _out(old)
+        new = resize(old, features, out)
         reinit(new, rules, template=old)
         set_submodule(root, path, new)
-        warnings.warn(
-            f"compscale: {path} takes {features} features at input {tuple(input_shape[2:])} instead of "
-            f"{old.in_features}; it was rebuilt with fresh weights",
-            stacklevel=3,
-        )
+        if warn:
+            warnings.warn(
+                f"compscale: {path} takes {features} features at input {tuple(input_shape[2:])} instead of "
+                f"{before}; it was rebuilt with fresh weights",
+                stacklevel=3,
+            )
     return list(mismatched)
+
+
+def _fed(m: nn.Module) -> int:
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.in_channels
+    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+    return m.num_features
+
+
+def _out(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else int(getattr(m, "out_channels"))  # noqa: B009

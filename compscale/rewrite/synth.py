@@ -29,7 +29,7 @@ from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths
 from compscale.trace import Traced
 
-__all__ = ["extract_block", "synthesize_repeat"]
+__all__ = ["extract_block", "synthesize_dense", "synthesize_repeat"]
 
 
 def extract_block(traced: Traced, block: Block) -> fx.GraphModule:
@@ -57,25 +57,50 @@ def extract_block(traced: Traced, block: Block) -> fx.GraphModule:
 def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rules: InitRules | None) -> nn.Module:
     """The repeat block of a one-block ``stage`` (see the module docstring)."""
     block = stage.blocks[0]
+    gm = _rewidened(traced, block, block.out_shape[1], rules)
+    _unstride(gm)
+    _make_identity_residual(gm, block, traced, blocks)
+    return _finish(traced, gm, block, block.out_shape)
+
+
+def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules | None) -> list[nn.Module]:
+    """``extra`` dense layers after a growing stage's last one, each taking all the channels before it."""
+    last = stage.blocks[-1]
+    growth = last.out_shape[1] - last.in_shape[1]
+    new: list[nn.Module] = []
+    for i in range(1, extra + 1):
+        width = last.in_shape[1] + i * growth
+        gm = _rewidened(traced, last, width, rules)
+        new.append(_finish(traced, gm, last, (last.in_shape[0], width + growth, *last.in_shape[2:]),
+                           (last.in_shape[0], width, *last.in_shape[2:])))
+    return new
+
+
+def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules | None) -> fx.GraphModule:
+    """The block's subgraph with its input channel group (and the groups derived from it) at ``in_channels``."""
     gm = extract_block(traced, block)
     sub = traced.retrace(gm, block.in_shape)
     cg = analyse_channels(sub, pin_io=False)
     entry_group = cg.node_groups["x"]
     if len(entry_group) != 1:
         raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
-    widths = resolve_widths(cg, lambda g, d: g.base, seeds={entry_group[0]: block.out_shape[1]})
+    widths = resolve_widths(cg, lambda g, d: g.base, seeds={entry_group[0]: in_channels})
     apply_widths(gm, cg, widths, rules)
-    _unstride(gm)
-    _make_identity_residual(gm, block, traced, blocks)
+    return gm
+
+
+def _finish(traced: Traced, gm: fx.GraphModule, block: Block, out_shape: tuple[int, ...],
+            in_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
+    """Clean the synthesized block's graph and check it maps ``in_shape`` (default: ``out_shape``) to ``out_shape``."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.graph.lint()
-    check = traced.retrace(gm, block.out_shape)
-    if tuple(check.shape(check.output_node)) != block.out_shape:
+    check = traced.retrace(gm, in_shape or out_shape)
+    got = tuple(check.shape(check.output_node))
+    if got != out_shape:
         raise RewriteError(
-            f"the repeat synthesized from {block.path} maps {block.out_shape} "
-            f"to {tuple(check.shape(check.output_node))}",
+            f"the block synthesized from {block.path} maps {in_shape or out_shape} to {got}, not {out_shape}",
             "name the stages to deepen with `stages=` so that this block is left alone.",
         )
     return gm

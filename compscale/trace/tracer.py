@@ -193,15 +193,15 @@ class _ShapeProp(ShapeProp):
     """fx's ShapeProp run on a meta-device copy of the graph module, with two additions.
 
     A leaf module whose forward depends on data (``if x.mean() > 0``) cannot run on meta tensors, so that
-    one module runs, for real, on zeros of its input's shape. With ``tolerate_linears``, a ``Linear`` fed
+    one module runs, for real, on zeros of its input's shape. With ``tolerate_inputs``, a ``Linear`` fed
     the wrong number of features (a flatten head at another input size) is recorded in
-    ``mismatched_linears`` and passes on a tensor of its output shape.
+    ``mismatched`` and passes on a tensor of its output shape.
     """
 
-    def __init__(self, gm: fx.GraphModule, tolerate_linears: bool = False) -> None:
+    def __init__(self, gm: fx.GraphModule, tolerate_inputs: bool = False) -> None:
         super().__init__(gm)  # runs gm's own graph, so that its nodes receive the shapes
-        self.tolerate_linears = tolerate_linears
-        self.mismatched_linears: dict[str, int] = {}
+        self.tolerate_inputs = tolerate_inputs
+        self.mismatched: dict[str, int] = {}
         self._meta: dict[str, Any] = {}
 
     def _on_meta(self, target: str) -> Any:
@@ -224,10 +224,12 @@ class _ShapeProp(ShapeProp):
         x = args[0] if args else None
         if isinstance(real, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
             return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
-        if (self.tolerate_linears and isinstance(real, nn.Linear) and isinstance(x, torch.Tensor)
-                and x.shape[-1] != real.in_features):
-            self.mismatched_linears[str(target)] = int(x.shape[-1])
-            return torch.empty(*x.shape[:-1], real.out_features, dtype=x.dtype, device=x.device)
+        fed = _fed_mismatch(real, x) if self.tolerate_inputs else None
+        if fed is not None:
+            self.mismatched[str(target)] = fed
+            module = meta_copy(real)
+            resize_input(module, fed)
+            return module(*args, **kwargs)
         try:
             return self._on_meta(str(target))(*args, **kwargs)
         except (NotImplementedError, RuntimeError):
@@ -237,6 +239,41 @@ class _ShapeProp(ShapeProp):
                 real_args, real_kwargs = tree_map(_zeros_like, (args, kwargs))
                 out = real(*real_args, **real_kwargs)
             return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, out)
+
+
+def _fed_mismatch(module: nn.Module, x: Any) -> int | None:
+    """The channels ``x`` feeds a conv/norm/linear that expects another number, else ``None``."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return None
+    if isinstance(module, nn.Linear):
+        return int(x.shape[-1]) if x.shape[-1] != module.in_features else None
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+        return int(x.shape[1]) if x.shape[1] != module.in_channels else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return int(x.shape[1]) if x.shape[1] != module.num_features else None
+    return None
+
+
+def resize_input(module: nn.Module, fed: int) -> None:
+    """Set the input channels of a conv/norm/linear to ``fed`` in place (parameters left uninitialised)."""
+    def resize(name: str, dim: int) -> None:
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor):
+            shape = list(t.shape)
+            shape[dim] = fed
+            new = torch.empty(shape, device=t.device, dtype=t.dtype)
+            setattr(module, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
+
+    if isinstance(module, nn.Linear):
+        module.in_features = fed
+        resize("weight", 1)
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.in_channels = fed
+        resize("weight", 1)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = fed
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            resize(name, 0)
 
 
 _SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
@@ -253,13 +290,13 @@ def _zeros_like(t: Any) -> Any:
     return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t
 
 
-def propagate_shapes(traced: Traced, tolerate_linears: bool = False) -> dict[str, int]:
+def propagate_shapes(traced: Traced, tolerate_inputs: bool = False) -> dict[str, int]:
     """Fill ``node.meta["tensor_meta"]`` by running the graph on meta tensors (no real compute, no memory).
 
     Returns the ``Linear`` layers fed a wrong number of features (path -> features fed) when
-    ``tolerate_linears`` is set; otherwise such a layer fails like any other.
+    ``tolerate_inputs`` is set; otherwise such a layer fails like any other.
     """
-    prop = _ShapeProp(traced.gm, tolerate_linears)
+    prop = _ShapeProp(traced.gm, tolerate_inputs)
     x = torch.empty(traced.input_shape, device="meta")
     with eval_mode(traced.gm), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints its tracebacks
         try:
@@ -271,7 +308,7 @@ def propagate_shapes(traced: Traced, tolerate_linears: bool = False) -> dict[str
                 "check that the model accepts this input size; a model whose layers expect one size (fixed-size "
                 "pooling, constant interpolate sizes) cannot change resolution: make them adaptive.",
             ) from e
-    return prop.mismatched_linears
+    return prop.mismatched
 
 
 def _first_line(e: BaseException) -> str:
