@@ -87,6 +87,10 @@ def scale(
     work = copy.deepcopy(model)
     traced = trace(work, input_size=base, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
+    plan.options = {"resolution_divisor": resolution_divisor, "fixed": list(fixed),
+                    "stages": stages if stages is None or callable(stages) else list(stages),
+                    "round_width": round_width, "leaf_modules": tuple(leaf_modules),
+                    "autowrap_functions": tuple(autowrap_functions)}
     rules = InitRules(model)
     table = find_stages(traced, stages)
     work, plan.stages = _scale_depth(work, traced, table, mult.depth, rules)
@@ -94,7 +98,7 @@ def scale(
         if any(s.blocks_before != s.blocks_after for s in plan.stages):
             traced = traced.retrace(work, traced.input_shape)
         cg = analyse_channels(traced)
-        derivations = derive(cg, [b.path for s in find_stages(traced, stages) for b in s.blocks])
+        derivations = derive(cg, [b.path for s in find_stages(traced) for b in s.blocks])  # all blocks, not stages=
         widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations,
                                 seeds=_fixed_widths(cg, fixed))
         apply_widths(work, cg, widths, rules)

@@ -76,3 +76,48 @@ def test_fixed_keeps_a_layers_width_and_what_derives_from_it() -> None:
 def test_fixed_names_an_unknown_layer() -> None:
     with pytest.raises(compscale.WidthError, match=r"fixed='nope' names no conv(.|\n)*Hint: "):
         compscale.scale(resnet50(), width=2, fixed=["nope"])
+
+
+def test_stages_does_not_change_widths() -> None:
+    plain = compscale.scale(resnet50(), width=1.3)
+    restricted = compscale.scale(resnet50(), width=1.3, stages=["layer1"])
+    assert restricted.layer2[0].conv3.out_channels == plain.layer2[0].conv3.out_channels == 4 * 168
+
+
+def test_graph_insertion_keeps_each_submodules_mode_and_call_order() -> None:
+    model = _ByName().train()
+    model.stem[1].eval()  # a frozen norm
+    scaled = compscale.scale(model, depth=2, input_size=32)
+    assert scaled.training and not scaled.stem[1].training
+    names = [n for n, _ in scaled.named_children()]
+    assert names[:5] == ["stem", "block1", "block2", "block2_0", "block2_1"]
+
+
+class _MyDrop(nn.Module):
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_registered_drop_path_type_widens_and_respreads() -> None:
+    compscale.register_drop_path(_MyDrop, "rate")
+
+    class Block(nn.Module):
+        def __init__(self, rate: float) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.drop = _MyDrop(rate)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.drop(self.conv(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
+                          nn.Sequential(*(Block(0.1 * k / 4) for k in range(4))),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    scaled = compscale.scale(model, depth=2, width=1.5, input_size=16)
+    rates = [m.rate for m in scaled.modules() if isinstance(m, _MyDrop)]
+    assert rates == pytest.approx([0.1 * k / 8 for k in range(8)])
+    assert scaled[1][7].conv.out_channels == 24

@@ -77,3 +77,23 @@ def test_checkpoint_rebuilds_and_reloads(tmp_path) -> None:  # type: ignore[no-u
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), scaled.eval()(x))
+
+
+def test_half_precision_models_scale_and_profile() -> None:
+    model = mobilenet_v2().half()
+    scaled = compscale.scale(model, phi=1)
+    assert {p.dtype for p in scaled.parameters()} == {torch.float16}
+    assert compscale.profile(scaled, 256).macs == compscale.plan(mobilenet_v2(), phi=1).macs
+
+
+def test_checkpoint_keeps_fixed_and_stages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    scaled = compscale.scale(resnet50(), depth=1.5, width=2, fixed=["fc"], stages=["layer1"])
+    save(scaled, tmp_path / "r.pt", model="resnet50")
+    again = load(tmp_path / "r.pt")
+    assert len(again.layer1) == 5 and len(again.layer2) == 4
+
+
+def test_checkpoint_refuses_what_it_cannot_record(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    scaled = compscale.scale(resnet50(), depth=2, stages=lambda p: p.startswith("layer1."))
+    with pytest.raises(compscale.CompscaleError, match=r"stages=(.|\n)*Hint: save scaled.state_dict"):
+        save(scaled, tmp_path / "r.pt", model="resnet50")

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from compscale.registry import drop_path_types
+from compscale.registry import drop_path_attr, drop_path_types
 
 if TYPE_CHECKING:
     from compscale.analyse.channels import RuleContext
@@ -59,6 +59,8 @@ def get_module_rule(module: nn.Module) -> Callable[..., Desc | None] | None:
     for cls in type(module).__mro__:
         if cls in _MODULE_RULES:
             return _MODULE_RULES[cls]
+    if drop_path_attr(module) is not None:  # a drop-path type registered after this module was imported
+        return elementwise
     return None
 
 

@@ -40,7 +40,8 @@ class Block:
         type_name: its class name.
         entry: name of the node feeding the block; exit: name of the block's output node.
         in_shape, out_shape: ``(N, C, H, W)`` at the traced input size.
-        residual: ``"identity"`` (adds its own input), ``"projection"`` (adds a transformed input) or ``None``.
+        residual: ``"identity"`` (adds its own input), ``"concat"`` (concatenates it: a dense layer, a channel
+            split), ``"projection"`` (adds a transformed input) or ``None``.
     """
 
     path: str
@@ -56,7 +57,7 @@ class Block:
     def stride(self) -> int:
         if len(self.in_shape) < 3 or self.out_shape[2] == 0:
             return 1
-        return max(1, self.in_shape[2] // self.out_shape[2])
+        return max(1, round(self.in_shape[2] / self.out_shape[2]))
 
     @property
     def grows(self) -> bool:

@@ -55,6 +55,7 @@ class ScalingPlan:
     input_size: tuple[int, int]
     stages: list[StagePlan] = dataclasses.field(default_factory=list)
     groups: list[GroupPlan] = dataclasses.field(default_factory=list)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # scale()'s other arguments, for rebuilding
     macs: int | None = None  # estimated by the planner (compscale.plan); None on a scaled model
     params: int | None = None
     base_macs: int | None = None

@@ -69,7 +69,7 @@ class Planner:
             adapt_inputs(probe, traced, traced.input_shape, None, warn=False)
         self.traced = traced.retrace(probe, traced.input_shape)
         self.cg = analyse_channels(self.traced)
-        self.derivations = derive(self.cg, [b.path for s in find_stages(self.traced, stages) for b in s.blocks])
+        self.derivations = derive(self.cg, [b.path for s in find_stages(self.traced) for b in s.blocks])
         self.cost = CostModel(self.traced, self.cg, {s: paths[0] for s, paths in added.items()})
         base_widths = {g.id: g.base for g in self.cg.groups}
         self.base_macs, self.base_params = self.cost.cost(base_widths, {}, self.base_size)

@@ -17,7 +17,7 @@ from compscale.analyse.stages import Stage, StageTable
 from compscale.errors import RewriteError
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
-from compscale.rewrite.modules import insert_after, next_name, remove_children
+from compscale.rewrite.modules import insert_after, move_after, next_name, remove_children
 from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced
 from compscale.trace.tracer import CompscaleTracer, eval_mode
@@ -78,12 +78,12 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
 def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage, extra: int,
                 rules: InitRules | None) -> list[nn.Module]:
     if stage.grows:
-        return synthesize_dense(traced, stage, extra, rules)
+        return [fresh_copy(m, rules) for m in synthesize_dense(traced, stage, extra, rules)]
     if stage.repeat is not None:
         template = root.get_submodule(stage.repeat.path)
         return [fresh_copy(template, rules) for _ in range(extra)]
-    first = synthesize_repeat(traced, stage, table.blocks, rules)
-    return [first] + [fresh_copy(first, rules) for _ in range(extra - 1)]
+    first = synthesize_repeat(traced, stage, table.blocks, rules)  # unchanged layers still hold copied weights
+    return [fresh_copy(first, rules) for _ in range(extra)]
 
 
 def insert_in_graph(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> fx.GraphModule:
@@ -100,7 +100,7 @@ def insert_in_graph(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stag
     with eval_mode(root):
         graph = tracer.trace(root)
     gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
-    gm.train(root.training)
+    gm.training = root.training  # the submodules are shared with root and keep their own flags
     for stage, new in stages:
         last = stage.blocks[-1].path
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == last)
@@ -109,9 +109,11 @@ def insert_in_graph(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stag
         for module in new:
             path = _child_path(gm, stage.parent, after)
             gm.add_submodule(path, module)
+            name = path.rpartition(".")[2]
+            move_after(gm.get_submodule(stage.parent) if stage.parent else gm, name, after)  # keep forward order
             with graph.inserting_after(cur):
                 cur = graph.call_module(path, (cur,))
-            after = path.rpartition(".")[2]
+            after = name
         for user in users:
             user.replace_input_with(node, cur)
     graph.lint()

@@ -109,9 +109,10 @@ def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | Non
         _reinit_norm(module, template)
         return
     if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-        for p in module.parameters(recurse=False):
-            nn.init.normal_(p, std=0.02)
-        return
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):  # PReLU, custom layers with their own init
+            reset()
+        return  # otherwise the copied values stay (a layer scale's constant init)
     law = rules.law_for(module) if rules is not None else None
     if law is None:
         module.reset_parameters()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["insert_after", "next_name", "remove_children", "resize", "set_submodule"]
+__all__ = ["insert_after", "move_after", "next_name", "remove_children", "resize", "set_submodule"]
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -107,3 +107,10 @@ def remove_children(parent: nn.Module, names: Sequence[str]) -> None:
     if all(k.isdigit() for k in parent._modules):
         items = [(str(i), m) for i, (_, m) in enumerate(items)]
     parent._modules = OrderedDict(items)
+
+
+def move_after(parent: nn.Module, name: str, after: str) -> None:
+    """Reorder ``parent``'s children so that ``name`` directly follows ``after`` (module order = call order)."""
+    items = [(k, m) for k, m in parent._modules.items() if k != name]
+    pos = [k for k, _ in items].index(after) + 1
+    parent._modules = OrderedDict([*items[:pos], (name, parent._modules[name]), *items[pos:]])

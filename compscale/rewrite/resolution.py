@@ -35,6 +35,8 @@ def adapt_inputs(
     try:
         mismatched = propagate_shapes(probe, tolerate_inputs=True)
     except TraceError as e:
+        if not warn:  # adapting to a dense block that grew, at the same input size
+            raise
         raise ResolutionError(
             f"{type(root).__name__} cannot run at input {tuple(input_shape[2:])}: {str(e).splitlines()[0]}",
             "the model's shapes depend on its input size: use adaptive pooling (nn.AdaptiveAvgPool2d) and sizes "

@@ -145,7 +145,7 @@ def trace(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
 ) -> Traced:
-    """Trace ``model`` (in eval mode, restored afterwards) and propagate shapes on fake tensors.
+    """Trace ``model`` (in eval mode, restored afterwards) and propagate shapes on meta tensors.
 
     Args:
         model: the network; it is not modified.
@@ -190,12 +190,12 @@ def meta_copy(model: nn.Module) -> Any:
 
 
 class _ShapeProp(ShapeProp):
-    """fx's ShapeProp run on a meta-device copy of the graph module, with two additions.
+    """fx's ShapeProp run on meta-device copies of the called modules, with two additions.
 
     A leaf module whose forward depends on data (``if x.mean() > 0``) cannot run on meta tensors, so that
-    one module runs, for real, on zeros of its input's shape. With ``tolerate_inputs``, a ``Linear`` fed
-    the wrong number of features (a flatten head at another input size) is recorded in
-    ``mismatched`` and passes on a tensor of its output shape.
+    one module runs, for real, on zeros of its input's shape. With ``tolerate_inputs``, a conv, BatchNorm or
+    ``Linear`` fed another number of channels (a flatten head at another input size, the layers after a dense
+    block that grew) is recorded in ``mismatched`` and runs as if resized.
     """
 
     def __init__(self, gm: fx.GraphModule, tolerate_inputs: bool = False) -> None:
@@ -233,10 +233,13 @@ class _ShapeProp(ShapeProp):
         try:
             return self._on_meta(str(target))(*args, **kwargs)
         except (NotImplementedError, RuntimeError):
-            if _on_meta(real):
-                raise
+            if _on_meta(real):  # a planner's meta probe: run an uninitialised CPU copy (only shapes matter)
+                real = copy.deepcopy(real).to_empty(device="cpu")
+            device = _device(real)
             with torch.no_grad():
-                real_args, real_kwargs = tree_map(_zeros_like, (args, kwargs))
+                real_args, real_kwargs = tree_map(
+                    lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t,
+                    (args, kwargs))
                 out = real(*real_args, **real_kwargs)
             return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, out)
 
@@ -286,18 +289,23 @@ def _on_meta(module: nn.Module) -> bool:
     return any(t.device.type == "meta" for t in module.parameters())
 
 
-def _zeros_like(t: Any) -> Any:
-    return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter (float32 when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def propagate_shapes(traced: Traced, tolerate_inputs: bool = False) -> dict[str, int]:
     """Fill ``node.meta["tensor_meta"]`` by running the graph on meta tensors (no real compute, no memory).
 
-    Returns the ``Linear`` layers fed a wrong number of features (path -> features fed) when
+    Returns the conv/BatchNorm/``Linear`` layers fed another number of channels (path -> channels fed) when
     ``tolerate_inputs`` is set; otherwise such a layer fails like any other.
     """
     prop = _ShapeProp(traced.gm, tolerate_inputs)
-    x = torch.empty(traced.input_shape, device="meta")
+    x = torch.empty(traced.input_shape, device="meta", dtype=_float_dtype(traced.gm))
     with eval_mode(traced.gm), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints its tracebacks
         try:
             prop.propagate(x)

@@ -58,18 +58,19 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     counter = FlopCounterMode(display=False)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with eval_mode(model), torch.no_grad(), counter:
         if on_meta:
-            model(torch.empty(1, channels, *size, device="meta"))
+            model(torch.empty(1, channels, *size, device="meta", dtype=dtype))
         else:
             try:
                 with FakeTensorMode(allow_non_fake_inputs=True):
-                    model(torch.empty(1, channels, *size, device=device))
+                    model(torch.empty(1, channels, *size, device=device, dtype=dtype))
             except (DataDependentOutputException, DynamicOutputShapeException):
                 # a forward that branches on values cannot run on fake tensors: count a real one, on zeros
                 counter = FlopCounterMode(display=False)
                 with counter:
-                    model(torch.zeros(1, channels, *size, device=device))
+                    model(torch.zeros(1, channels, *size, device=device, dtype=dtype))
     return Profile(counter.get_total_flops() // 2, params, size)
 
 
