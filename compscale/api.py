@@ -116,7 +116,7 @@ def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
                  rules: InitRules) -> tuple[nn.Module, list[StagePlan]]:
     counts = {s.index: repeats(len(s.blocks), d) for s in table}
     if d != 1.0 and not len(table):
-        raise no_stage_error(type(work).__name__)
+        raise no_stage_error(type(work).__name__, table)
     work, added = deepen(work, traced, table, counts, rules) if d != 1.0 else (work, {})
     if any(s.grows and counts[s.index] != len(s.blocks) for s in table):  # dense blocks feed more channels on
         adapt_inputs(work, traced, traced.input_shape, rules, warn=False)

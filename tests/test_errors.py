@@ -86,7 +86,7 @@ def _plain_net() -> nn.Module:
 
 
 def test_no_stage_to_deepen_is_an_error_with_a_hint() -> None:
-    with pytest.raises(compscale.NoStageError, match=r"Sequential has no stage to deepen(.|\n)*Hint: .*stages="):
+    with pytest.raises(compscale.NoStageError, match=r"Sequential has no stage to deepen(.|\n)*Hint: .*depth=1"):
         compscale.scale(_plain_net(), depth=2)
 
 

@@ -119,7 +119,7 @@ class Planner:
 
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
         if mult.depth != 1.0 and not len(self.table):
-            raise no_stage_error(self.model_name)
+            raise no_stage_error(self.model_name, self.table)
         counts = {s.index: repeats(len(s.blocks), mult.depth) for s in self.table}
         if mult.width == 1.0:
             widths = {g.id: g.base for g in self.cg.groups}
@@ -142,12 +142,15 @@ class Planner:
 _DIMENSIONS = ("phi", "depth", "width", "resolution")
 
 
-def no_stage_error(name: str) -> NoStageError:
+def no_stage_error(name: str, table: StageTable) -> NoStageError:
     """The error for a depth multiplier on a model without stages (shared with ``scale``)."""
+    seen = [b.path for b in table.blocks if b.path.count(".") <= 1][:3]
+    looked = f"; its blocks ({', '.join(repr(p) for p in seen)}, ...) do not" if seen else ""
     return NoStageError(
-        f"{name} has no stage to deepen: no block of its graph adds its own input back "
-        "(a residual block with stride 1 and in == out channels)",
-        "name the blocks to repeat with `stages=['path.to.container']`, or scale width/resolution only.",
+        f"{name} has no stage to deepen: no block of its graph merges its own input back into its output "
+        f"(a residual add, or a concat of a dense layer or channel split, with stride 1){looked}",
+        "compscale repeats blocks that carry their input through; scale width and resolution only (depth=1), "
+        "or restrict depth scaling to such blocks with `stages=`.",
     )
 
 
