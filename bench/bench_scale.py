@@ -79,7 +79,8 @@ def _peak_rss_mb(code: str) -> float:
 
 def bench_memory() -> None:
     print("3. peak RSS above a process that only imports (torch's libraries): scale() against direct construction")
-    imports = "import compscale; from torchvision.models import resnet50; from torchvision.models.resnet import *"
+    imports = ("import compscale; from torchvision.models import resnet50; "
+               "from torchvision.models.resnet import ResNet, Bottleneck")
     direct = f"{imports}; ResNet(Bottleneck, [6, 8, 12, 6])"
     scaled = f"{imports}; compscale.scale(resnet50(), depth=2)"
     base = _peak_rss_mb(imports)
