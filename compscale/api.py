@@ -19,7 +19,7 @@ from compscale.planning.plan import (
     plan_input_size,
     resolve_multipliers,
 )
-from compscale.planning.planner import no_stage_error
+from compscale.planning.planner import Planner, no_stage_error
 from compscale.planning.policy import RoundFn, default_independent, derive, resolve_widths
 from compscale.planning.rounding import make_divisible, repeats
 from compscale.rewrite.depth import deepen
@@ -51,6 +51,8 @@ def scale(
     fixed: Sequence[str] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    target_macs: float | None = None,
+    vary: str = "phi",
 ) -> nn.Module:
     """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
 
@@ -71,6 +73,9 @@ def scale(
             predicate accepts.
         fixed: layers (module paths) whose output width must not change; widths derived from them follow.
         leaf_modules, autowrap_functions: passed to the torch.fx tracer.
+        target_macs: scale to about this many MACs instead of a given ``phi``: ``vary`` (``"phi"``, or one of
+            ``"depth"``, ``"width"``, ``"resolution"`` with the other multipliers as given, 1 by default) is
+            searched on the plan (:meth:`compscale.Planner.solve`; no weights are built while searching).
 
     Raises:
         TypeError, ValueError: a bad multiplier.
@@ -82,6 +87,15 @@ def scale(
         >>> [len(s) for s in (deeper.layer1, deeper.layer2, deeper.layer3, deeper.layer4)]
         [6, 8, 12, 6]
     """
+    if target_macs is not None:
+        if phi is not None or fixed:
+            raise ValueError("target_macs searches phi (or one multiplier): give no phi, and no fixed= with it")
+        planner = Planner(model, input_size=input_size, resolution_divisor=resolution_divisor,
+                          round_width=round_width, stages=stages, leaf_modules=leaf_modules,
+                          autowrap_functions=autowrap_functions)
+        solved = planner.solve(target_macs, vary, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
+                               resolution=resolution)
+        phi, depth, width, resolution = solved.multipliers.phi, solved.depth, solved.width, solved.resolution
     mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
     base = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
     work = copy.deepcopy(model)

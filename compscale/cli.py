@@ -33,6 +33,15 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _macs(text: str) -> float:
+    """``8.2G``, ``600M`` or ``8.2e9``."""
+    scale = {"G": 1e9, "M": 1e6, "K": 1e3}.get(text[-1:].upper(), 1.0)
+    try:
+        return float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a MACs count (like 8.2G, 600M or 8.2e9): {text!r}") from None
+
+
 def _phi_range(text: str) -> list[float]:
     """``0:8`` (0, 1, ..., 8), ``0:4:0.5`` (with a step) or ``1,2,3``."""
     try:
@@ -65,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=_number, default=None, help="width multiplier (overrides phi's)")
     s.add_argument("--resolution", type=_number, default=None, help="resolution multiplier (overrides phi's)")
     s.add_argument("--save", default=None, help="save weights and what rebuilds them (compscale.checkpoint.load)")
+    s.add_argument("--target-macs", type=_macs, default=None,
+                   help="scale to about this many MACs (e.g. 8.2G, 600M); searches phi, or --vary one multiplier")
+    s.add_argument("--vary", choices=("phi", "depth", "width", "resolution"), default="phi")
     t = sub.add_parser("table", help="MACs, params and input size for a range of phi, without building weights")
     t.add_argument("model", help="torchvision model name, or package.module:callable")
     t.add_argument("--phi", type=_phi_range, default=_phi_range("0:8"), help="range, e.g. 0:8 (default)")
@@ -108,8 +120,10 @@ def _scale(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     kwargs = {k: getattr(args, k) for k in ("alpha", "beta", "gamma", "depth", "width", "resolution")}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if args.phi is None and not {"depth", "width", "resolution"} & kwargs.keys():
-        raise UsageError("nothing to scale: give --phi and/or --depth/--width/--resolution")
+    if args.phi is None and args.target_macs is None and not {"depth", "width", "resolution"} & kwargs.keys():
+        raise UsageError("nothing to scale: give --phi, --target-macs and/or --depth/--width/--resolution")
+    if args.target_macs is not None:
+        kwargs.update(target_macs=args.target_macs, vary=args.vary)
     scaled = scale(model, args.phi, input_size=args.input_size, **kwargs)
     plan: ScalingPlan = scaled.scaling  # type: ignore[assignment]
     before = profile(model, plan.base_input_size)

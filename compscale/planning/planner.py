@@ -171,10 +171,16 @@ def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float,
 
 def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
          depth: float | None = None, width: float | None = None, resolution: float | None = None,
-         **options: Any) -> ScalingPlan:
+         target_macs: float | None = None, vary: str = "phi", **options: Any) -> ScalingPlan:
     """What ``compscale.scale`` would build, with its MACs and params, allocating no weight.
 
+    With ``target_macs``, ``vary`` (phi or one multiplier) is searched to land on it (:meth:`Planner.solve`).
     ``options`` are :class:`Planner`'s (``input_size``, ``round_width``, ``stages``, ``leaf_modules``...).
     """
-    return Planner(model, **options).plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
-                                          resolution=resolution)
+    planner = Planner(model, **options)
+    if target_macs is not None:
+        if phi is not None:
+            raise ValueError("target_macs searches phi (or one multiplier): give no phi with it")
+        return planner.solve(target_macs, vary, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
+                             resolution=resolution)
+    return planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width, resolution=resolution)
