@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["insert_after", "move_after", "next_name", "remove_children", "resize", "set_submodule"]
+__all__ = ["channels", "insert_after", "move_after", "next_name", "remove_children", "resize", "set_submodule"]
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -25,6 +25,20 @@ def _clone_shell(module: nn.Module) -> nn.Module:
 
 def _empty(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(tuple(shape), device=like.device, dtype=like.dtype)
+
+
+def channels(m: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` channels of a conv, linear or norm layer."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.in_channels, m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels, m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return m.normalized_shape[0], m.normalized_shape[0]
+    assert isinstance(m, nn.modules.batchnorm._NormBase), type(m)
+    return m.num_features, m.num_features
 
 
 def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) -> nn.Module:

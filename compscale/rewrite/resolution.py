@@ -16,7 +16,7 @@ from torch import nn
 
 from compscale.errors import ResolutionError, TraceError
 from compscale.rewrite.init import InitRules, reinit
-from compscale.rewrite.modules import resize, set_submodule
+from compscale.rewrite.modules import channels, resize, set_submodule
 from compscale.trace import Traced
 from compscale.trace.tracer import propagate_shapes
 
@@ -44,8 +44,8 @@ def adapt_inputs(
         ) from e
     for path, features in mismatched.items():
         old = root.get_submodule(path)
-        before = _fed(old)
-        out = features if isinstance(old, nn.modules.batchnorm._BatchNorm) else _out(old)
+        before, out = channels(old)
+        out = features if isinstance(old, nn.modules.batchnorm._BatchNorm) else out
         new = resize(old, features, out)
         reinit(new, rules, template=old)
         set_submodule(root, path, new)
@@ -56,16 +56,3 @@ def adapt_inputs(
                 stacklevel=3,
             )
     return list(mismatched)
-
-
-def _fed(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return m.in_features
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return m.in_channels
-    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
-    return m.num_features
-
-
-def _out(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else int(getattr(m, "out_channels"))  # noqa: B009

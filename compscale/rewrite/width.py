@@ -13,7 +13,7 @@ from torch import nn
 
 from compscale.analyse.channels import ChannelGraph
 from compscale.rewrite.init import InitRules, reinit
-from compscale.rewrite.modules import resize, set_submodule
+from compscale.rewrite.modules import channels, resize, set_submodule
 
 __all__ = ["apply_widths"]
 
@@ -33,23 +33,10 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
     changed = []
     for path, (new_in, new_out, depthwise) in changes.items():
         module = root.get_submodule(path)
-        if _channels(module) == (new_in, new_out):
+        if channels(module) == (new_in, new_out):
             continue
         new = resize(module, new_in, new_out, depthwise)
         reinit(new, rules, template=module)
         set_submodule(root, path, new)
         changed.append(path)
     return changed
-
-
-def _channels(m: nn.Module) -> tuple[int, int]:
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return m.in_channels, m.out_channels
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    if isinstance(m, nn.GroupNorm):
-        return m.num_channels, m.num_channels
-    if isinstance(m, nn.LayerNorm):
-        return m.normalized_shape[0], m.normalized_shape[0]
-    assert isinstance(m, nn.modules.batchnorm._NormBase), type(m)
-    return m.num_features, m.num_features
