@@ -23,6 +23,7 @@ from compscale.errors import (
 from compscale.planning.plan import ScalingPlan
 from compscale.planning.planner import Planner, plan
 from compscale.registry import register_drop_path
+from compscale.search import SearchResult, search
 from compscale.verify.profile import Profile, profile
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "ResolutionError",
     "RewriteError",
     "ScalingPlan",
+    "SearchResult",
     "TraceError",
     "UnsupportedOpError",
     "WidthError",
@@ -43,4 +45,5 @@ __all__ = [
     "register_channel_rule",
     "register_drop_path",
     "scale",
+    "search",
 ]
