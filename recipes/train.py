@@ -32,7 +32,7 @@ import compscale
 from compscale.checkpoint import load_model
 from recipes.data import Shapes, image_folder
 
-__all__ = ["main", "train"]
+__all__ = ["cosine", "evaluate", "fit", "main", "train"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -106,23 +106,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     start = _resume(args, opt)
-    for group in opt.param_groups:
-        group.setdefault("initial_lr", args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # cosine over --steps; a resumed run continues it
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)), last_epoch=start - 1)
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    net.train()
-    batches = _batches(loader, sampler)
-    for _step in _progress(range(start, args.steps), disable=args.quiet or rank != 0):
-        x, y = (t.to(device) for t in next(batches))
-        with torch.autocast(device.type, enabled=amp):
-            loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+    sched = cosine(opt, args.steps, start)
+    fit(net, _batches(loader, sampler), opt, sched, range(start, args.steps), device,
+        progress=not args.quiet and rank == 0)
     summary = {"accuracy": evaluate(model, eval_set, device), "input_size": list(plan.input_size),
                "macs": cost.macs, "params": cost.params, "steps": args.steps, "world_size": world,
                "depth": plan.depth, "width": plan.width, "resolution": plan.resolution}
@@ -134,6 +120,31 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def fit(net: nn.Module, batches: Iterator[Any], opt: torch.optim.Optimizer, sched: Any, steps: range,
+        device: torch.device, progress: bool = False) -> None:
+    """The training loop: cross-entropy, SGD steps, AMP on GPU."""
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    net.train()
+    for _step in _progress(steps, disable=not progress):
+        x, y = (t.to(device) for t in next(batches))
+        with torch.autocast(device.type, enabled=amp):
+            loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+
+
+def cosine(opt: torch.optim.Optimizer, steps: int, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay over ``steps``; ``start`` continues a resumed run."""
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)), last_epoch=start - 1)
 
 
 def _resume(args: argparse.Namespace, opt: torch.optim.Optimizer) -> int:

@@ -61,3 +61,11 @@ def test_ablation_prints_the_table_and_saves_a_png(tmp_path: Path, capsys: pytes
 
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_search_recipe_ranks_the_admissible_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recipes import search
+
+    result = search.main(["--steps", "2", "--results", str(tmp_path / "s.jsonl")])
+    assert result.rows and all(abs(r["cost_factor"] - 2.0) <= 0.1 and r["error"] is None for r in result.rows)
+    assert "alpha" in capsys.readouterr().out
