@@ -1,6 +1,6 @@
 """Step 1 of the paper on a small proxy: grid-search alpha, beta, gamma at phi=1 with compscale.search.
 
-    python recipes/search.py                       # tiny ResNet, procedural shapes, in-process, a few minutes
+    python recipes/search.py                       # tiny ResNet, 12 candidates x 40 steps, in-process, minutes
     python recipes/search.py --workers 2           # a ProcessPoolExecutor; any concurrent.futures executor works
     python recipes/search.py --results search.jsonl   # rerun with the same file: finished candidates are kept
 
@@ -33,7 +33,7 @@ __all__ = ["main", "train_and_score"]
 GRID = {"alpha": [1.1, 1.2, 1.3], "beta": [1.05, 1.1, 1.15], "gamma": [1.1, 1.15, 1.2]}
 
 
-def train_and_score(model: nn.Module, input_size: tuple[int, int], steps: int = 100, seed: int = 0) -> float:
+def train_and_score(model: nn.Module, input_size: tuple[int, int], steps: int = 40, seed: int = 0) -> float:
     """Train ``model`` briefly on the shapes data at ``input_size``; its validation accuracy."""
     torch.manual_seed(seed)
     device = torch.device("cpu")
@@ -45,7 +45,7 @@ def train_and_score(model: nn.Module, input_size: tuple[int, int], steps: int = 
 
 def main(argv: Sequence[str] | None = None) -> compscale.SearchResult:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workers", type=int, default=0, help="0: in-process; N: a ProcessPoolExecutor of N")
     p.add_argument("--results", default=None, help="JSONL file: appended as candidates finish, resumed on rerun")
     p.add_argument("--tolerance", type=float, default=0.1)
