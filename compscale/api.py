@@ -16,6 +16,7 @@ from compscale.planning.plan import (
     GroupPlan,
     ScalingPlan,
     StagePlan,
+    as_hw,
     plan_input_size,
     resolve_multipliers,
 )
@@ -97,7 +98,7 @@ def scale(
                                resolution=resolution)
         phi, depth, width, resolution = solved.multipliers.phi, solved.depth, solved.width, solved.resolution
     mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
-    base = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
+    base = as_hw(input_size)
     work = copy.deepcopy(model)
     traced = trace(work, input_size=base, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))

@@ -16,14 +16,12 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
+from compscale.planning.plan import as_hw
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "train_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _size(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def eval_transform(
@@ -33,7 +31,7 @@ def eval_transform(
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """Resize the shorter side to ``size / crop_ratio``, centre-crop ``size``, normalise."""
-    h, w = _size(size)
+    h, w = as_hw(size)
     return v2.Compose([
         v2.ToImage(),
         v2.Resize([round(min(h, w) / crop_ratio)], antialias=True),
@@ -51,7 +49,7 @@ def train_transform(
     """``RandomResizedCrop(size)``, horizontal flip, normalise."""
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(_size(size), antialias=True),
+        v2.RandomResizedCrop(as_hw(size), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 from compscale.planning.rounding import round_resolution
@@ -160,6 +161,11 @@ def resolve_multipliers(
         return base ** p if p is not None else 1.0
 
     return Multipliers(pick("depth", depth, a), pick("width", width, b), pick("resolution", resolution, g), p)
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` from one int (a square) or a pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def plan_input_size(base: tuple[int, int], resolution: float, divisor: int = 8) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from compscale.planning.plan import (
     Multipliers,
     ScalingPlan,
     StagePlan,
+    as_hw,
     plan_input_size,
     resolve_multipliers,
 )
@@ -56,8 +57,7 @@ class Planner:
         from compscale.rewrite.resolution import adapt_inputs
 
         self.model_name = type(model).__name__
-        self.base_size = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]),
-                                                                                         int(input_size[1]))
+        self.base_size = as_hw(input_size)
         self.resolution_divisor = resolution_divisor
         self.round_width = round_width
         probe = meta_copy(model)

@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
+from compscale.planning.plan import as_hw
 from compscale.trace.tracer import _input_channels_of, eval_mode
 
 __all__ = ["Profile", "profile"]
@@ -52,7 +53,7 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
         input_size: ``(H, W)``, or one int for a square input.
         in_channels: input channels; read off the model's first conv when omitted.
     """
-    size = _pair(input_size)
+    size = as_hw(input_size)
     channels = in_channels if in_channels is not None else _input_channels_of(model)
     params = sum(p.numel() for p in model.parameters())
     on_meta = any(p.device.type == "meta" for p in model.parameters())
@@ -73,6 +74,3 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
                     model(torch.zeros(1, channels, *size, device=device, dtype=dtype))
     return Profile(counter.get_total_flops() // 2, params, size)
 
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
