@@ -12,6 +12,7 @@ from torch import nn
 from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
 from compscale.errors import RewriteError, WidthError
+from compscale.planning.depth import dense_costs, stage_counts
 from compscale.planning.plan import (
     GroupPlan,
     ScalingPlan,
@@ -22,7 +23,7 @@ from compscale.planning.plan import (
 )
 from compscale.planning.planner import Planner, no_stage_error
 from compscale.planning.policy import RoundFn, default_independent, derive, resolve_widths
-from compscale.planning.rounding import make_divisible, repeats
+from compscale.planning.rounding import make_divisible
 from compscale.rewrite.depth import deepen
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.resolution import adapt_inputs
@@ -129,7 +130,7 @@ def scale(
 
 def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
                  rules: InitRules) -> tuple[nn.Module, list[StagePlan]]:
-    counts = {s.index: repeats(len(s.blocks), d) for s in table}
+    counts = stage_counts(table, d, dense_costs(traced, table))
     if d != 1.0 and not len(table):
         raise no_stage_error(type(work).__name__, table)
     work, added = deepen(work, traced, table, counts, rules) if d != 1.0 else (work, {})

@@ -132,3 +132,42 @@ def test_depth_below_1_removes_nothing_below_one_block() -> None:
     scaled = compscale.scale(resnet50(), depth=0.5)
     assert [len(layer) for layer in (scaled.layer1, scaled.layer2, scaled.layer3, scaled.layer4)] == [2, 2, 3, 2]
     assert isinstance(scaled, nn.Module)
+
+
+class _DenseLayer(nn.Module):
+    """DenseNet-BC's layer: BN-ReLU-conv1x1 (4k) -BN-ReLU-conv3x3 (k), its output concatenated to its input."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 * growth), nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm1(x))))))
+        return torch.cat([x, out], 1)
+
+
+class _DenseNet(nn.Module):
+    def __init__(self, layers: int, growth: int = 32, stem: int = 64) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        self.block = nn.Sequential(*(_DenseLayer(stem + i * growth, growth) for i in range(layers)))
+        self.norm = nn.BatchNorm2d(stem + layers * growth)
+        self.fc = nn.Linear(stem + layers * growth, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.block(self.conv0(x)))).mean((2, 3)))
+
+
+def test_dense_stage_deepens_until_it_costs_depth_times_as_much() -> None:
+    # layer i reads 64 + 32 i channels: 32 x 32 positions x 128 x (64 + 32 i) for its 1x1 conv, 128 x 9 x 32 for its 3x3
+    def stage_macs(n: int) -> int:
+        return sum(32 * 32 * 128 * ((64 + 32 * i) + 9 * 32) for i in range(n))
+
+    scaled = compscale.scale(_DenseNet(6), depth=2, input_size=32)
+    n = scaled.scaling.stages[0].blocks_after
+    assert stage_macs(n) >= 2 * stage_macs(6) > stage_macs(n - 1)  # the fewest layers costing 2x
+    assert n == 11  # counting layers, ceil(6 * 2) = 12, would cost 2.44x
+    assert_same_architecture(scaled, _DenseNet(11), input_size=32)  # the final norm and fc take 64 + 11 * 32
+    assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert compscale.plan(_DenseNet(6), depth=2, input_size=32).stages[0].blocks_after == 11

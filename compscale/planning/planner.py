@@ -22,6 +22,7 @@ from compscale.analyse.channels import analyse_channels
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
 from compscale.errors import NoStageError
 from compscale.planning.cost import CostModel
+from compscale.planning.depth import dense_costs, stage_counts
 from compscale.planning.plan import (
     GroupPlan,
     Multipliers,
@@ -32,7 +33,7 @@ from compscale.planning.plan import (
     resolve_multipliers,
 )
 from compscale.planning.policy import RoundFn, default_independent, derive, resolve_widths
-from compscale.planning.rounding import make_divisible, repeats
+from compscale.planning.rounding import make_divisible
 from compscale.trace import trace
 from compscale.trace.tracer import meta_copy
 
@@ -64,6 +65,7 @@ class Planner:
         traced = trace(probe, input_size=self.base_size, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions)
         self.table: StageTable = find_stages(traced, stages)
+        self.dense_costs = dense_costs(traced, self.table)
         probe, added = deepen(probe, traced, self.table, {s.index: len(s.blocks) + 1 for s in self.table}, None)
         if any(s.grows for s in self.table):
             adapt_inputs(probe, traced, traced.input_shape, None, warn=False)
@@ -120,7 +122,7 @@ class Planner:
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
         if mult.depth != 1.0 and not len(self.table):
             raise no_stage_error(self.model_name, self.table)
-        counts = {s.index: repeats(len(s.blocks), mult.depth) for s in self.table}
+        counts = stage_counts(self.table, mult.depth, self.dense_costs)
         if mult.width == 1.0:
             widths = {g.id: g.base for g in self.cg.groups}
         else:

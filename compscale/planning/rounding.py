@@ -6,8 +6,9 @@ Kept in one module so that a research user can read, and swap, every rounding de
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-__all__ = ["make_divisible", "repeats", "round_resolution"]
+__all__ = ["dense_repeats", "make_divisible", "repeats", "round_resolution"]
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -29,6 +30,28 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
 def repeats(n: int, depth: float) -> int:
     """Blocks of a stage of ``n`` blocks at depth multiplier ``depth``: ``ceil(n * depth)``, as the references."""
     return math.ceil(n * depth)
+
+
+def dense_repeats(costs: Sequence[float], depth: float) -> int:
+    """Layers of a dense (growing) stage at depth multiplier ``depth``: its cost, not its count, times ``depth``.
+
+    Each layer of a dense block reads every channel before it, so layer ``k`` costs ``costs[0] + k * step``
+    and ``ceil(n * depth)`` layers would cost about ``depth**2`` times the stage. The compound rule rests on
+    depth multiplying cost by ``depth``; this is the fewest layers whose cost (extrapolated linearly from
+    ``costs``, the MACs of the stage's layers) reaches ``depth`` times the stage's: the ``ceil`` of
+    :func:`repeats` applied to cost. For layers of equal cost it *is* :func:`repeats`.
+
+    >>> dense_repeats([10, 10, 10], 1.44), dense_repeats([10, 20, 30], 1.44), dense_repeats([10, 20, 30], 0.5)
+    (5, 4, 2)
+    """
+    n = len(costs)
+    step = (costs[-1] - costs[0]) / (n - 1) if n > 1 else 0.0
+    target = depth * sum(costs) * (1 - 1e-9)
+    count, total = 0, 0.0
+    while total < target or count == 0:
+        total += costs[count] if count < n else costs[-1] + (count - n + 1) * step
+        count += 1
+    return count
 
 
 def round_resolution(size: int, multiplier: float, divisor: int = 8) -> int:

@@ -222,14 +222,14 @@ class _ShapeProp(ShapeProp):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         real = super().fetch_attr(str(target))
         x = args[0] if args else None
-        if isinstance(real, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
-            return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
         fed = _fed_mismatch(real, x) if self.tolerate_inputs else None
         if fed is not None:
             self.mismatched[str(target)] = fed
             module = meta_copy(real)
             resize_input(module, fed)
             return module(*args, **kwargs)
+        if isinstance(real, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
+            return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
         try:
             return self._on_meta(str(target))(*args, **kwargs)
         except (NotImplementedError, RuntimeError):

@@ -1,0 +1,58 @@
+"""Depth policy: how many blocks each stage gets at a depth multiplier.
+
+* A stage of repeated blocks gets ``ceil(n * d)`` blocks (:func:`~compscale.planning.rounding.repeats`),
+  the published rule.
+* A dense (growing) stage, whose every layer reads all the channels before it, gets the fewest layers
+  whose MACs reach ``d`` times the stage's (:func:`~compscale.planning.rounding.dense_repeats`): its layers
+  cost more the deeper they sit, so counting layers would multiply its cost by about ``d**2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from compscale.analyse.stages import Block, StageTable
+from compscale.planning.rounding import dense_repeats, repeats
+from compscale.trace import Traced
+
+__all__ = ["block_macs", "dense_costs", "stage_counts"]
+
+
+def dense_costs(traced: Traced, table: StageTable) -> dict[int, list[int]]:
+    """The MACs of each layer of each dense (growing) stage, by stage index: what :func:`stage_counts` needs."""
+    return {s.index: [block_macs(traced, b) for b in s.blocks] for s in table if s.grows}
+
+
+def stage_counts(table: StageTable, depth: float, costs: Mapping[int, Sequence[int]]) -> dict[int, int]:
+    """Blocks per stage index of ``table`` at depth multiplier ``depth`` (``costs`` from :func:`dense_costs`)."""
+    if depth == 1.0:
+        return {s.index: len(s.blocks) for s in table}
+    return {s.index: dense_repeats(costs[s.index], depth) if s.grows else repeats(len(s.blocks), depth)
+            for s in table}
+
+
+def block_macs(traced: Traced, block: Block) -> int:
+    """MACs of the convolutions and linear layers inside ``block``, at the traced input size (batch 1)."""
+    prefix = block.path + "."
+    total = 0
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(prefix):
+            total += _layer_macs(traced, node)
+    return total
+
+
+def _layer_macs(traced: Traced, node: fx.Node) -> int:
+    module = traced.gm.get_submodule(str(node.target))
+    if not traced.has_shape(node):
+        return 0
+    out = traced.shape(node)
+    per_sample = math.prod(out[1:]) if len(out) > 1 else math.prod(out)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return per_sample * module.in_channels // module.groups * math.prod(module.kernel_size)
+    if isinstance(module, nn.Linear):
+        return per_sample * module.in_features
+    return 0
