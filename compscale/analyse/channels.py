@@ -79,6 +79,14 @@ class ChannelGraph:
     depthwise: dict[str, tuple[int, ...]]
     ties: list[tuple[int, int, Fraction]]
     node_groups: dict[str, tuple[int, ...]]
+    params: dict[str, tuple[int, tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+    channel_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    shape_owners: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    """``params``: tensor attributes used in ``forward`` (a layer scale), by qualified name: the dimension
+    that runs over channels and its groups. ``channel_dims``: the channel dimension of each node whose
+    channels are not dimension 1 (a channels-last tensor after ``permute(0, 2, 3, 1)``). ``shape_owners``:
+    modules that pass their own weight to ``F.layer_norm`` (a hand-written LayerNorm): their attribute
+    holding the normalized shape follows these groups."""
 
     def group_of(self, path: str, role: str = "out") -> ChannelGroup:
         """The group of a layer's output (``role="out"``), or of a norm/depthwise layer's channels."""
@@ -143,6 +151,10 @@ class RuleContext:
         self.ties: list[tuple[int, int, Fraction]] = []
         self.multi: dict[fx.Node, list[Desc]] = {}  # ops returning several tensors (chunk, split)
         self.grouped: dict[fx.Node, tuple[Desc, int, bool]] = {}  # (N, g, C/g, H, W) views: source, g, transposed
+        self.cdim: dict[fx.Node, int] = {}  # channel dimension where a rule set it (else 1 or the input's)
+        self.attrs: dict[fx.Node, fx.Node] = {}  # tensor attributes and views of them -> the get_attr node
+        self.params: dict[str, tuple[int, Desc]] = {}  # attribute -> (its channel dimension, descriptor)
+        self.shape_owners: dict[str, Desc] = {}  # modules calling layer_norm with their own weight (not nn.LayerNorm)
 
     # queries
     def is_tensor(self, arg: Any) -> bool:
@@ -164,9 +176,29 @@ class RuleContext:
     def shape(self, node: fx.Node) -> tuple[int, ...]:
         return tuple(self.traced.shape(node))
 
+    def channel_dim(self, node: fx.Node) -> int:
+        """The dimension of ``node``'s tensor that runs over channels: 1, or where a ``permute`` moved it."""
+        return self.cdim.get(node, 1)
+
     def channels(self, node: fx.Node) -> int:
         shape = self.shape(node)
-        return shape[1] if len(shape) > 1 else 1
+        return shape[self.channel_dim(node)] if len(shape) > 1 else 1
+
+    def spatial(self, node: fx.Node) -> tuple[int, ...]:
+        """The sizes of ``node``'s dimensions other than batch and channels."""
+        c = self.channel_dim(node)
+        return tuple(d for i, d in enumerate(self.shape(node)) if i not in (0, c))
+
+    def channels_first(self, node: fx.Node, what: str) -> None:
+        """Fail unless ``node``'s input has its channels in dimension 1 (``what`` reads such tensors)."""
+        if self.channel_dim(self.input_node(node)) != 1:
+            self.unsupported(node, f"{what} applied to a tensor whose channels are not dimension 1")
+
+    def channels_last(self, node: fx.Node, what: str) -> None:
+        """Fail unless ``node``'s input has its channels in its last dimension (``what`` reads such tensors)."""
+        src = self.input_node(node)
+        if self.channel_dim(src) != len(self.shape(src)) - 1:
+            self.unsupported(node, f"{what} applied to a tensor whose channels are not its last dimension")
 
     def width(self, desc: Desc) -> int:
         return sum(self.uf.size[s] * f for s, f in desc)
@@ -197,7 +229,7 @@ class RuleContext:
                     self.uf.union(a, b)
             return
         self.layers[path] = (src, out)
-        if node is not None and all(d == 1 for d in self.shape(node)[2:]):
+        if node is not None and all(d == 1 for d in self.spatial(node)):
             self.pooled.add(path)
         self.member(src, path, "in")
         self.member(out, path, "out")
@@ -210,6 +242,14 @@ class RuleContext:
         """``out``'s width is ``factor`` times ``src``'s (a depthwise multiplier, a channel split, a shuffle)."""
         self.ties.append((out[0][0], src[0][0], Fraction(factor)))
 
+    def param(self, attr: fx.Node, desc: Desc, dim: int) -> None:
+        """Tensor attribute ``attr`` (a layer scale) runs over the channels ``desc`` along its dimension ``dim``."""
+        target = str(attr.target)
+        if target in self.params:
+            self.union(self.params[target][1], desc, attr)
+        else:
+            self.params[target] = (dim, desc)
+
     def pin(self, desc: Desc, why: str) -> None:
         for s, _ in desc:
             self.fixed.setdefault(s, why)
@@ -219,9 +259,8 @@ class RuleContext:
             self.unsupported(node, f"it expects {width} input channels but receives {self.width(desc)}")
 
     def flatten(self, node: fx.Node, src_node: fx.Node) -> Desc:
-        src = self.shape(src_node)
         spatial = 1
-        for d in src[2:]:
+        for d in self.spatial(src_node):
             spatial *= d
         return tuple((s, f * spatial) for s, f in self.desc(src_node))
 
@@ -265,6 +304,13 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         if ctx.pin_io:
             ctx.pin(ctx.desc(ctx.traced.output_node), "model output")
         return None
+    if node.op == "get_attr" or _is_attr_view(ctx, node):  # a tensor attribute, or a view of one (p[:, None, None])
+        ctx.attrs[node] = ctx.attrs[ctx.input_node(node)] if node.op != "get_attr" else node
+        return None
+    attr = next((a for a in node.all_input_nodes if a in ctx.attrs), None)
+    if attr is not None and not _reads_attr(node):
+        ctx.unsupported(node, f"it reads the tensor attribute {ctx.attrs[attr].target!r}: compscale follows tensor "
+                        "attributes only as per-channel scales and offsets (`p * x`, `x + p`), and layer_norm weights")
     if node.op in ("call_function", "call_method") and node.target in _MULTI_OUTPUT:
         frule = get_function_rule(node)
         assert frule is not None
@@ -274,8 +320,6 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         return None  # shapes, sizes, scalars: no channels
     if node.op == "placeholder":
         return ctx.new_space(node, ctx.channels(node), fixed_reason="model input" if ctx.pin_io else None)
-    if node.op == "get_attr":
-        ctx.unsupported(node, "a tensor attribute used directly in forward")
     if node.op == "call_module":
         module = ctx.traced.module(node)
         rule = get_module_rule(module)
@@ -289,9 +333,33 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         desc = frule(ctx, node)
     if desc is None:  # a view the rule tracks itself (a channel shuffle's grouped view)
         return None
+    if node not in ctx.cdim:
+        _inherit_channel_dim(ctx, node)
     if ctx.width(desc) != ctx.channels(node):
         ctx.unsupported(node, f"its rule gives {ctx.width(desc)} channels but the tensor has {ctx.channels(node)}")
     return desc
+
+
+def _reads_attr(user: fx.Node) -> bool:
+    """Whether ``user``'s rule accounts for tensor attributes among its arguments."""
+    from compscale.analyse.rules import _ATTR_READERS
+
+    return user.op in ("call_function", "call_method") and user.target in _ATTR_READERS
+
+
+def _is_attr_view(ctx: RuleContext, node: fx.Node) -> bool:
+    """A view of a tensor attribute: ``p[:, None, None]``, ``p.reshape(1, -1, 1, 1)``, ``p.unsqueeze(-1)``."""
+    from compscale.analyse.rules import _ATTR_VIEWS
+
+    return (node.op in ("call_function", "call_method") and node.target in _ATTR_VIEWS and bool(node.args)
+            and isinstance(node.args[0], fx.Node) and node.args[0] in ctx.attrs)
+
+
+def _inherit_channel_dim(ctx: RuleContext, node: fx.Node) -> None:
+    """A node keeps the channel dimension of its first tensor input when it keeps its number of dimensions."""
+    src = next((a for a in node.all_input_nodes if ctx.is_tensor(a)), None)
+    if src is not None and ctx.channel_dim(src) != 1 and len(ctx.shape(src)) == len(ctx.shape(node)):
+        ctx.cdim[node] = ctx.channel_dim(src)
 
 
 def _collect(ctx: RuleContext) -> ChannelGraph:
@@ -321,4 +389,7 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
         groups[gid(out[0][0])].producers.append(path)
     ties = [(gid(a), gid(b), k) for a, b, k in ctx.ties]
     node_groups = {n.name: tuple(gid(s) for s, _ in d) for n, d in ctx.descs.items()}
-    return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups)
+    params = {t: (dim, tuple(gid(s) for s, _ in d)) for t, (dim, d) in ctx.params.items()}
+    channel_dims = {n.name: c for n, c in ctx.cdim.items() if c != 1}
+    shape_owners = {path: tuple(gid(s) for s, _ in d) for path, d in ctx.shape_owners.items()}
+    return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners)

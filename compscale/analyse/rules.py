@@ -84,6 +84,7 @@ def fixed(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> D
 
 def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
     assert isinstance(module, nn.modules.conv._ConvNd)
+    ctx.channels_first(node, type(module).__name__)
     src = ctx.input_desc(node)
     ctx.expect_width(node, src, module.in_channels)
     path = str(node.target)
@@ -102,6 +103,7 @@ def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
 
 
 def norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    ctx.channels_first(node, type(module).__name__)
     src = ctx.input_desc(node)
     if isinstance(module, nn.GroupNorm):
         ctx.divisor(src, module.num_groups, f"{node.target} (num_groups={module.num_groups})")
@@ -111,20 +113,25 @@ def norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
 
 
 def layer_norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    """A LayerNorm over the channels: of an ``(N, C)`` tensor, or of a channels-last ``(N, H, W, C)`` one."""
     assert isinstance(module, nn.LayerNorm)
-    shape = ctx.shape(node)
+    _check_layer_norm(ctx, node, tuple(module.normalized_shape))
     src = ctx.input_desc(node)
-    if len(shape) == 2 and tuple(module.normalized_shape) == (shape[1],):
+    if module.weight is not None:
         ctx.member(src, str(node.target), "norm")
-        return src
-    ctx.unsupported(node, "LayerNorm over dimensions other than the channels of an (N, C) tensor")
     return src
 
 
+def _check_layer_norm(ctx: RuleContext, node: fx.Node, normalized: tuple[int, ...]) -> None:
+    ctx.channels_last(node, "LayerNorm")
+    if normalized != (ctx.channels(ctx.input_node(node)),):
+        ctx.unsupported(node, f"LayerNorm over {normalized}, not over the channels alone")
+
+
 def linear(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+    """A Linear over the channels: of an ``(N, C)`` tensor, or of a channels-last ``(N, H, W, C)`` one."""
     assert isinstance(module, nn.Linear)
-    if len(ctx.shape(node)) != 2:
-        ctx.unsupported(node, "Linear applied to a tensor that is not (N, C)")
+    ctx.channels_last(node, "Linear")
     src = ctx.input_desc(node)
     ctx.expect_width(node, src, module.in_features)
     out = ctx.new_space(node, module.out_features)
@@ -140,13 +147,48 @@ def flatten_module(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
 
 
 def _binary(ctx: RuleContext, node: fx.Node) -> Desc:
-    """add/sub/mul/div: channels of tensor operands are one space (broadcast size-1 channels excepted)."""
-    descs = [ctx.desc(a) for a in node.args[:2] if isinstance(a, fx.Node) and ctx.is_tensor(a) and ctx.channels(a) > 1]
-    if not descs:
-        return ctx.input_desc(node)
-    for other in descs[1:]:
-        ctx.union(descs[0], other, node)
-    return descs[0]
+    """add/sub/mul/div: channels of tensor operands are one space (broadcast size-1 channels excepted).
+
+    A tensor attribute operand (a layer scale ``gamma * x``) runs over the same channels along the dimension
+    broadcasting aligns with the other operand's channels.
+    """
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and ctx.is_tensor(a)]
+    wide = [a for a in operands if ctx.channels(a) > 1]
+    if not operands:
+        ctx.unsupported(node, "an arithmetic op without a tensor operand that carries channels")
+    desc = ctx.desc((wide or operands)[0])
+    for other in wide[1:]:
+        ctx.union(desc, ctx.desc(other), node)
+    for attr in (a for a in node.args[:2] if isinstance(a, fx.Node) and a in ctx.attrs):
+        _scale_param(ctx, node, attr, (wide or operands)[0], desc)
+    return desc
+
+
+def _attr_shape(node: fx.Node) -> tuple[int, ...]:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return tuple(shape) if shape is not None else ()
+
+
+def _scale_param(ctx: RuleContext, node: fx.Node, view: fx.Node, peer: fx.Node, desc: Desc) -> None:
+    """Record the tensor attribute behind ``view``, broadcast against ``peer``, as a per-channel parameter.
+
+    The attribute must have one dimension of size above 1 (a vector, however reshaped); it runs over
+    ``peer``'s channels when broadcasting lines that dimension up with them (else it is per position, or
+    a scalar, and does not depend on the width).
+    """
+    attr = ctx.attrs[view]
+    shape, vshape = _attr_shape(attr), _attr_shape(view)
+    long, vlong = [i for i, d in enumerate(shape) if d != 1], [i for i, d in enumerate(vshape) if d != 1]
+    if not vlong:
+        return
+    if len(long) != 1 or len(vlong) != 1:
+        ctx.unsupported(node, f"the tensor attribute {attr.target!r} of shape {shape} is not a vector")
+    if vlong[0] - len(vshape) != ctx.channel_dim(peer) - len(ctx.shape(peer)):
+        return  # broadcast along another dimension than the channels
+    if vshape[vlong[0]] != ctx.width(desc):
+        ctx.unsupported(node, f"the tensor attribute {attr.target!r} has {vshape[vlong[0]]} entries along "
+                        f"{ctx.width(desc)} channels")
+    ctx.param(attr, desc, long[0])
 
 
 def _first(ctx: RuleContext, node: fx.Node) -> Desc:
@@ -157,6 +199,27 @@ def _flatten(ctx: RuleContext, node: fx.Node) -> Desc:
     return ctx.flatten(node, ctx.input_node(node))
 
 
+def _permute(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """``permute`` moves the channel dimension (``(0, 2, 3, 1)``: channels last), or swaps a shuffle's axes."""
+    src_node = ctx.input_node(node)
+    ndim = len(ctx.shape(src_node))
+    raw = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims"),)
+    dims_arg = raw[0] if len(raw) == 1 and isinstance(raw[0], (list, tuple)) else raw
+    if not all(isinstance(d, int) for d in dims_arg) or len(dims_arg) != ndim:
+        ctx.unsupported(node, f"a permute by {dims_arg!r}")
+    dims = [d % ndim for d in dims_arg if isinstance(d, int)]
+    if src_node in ctx.grouped:
+        if dims != [0, 2, 1, *range(3, ndim)]:
+            ctx.unsupported(node, "a permute of a grouped channel view other than swapping its two channel axes")
+        desc, g, transposed = ctx.grouped[src_node]
+        ctx.grouped[node] = (desc, g, not transposed)
+        return None
+    if dims[0] != 0:
+        ctx.unsupported(node, "a permute that moves the batch dimension")
+    ctx.cdim[node] = dims.index(ctx.channel_dim(src_node))
+    return ctx.desc(src_node)
+
+
 def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src_node = ctx.input_node(node)
     src, out = ctx.shape(src_node), ctx.shape(node)
@@ -165,6 +228,8 @@ def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
     if len(out) == len(src) + 1 and out[0] == src[0] and out[1] * out[2] == src[1] and out[3:] == src[2:]:
         ctx.grouped[node] = (ctx.desc(src_node), out[1], False)  # (N, g, C/g, H, W): a shuffle begins
         return None
+    if ctx.channel_dim(src_node) != 1:
+        ctx.unsupported(node, "a reshape of a tensor whose channels are not dimension 1")
     if len(out) >= 2 and len(src) >= 2 and out[0] == src[0] and out[1] == src[1]:
         return ctx.desc(src_node)
     if len(out) == 2 and out[0] == src[0]:
@@ -213,8 +278,9 @@ def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
     shape = ctx.shape(src_node)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     parts = node.meta["tensor_meta"]
-    sizes = [p.shape[1] for p in parts] if isinstance(parts, (list, tuple)) else []
-    if not isinstance(dim, int) or dim % len(shape) != 1:
+    c = ctx.channel_dim(src_node)
+    sizes = [p.shape[c] for p in parts] if isinstance(parts, (list, tuple)) else []
+    if not isinstance(dim, int) or dim % len(shape) != c:
         ctx.multi[node] = [ctx.desc(src_node)] * len(sizes)  # a split over batch or space keeps channels
         return None
     src = ctx.desc(src_node)
@@ -242,10 +308,17 @@ def _reduce(ctx: RuleContext, node: fx.Node) -> Desc:
     arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims: tuple[int, ...] = (arg,) if isinstance(arg, int) else tuple(a for a in arg if isinstance(a, int)) \
         if isinstance(arg, (list, tuple)) else ()
-    ndim = len(ctx.shape(ctx.input_node(node)))
-    if dims and all(d % ndim >= 2 for d in dims):
-        return ctx.input_desc(node)
-    ctx.unsupported(node, "a reduction over the channel (or batch) dimension")
+    src = ctx.input_node(node)
+    ndim, c = len(ctx.shape(src)), ctx.channel_dim(src)
+    reduced = {d % ndim for d in dims}
+    keepdim = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
+    if reduced == {c} and keepdim:  # a statistic over channels (a hand-written norm): one channel, broadcast back
+        return ctx.new_space(node, 1, fixed_reason=f"a reduction over channels ({node.name})")
+    if not dims or reduced & {0, c}:
+        ctx.unsupported(node, "a reduction over the channel (or batch) dimension")
+    out_c = c if keepdim else c - sum(1 for d in reduced if d < c)
+    ctx.cdim[node] = out_c
+    return ctx.input_desc(node)
 
 
 def _cat(ctx: RuleContext, node: fx.Node) -> Desc:
@@ -254,25 +327,53 @@ def _cat(ctx: RuleContext, node: fx.Node) -> Desc:
     assert isinstance(tensors, (list, tuple))
     descs = [ctx.desc(t) for t in tensors]
     ndim = len(ctx.shape(node))
-    if isinstance(dim, int) and dim % ndim == 1:
+    if isinstance(dim, int) and isinstance(tensors[0], fx.Node) and dim % ndim == ctx.channel_dim(tensors[0]):
         return tuple(seg for d in descs for seg in d)
     for other in descs[1:]:
         ctx.union(descs[0], other, node)
     return descs[0]
 
 
+def _layer_norm_function(ctx: RuleContext, node: fx.Node) -> Desc:
+    """``F.layer_norm`` over the channels; a weight of an ``nn.LayerNorm`` (a LayerNorm2d) makes it that norm."""
+    normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    shape = tuple(normalized) if isinstance(normalized, (list, tuple)) else (normalized,)
+    _check_layer_norm(ctx, node, tuple(d if isinstance(d, int) else -1 for d in shape))
+    src = ctx.input_desc(node)
+    for i, name in ((2, "weight"), (3, "bias")):
+        arg = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+        if not isinstance(arg, fx.Node):
+            continue
+        if arg not in ctx.attrs or ctx.attrs[arg] is not arg:
+            ctx.unsupported(node, f"a layer_norm whose {name} is computed in forward")
+        owner = str(arg.target).rpartition(".")[0]
+        module = ctx.traced.root.get_submodule(owner) if owner else ctx.traced.root
+        if isinstance(module, nn.LayerNorm):  # a subclass (LayerNorm2d) permuting around F.layer_norm
+            if name == "weight" or module.weight is None:
+                ctx.member(src, owner, "norm")
+            continue
+        ctx.param(arg, src, 0)
+        ctx.shape_owners[owner] = src  # its normalized shape, an attribute, follows the width
+    return src
+
+
 _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
     F.dropout, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
-    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs,
-    operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clone", "neg",
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.exp,
+    operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clone", "neg", "sqrt", "rsqrt", "exp",
 )
 _MULTI_OUTPUT: tuple[Any, ...] = ("chunk", "split", torch.chunk, torch.split)
+_ATTR_READERS: tuple[Any, ...]  # set below: the ops whose rules account for tensor-attribute operands
 _BINARY_FUNCTIONS: tuple[Any, ...] = (
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
-    torch.add, torch.mul, torch.sub, torch.div,
-    "add", "add_", "mul", "mul_", "sub", "div",
+    torch.add, torch.mul, torch.sub, torch.div, operator.pow, torch.pow,
+    "add", "add_", "mul", "mul_", "sub", "div", "pow",
 )
+
+
+_ATTR_READERS = (*_BINARY_FUNCTIONS, F.layer_norm)
+_ATTR_VIEWS: tuple[Any, ...] = (operator.getitem, "reshape", "view", "unsqueeze", torch.reshape, torch.unsqueeze)
 
 
 def _register_builtin() -> None:
@@ -308,6 +409,9 @@ def _register_builtin() -> None:
     for f in ("mean", torch.mean, "amax", "sum"):
         register_channel_rule(f, _reduce)
     register_channel_rule(torch.cat, _cat)
+    for f in ("permute", torch.permute):
+        register_channel_rule(f, _permute)
+    register_channel_rule(F.layer_norm, _layer_norm_function)
 
 
 _register_builtin()

@@ -51,8 +51,10 @@ class CostModel:
     def __init__(self, traced: Traced, cg: ChannelGraph, extra_blocks: Mapping[int, str]) -> None:
         self.traced = traced
         self.extra_blocks = dict(extra_blocks)
+        self.channel_dims = cg.channel_dims
         self.layers = _inventory(traced, cg)
-        self._exact_arith = _spatial(traced, traced.input_shape[2:]) == _recorded_spatial(traced)
+        self._exact_arith = (_spatial(traced, traced.input_shape[2:])
+                             == _recorded_spatial(traced, self.channel_dims))
 
     def multiplicity(self, path: str, extra: Mapping[int, int]) -> int:
         """How many times a layer of the probe appears in a network with ``extra[s]`` blocks added to stage s."""
@@ -66,12 +68,12 @@ class CostModel:
         if sizes is not None:
             return sizes
         probe = self.traced.retrace(self.traced.root, (*self.traced.input_shape[:2], *input_size))
-        return _recorded_spatial(probe)
+        return _recorded_spatial(probe, self.channel_dims)
 
     def cost(self, widths: Mapping[int, int], extra: Mapping[int, int], input_size: Sequence[int]) -> tuple[int, int]:
         """``(macs, params)`` with ``widths`` per group of the probe and ``extra[s]`` blocks added per stage."""
         sizes = self.spatial(input_size)
-        base_sizes = _recorded_spatial(self.traced)
+        base_sizes = _recorded_spatial(self.traced, self.channel_dims)
         macs = params = 0
         for layer in self.layers:
             k = self.multiplicity(layer.path, extra)
@@ -97,7 +99,7 @@ def _layer_cost(layer: _Layer, widths: Mapping[int, int], sizes: Mapping[str, Sp
     else:
         groups = layer.groups
     weights = out * (fan_in // groups) * layer.kernel
-    positions = math.prod(sizes.get(layer.node, ())) if layer.kind == "conv" else 1
+    positions = math.prod(sizes.get(layer.node, ()))  # a linear over a channels-last map runs at every position
     return weights * positions, weights + (out if layer.bias else 0)
 
 
@@ -130,6 +132,23 @@ def _inventory(traced: Traced, cg: ChannelGraph) -> list[_Layer]:
             layers.append(_Layer(path, node.name, "norm", (), cg.norms[path][0], norm_params_per_channel=per_channel))
         elif own:
             layers.append(_Layer(path, node.name, "other", (), None, fixed_params=own))
+    for path, gs in cg.norms.items():  # a norm whose forward is traced through (LayerNorm2d calling F.layer_norm)
+        if path not in seen and len(gs) == 1:
+            own = sum(p.numel() for p in traced.root.get_submodule(path).parameters(recurse=False))
+            layers.append(_Layer(path, "", "norm", (), gs[0], norm_params_per_channel=own // cg.groups[gs[0]].base))
+            seen.add(path)
+    for node in traced.graph.nodes:  # tensor attributes: a layer scale runs over channels, the rest is fixed
+        target = str(node.target)
+        if node.op != "get_attr" or target in seen or target.rpartition(".")[0] in seen:
+            continue
+        seen.add(target)
+        value = traced.gm.get_parameter(target) if target in dict(traced.gm.named_parameters()) else None
+        numel = value.numel() if value is not None else 0
+        if target in cg.params and len(cg.params[target][1]) == 1:
+            g = cg.params[target][1][0]
+            layers.append(_Layer(target, node.name, "norm", (), g, norm_params_per_channel=numel // cg.groups[g].base))
+        elif numel:
+            layers.append(_Layer(target, node.name, "other", (), None, fixed_params=numel))
     return layers
 
 
@@ -144,22 +163,42 @@ def _flatten_source(node: fx.Node, nodes: Mapping[str, fx.Node]) -> str | None:
     return None
 
 
-def _recorded_spatial(traced: Traced) -> dict[str, Spatial]:
-    return {n.name: tuple(traced.shape(n)[2:]) for n in traced.graph.nodes
-            if traced.has_shape(n) and len(traced.shape(n)) > 2}
+def _recorded_spatial(traced: Traced, channel_dims: Mapping[str, int]) -> dict[str, Spatial]:
+    attrs = _attr_nodes(traced)
+    return {n.name: _drop_channels(traced.shape(n), channel_dims.get(n.name, 1)) for n in traced.graph.nodes
+            if n not in attrs and traced.has_shape(n) and len(traced.shape(n)) > 2}
+
+
+def _attr_nodes(traced: Traced) -> set[fx.Node]:
+    """Tensor attributes and what is computed from them alone (``gamma[:, None, None]``): no feature maps."""
+    attrs: set[fx.Node] = set()
+    for n in traced.graph.nodes:
+        if n.op == "get_attr" or (n.op != "placeholder" and n.all_input_nodes
+                                  and all(a in attrs for a in n.all_input_nodes)):
+            attrs.add(n)
+    return attrs
+
+
+def _drop_channels(shape: Sequence[int], cdim: int) -> Spatial:
+    """The sizes of a tensor's dimensions other than batch and channels."""
+    return tuple(d for i, d in enumerate(shape) if i not in (0, cdim))
 
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_SAME_FUNCS = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, "add", "add_",
-               "mul", "mul_", "sub", "div")
+_SAME_FUNCS = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, operator.pow,
+               "add", "add_", "mul", "mul_", "sub", "div", "pow")
 
 
 def _spatial(traced: Traced, input_size: Sequence[int]) -> dict[str, Spatial] | None:
-    """Output spatial size of every 4-d node at ``input_size``, by conv arithmetic; ``None`` for an unknown op."""
+    """Output spatial size of every 4-d node at ``input_size``, by conv arithmetic; ``None`` for an unknown op.
+
+    Sizes exclude the channel dimension wherever it is, so ops that move it (``permute``) keep them.
+    """
     out: dict[str, Spatial] = {}
+    attrs = _attr_nodes(traced)
     for node in traced.graph.nodes:
-        if not traced.has_shape(node) or len(traced.shape(node)) <= 2:
+        if node in attrs or not traced.has_shape(node) or len(traced.shape(node)) <= 2:
             continue
         size = _node_spatial(traced, node, out, tuple(input_size))
         if size is None:
@@ -186,7 +225,11 @@ def _node_spatial(traced: Traced, node: fx.Node, known: Mapping[str, Spatial], i
     if node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
         return _adaptive(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"), ins[0])
     if node.target in ("mean", "amax", "sum") and node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2]):
-        return (1,) * len(ins[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        reduced = {dims} if isinstance(dims, int) else set(dims) if isinstance(dims, (list, tuple)) else set()
+        ndim = len(ins[0]) + 2
+        return tuple(1 if i + 2 in {d % ndim for d in reduced if isinstance(d, int)} else n  # a channels-first map
+                     for i, n in enumerate(ins[0]))
     if get_function_rule(node) is not None and node.target not in (F.interpolate, F.avg_pool2d, F.max_pool2d):
         return ins[0]
     return None

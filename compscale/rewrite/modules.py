@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["channels", "insert_after", "move_after", "next_name", "remove_children", "resize", "set_submodule"]
+__all__ = [
+    "channels", "insert_after", "move_after", "next_name", "remove_children", "resize", "resize_param", "set_submodule",
+]
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -72,6 +74,36 @@ def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) 
     else:
         raise TypeError(f"cannot resize {type(module).__name__}")
     return new
+
+
+@torch.no_grad()
+def resize_param(root: nn.Module, target: str, dim: int, size: int) -> bool:
+    """Give tensor attribute ``target`` of ``root`` (a layer scale) ``size`` entries along ``dim``.
+
+    The new tensor is initialised as the old one was when that is evident: a constant (ConvNeXt's layer
+    scale, ``1e-6 * ones``) stays that constant; other values are drawn from a normal of the old values'
+    mean and standard deviation. Returns whether it changed.
+    """
+    owner_path, _, name = target.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    old = getattr(owner, name)
+    if old.shape[dim] == size:
+        return False
+    shape = list(old.shape)
+    shape[dim] = size
+    new = _empty(old, shape)
+    flat = old.detach().flatten()
+    if old.device.type == "meta" or flat.numel() == 0:
+        pass
+    elif bool((flat == flat[0]).all()):
+        new.fill_(flat[0].item())
+    else:
+        new.normal_(flat.float().mean().item(), flat.float().std().item())
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        setattr(owner, name, new)
+    return True
 
 
 def _replace_param(module: nn.Module, name: str, shape: Sequence[int]) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from compscale.analyse.channels import ChannelGraph
 from compscale.rewrite.init import InitRules, reinit
-from compscale.rewrite.modules import channels, resize, set_submodule
+from compscale.rewrite.modules import channels, resize, resize_param, set_submodule
 
 __all__ = ["apply_widths"]
 
@@ -39,4 +39,13 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
         reinit(new, rules, template=module)
         set_submodule(root, path, new)
         changed.append(path)
+    for target, (dim, gs) in cg.params.items():
+        if resize_param(root, target, dim, sum(widths[g] for g in gs)):
+            changed.append(target)
+    for path, gs in cg.shape_owners.items():  # a hand-written LayerNorm's normalized_shape = (channels,)
+        module = root.get_submodule(path)
+        before, after = sum(cg.groups[g].base for g in gs), sum(widths[g] for g in gs)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, (tuple, list)) and list(value) == [before]:
+                setattr(module, name, type(value)([after]))
     return changed
