@@ -160,3 +160,24 @@ class _ChannelMix(nn.Module):
 def test_a_tensor_attribute_used_otherwise_names_it_and_hints() -> None:
     with pytest.raises(UnsupportedOpError, match=r"'mix'.*\n.*Hint: .*register_channel_rule"):
         compscale.scale(_ChannelMix(16), width=2, input_size=32)
+
+
+class _NormalisingNet(nn.Module):
+    """Input normalisation inside the model, with buffers: attributes over the (fixed) input channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv((x - self.mean) / self.std).mean((2, 3)))
+
+
+def test_input_normalisation_buffers_keep_their_three_channels() -> None:
+    scaled = compscale.scale(_NormalisingNet(), width=2, input_size=32)
+    assert scaled.conv.out_channels == 64 and scaled.fc.in_features == 64
+    assert torch.equal(scaled.mean, _NormalisingNet().mean)
+    assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
