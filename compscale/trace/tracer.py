@@ -39,8 +39,17 @@ _TRACE_HINT = (
 )
 
 
+# Subclasses of these stay leaves: another library's conv with its own padding (timm's Conv2dSame) or a
+# BatchNorm followed by its activation (timm's BatchNormAct2d) maps channels as the layer it extends, and
+# the passes resize it keeping its class. LayerNorm subclasses are traced through: some permute around it.
+_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.Linear,
+)
+
+
 class CompscaleTracer(fx.Tracer):
-    """An fx tracer whose leaves are torch's own modules, drop-path modules and the user's ``leaf_modules``."""
+    """An fx tracer whose leaves are torch's own modules and their conv/norm/linear subclasses, drop-path
+    modules and the user's ``leaf_modules``."""
 
     def __init__(
         self,
@@ -54,6 +63,8 @@ class CompscaleTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_paths:
+            return True
+        if isinstance(m, _LAYER_TYPES):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -1,0 +1,99 @@
+"""Other libraries' layers: subclasses of torch's conv, norm and linear layers with a forward of their own.
+
+timm's ``Conv2dSame`` pads by the input's size and calls ``F.conv2d`` with its weight; its
+``BatchNormAct2d`` calls ``F.batch_norm`` and then its activation. compscale keeps such subclasses whole
+(leaves of the trace, with the rule of the layer they extend) and resizes them keeping their class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compscale
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow's 'SAME' padding, computed from the input's size in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A BatchNorm followed by its activation, in one module."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return self.act(x)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.conv_pw = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = BatchNormAct2d(mid)
+        self.conv_dw = Conv2dSame(mid, mid, 3, stride, groups=mid, bias=False)
+        self.bn2 = BatchNormAct2d(mid)
+        self.conv_pwl = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.has_skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
+        return out + x if self.has_skip else out
+
+
+class TimmStyleNet(nn.Module):
+    def __init__(self, widths: tuple[int, ...] = (16, 24, 40, 80), depths: tuple[int, ...] = (1, 2, 2, 3)) -> None:
+        super().__init__()
+        self.conv_stem = Conv2dSame(3, widths[0], 3, 2, bias=False)
+        self.bn1 = BatchNormAct2d(widths[0])
+        stages, cin = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, depths)):
+            stages.append(nn.Sequential(*(InvertedResidual(cin if j == 0 else w, w, 2 if j == 0 and i else 1)
+                                          for j in range(n))))
+            cin = w
+        self.blocks = nn.Sequential(*stages)
+        self.classifier = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.blocks(self.bn1(self.conv_stem(x))).mean((2, 3)))
+
+
+def test_subclassed_layers_widen_keeping_their_class() -> None:
+    scaled = compscale.scale(TimmStyleNet(), width=1.5, input_size=64)
+    reference = TimmStyleNet(widths=(24, 40, 64, 120))  # make_divisible(16, 24, 40, 80 x 1.5)
+    got = {n: (type(m).__name__, tuple(m.weight.shape)) for n, m in scaled.named_modules() if hasattr(m, "weight")}
+    want = {n: (type(m).__name__, tuple(m.weight.shape)) for n, m in reference.named_modules() if hasattr(m, "weight")}
+    assert got == want
+    assert type(scaled.blocks[1][0].conv_dw) is Conv2dSame and type(scaled.blocks[1][0].bn2) is BatchNormAct2d
+    assert compscale.profile(scaled, 64).macs == compscale.profile(reference, 64).macs
+    assert scaled(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_subclassed_layers_scale_with_phi() -> None:
+    model = TimmStyleNet()
+    scaled = compscale.scale(model, phi=1, input_size=64)
+    assert [(s.blocks_before, s.blocks_after) for s in scaled.scaling.stages][1:] == [(2, 3), (2, 3), (3, 4)]
+    size = scaled.scaling.input_size
+    ratio = compscale.profile(scaled, size).macs / compscale.profile(model, 64).macs
+    assert 0.8 * 1.92 <= ratio <= 1.5 * 1.92, ratio
+    assert compscale.plan(model, phi=1, input_size=64).macs == compscale.profile(scaled, size).macs
+    with torch.no_grad():
+        assert scaled.eval()(torch.randn(1, 3, *size)).shape == (1, 10)
