@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,3 +98,66 @@ def test_subclassed_layers_scale_with_phi() -> None:
     assert compscale.plan(model, phi=1, input_size=64).macs == compscale.profile(scaled, size).macs
     with torch.no_grad():
         assert scaled.eval()(torch.randn(1, 3, *size)).shape == (1, 10)
+
+
+class EcaModule(nn.Module):
+    """Efficient channel attention (timm's): a Conv1d slides along the pooled channels."""
+
+    def __init__(self, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3)).view(x.shape[0], 1, -1)
+        y = self.conv(y).sigmoid().view(x.shape[0], -1, 1, 1)
+        return x * y.expand_as(x)
+
+
+class EcaBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.eca = EcaModule()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(self.eca(out) + x)
+
+
+class EcaNet(nn.Module):
+    def __init__(self, c: int = 32, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.layer1 = nn.Sequential(*(EcaBlock(c) for _ in range(blocks)))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(self.stem(x)).mean((2, 3)))
+
+
+def test_eca_attention_widens_around_its_channel_conv() -> None:
+    scaled = compscale.scale(EcaNet(), width=1.5, depth=1.5, input_size=32)
+    assert scaled.layer1[0].conv1.out_channels == 48 and len(scaled.layer1) == 3
+    assert tuple(scaled.layer1[2].eca.conv.weight.shape) == (1, 1, 3)  # slides along channels: any number of them
+    assert compscale.profile(scaled, 32).params == compscale.profile(EcaNet(48, 3), 32).params
+    assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class _Unfollowed(nn.Module):
+    """Channels viewed as (groups, channels per group) and then used as such: no rule follows that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        grouped = torch.relu(y.view(y.shape[0], 4, 4, y.shape[2], y.shape[3]))
+        return self.fc(grouped.flatten(1, 2).mean((2, 3)))
+
+
+def test_a_view_compscale_cannot_follow_is_a_typed_error_naming_the_node() -> None:
+    with pytest.raises(compscale.UnsupportedOpError, match=r"node %\w+.*\n.*Hint:"):
+        compscale.scale(_Unfollowed(), width=2, input_size=16)

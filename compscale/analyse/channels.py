@@ -151,6 +151,7 @@ class RuleContext:
         self.ties: list[tuple[int, int, Fraction]] = []
         self.multi: dict[fx.Node, list[Desc]] = {}  # ops returning several tensors (chunk, split)
         self.grouped: dict[fx.Node, tuple[Desc, int, bool]] = {}  # (N, g, C/g, H, W) views: source, g, transposed
+        self.current: fx.Node | None = None  # the node whose rule runs
         self.cdim: dict[fx.Node, int] = {}  # channel dimension where a rule set it (else 1 or the input's)
         self.attrs: dict[fx.Node, fx.Node] = {}  # tensor attributes and views of them -> the get_attr node
         self.params: dict[str, tuple[int, Desc]] = {}  # attribute -> (its channel dimension, descriptor)
@@ -162,7 +163,8 @@ class RuleContext:
 
     def desc(self, node: Any) -> Desc:
         if not self.is_tensor(node):
-            raise AssertionError(f"no channel descriptor for {node}")
+            assert self.current is not None and isinstance(node, fx.Node), node
+            self.unsupported(self.current, f"it reads {node.name}, a tensor whose channels compscale did not follow")
         return self.descs[node]
 
     def input_node(self, node: fx.Node) -> fx.Node:
@@ -300,6 +302,7 @@ def analyse_channels(traced: Traced, pin_io: bool = True) -> ChannelGraph:
 
 
 def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    ctx.current = node
     if node.op == "output":
         if ctx.pin_io:
             ctx.pin(ctx.desc(ctx.traced.output_node), "model output")

@@ -84,6 +84,12 @@ def fixed(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> D
 
 def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
     assert isinstance(module, nn.modules.conv._ConvNd)
+    src_node = ctx.input_node(node)
+    if ctx.channel_dim(src_node) != 1 and module.in_channels == module.out_channels == ctx.shape(src_node)[1]:
+        # a conv sliding along the channels (ECA's Conv1d over (N, 1, C)): its weights do not depend on them
+        if ctx.shape(node)[ctx.channel_dim(src_node)] != ctx.channels(src_node):
+            ctx.unsupported(node, "a convolution along the channels that changes their number")
+        return ctx.desc(src_node)
     ctx.channels_first(node, type(module).__name__)
     src = ctx.input_desc(node)
     ctx.expect_width(node, src, module.in_channels)
@@ -225,16 +231,35 @@ def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src, out = ctx.shape(src_node), ctx.shape(node)
     if src_node in ctx.grouped:
         return _ungroup(ctx, node, src_node)
-    if len(out) == len(src) + 1 and out[0] == src[0] and out[1] * out[2] == src[1] and out[3:] == src[2:]:
+    if (len(out) == len(src) + 1 and out[0] == src[0] and out[1] > 1 and out[1] * out[2] == src[1]
+            and out[3:] == src[2:]):
         ctx.grouped[node] = (ctx.desc(src_node), out[1], False)  # (N, g, C/g, H, W): a shuffle begins
         return None
+    unit_dims = _unit_dims_moved(src, out, ctx.channel_dim(src_node))
     if ctx.channel_dim(src_node) != 1:
-        ctx.unsupported(node, "a reshape of a tensor whose channels are not dimension 1")
+        if unit_dims is None:
+            ctx.unsupported(node, "a reshape of a tensor whose channels are not dimension 1")
+        ctx.cdim[node] = unit_dims
+        return ctx.desc(src_node)
     if len(out) >= 2 and len(src) >= 2 and out[0] == src[0] and out[1] == src[1]:
         return ctx.desc(src_node)
     if len(out) == 2 and out[0] == src[0]:
         return ctx.flatten(node, src_node)
+    if unit_dims is not None:  # (N, C) -> (N, 1, C): ECA lines the channels up for a Conv1d
+        ctx.cdim[node] = unit_dims
+        return ctx.desc(src_node)
     ctx.unsupported(node, f"reshape {tuple(src)} -> {tuple(out)} mixes the channel dimension with others")
+
+
+def _unit_dims_moved(src: tuple[int, ...], out: tuple[int, ...], cdim: int) -> int | None:
+    """Where the channels land when a reshape only adds or drops dimensions of size 1 (batch kept first)."""
+    if not src or not out or src[0] != out[0] or src[cdim] == 1:
+        return None
+    src_long = [i for i in range(1, len(src)) if src[i] != 1]
+    out_long = [i for i in range(1, len(out)) if out[i] != 1]
+    if [src[i] for i in src_long] != [out[i] for i in out_long]:
+        return None
+    return out_long[src_long.index(cdim)]
 
 
 def _ungroup(ctx: RuleContext, node: fx.Node, src_node: fx.Node) -> Desc:
@@ -362,6 +387,7 @@ _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.dropout, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
     torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.exp,
     operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clone", "neg", "sqrt", "rsqrt", "exp",
+    "expand_as", "expand",
 )
 _MULTI_OUTPUT: tuple[Any, ...] = ("chunk", "split", torch.chunk, torch.split)
 _ATTR_READERS: tuple[Any, ...]  # set below: the ops whose rules account for tensor-attribute operands
