@@ -161,3 +161,73 @@ class _Unfollowed(nn.Module):
 def test_a_view_compscale_cannot_follow_is_a_typed_error_naming_the_node() -> None:
     with pytest.raises(compscale.UnsupportedOpError, match=r"node %\w+.*\n.*Hint:"):
         compscale.scale(_Unfollowed(), width=2, input_size=16)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """A conv with a learnable gain per output channel (timm's NFNet conv), standardising its weight."""
+
+    def __init__(self, cin: int, cout: int, k: int, **kwargs: object) -> None:
+        super().__init__(cin, cout, k, padding=k // 2, **kwargs)  # type: ignore[arg-type]
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w * self.gain, self.bias, self.stride, self.padding)
+
+
+class GainNet(nn.Module):
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, c, 3)
+        self.layer1 = nn.Sequential(*(EcaBlock(c) for _ in range(2)))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_subclass_per_channel_parameter_follows_the_width() -> None:
+    scaled = compscale.scale(GainNet(), width=1.5, input_size=32)
+    assert type(scaled.stem) is ScaledStdConv2d and tuple(scaled.stem.gain.shape) == (48, 1, 1, 1)
+    assert bool((scaled.stem.gain == 1).all())  # its constant init
+    assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class Res2Block(nn.Module):
+    """Res2Net's block: the split sizes are numbers (``self.width``), so that width cannot change."""
+
+    def __init__(self, c: int, width: int = 8, scale: int = 4) -> None:
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv2d(c, width * scale, 1, bias=False)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False) for _ in range(scale - 1))
+        self.conv3 = nn.Conv2d(width * scale, c, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spx = torch.split(self.conv1(x), self.width, 1)
+        outs, sp = [], spx[0]
+        for i, conv in enumerate(self.convs):
+            sp = conv(sp if i == 0 else sp + spx[i])
+            outs.append(sp)
+        outs.append(spx[-1])
+        return torch.relu(self.conv3(torch.cat(outs, 1)) + x)
+
+
+class Res2Net(nn.Module):
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.layer1 = nn.Sequential(Res2Block(c), Res2Block(c))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(self.stem(x)).mean((2, 3)))
+
+
+def test_split_by_numbers_keeps_the_split_width_and_widens_the_rest() -> None:
+    scaled = compscale.scale(Res2Net(), width=1.5, depth=1.5, input_size=32)
+    assert scaled.stem.out_channels == 48 and len(scaled.layer1) == 3
+    assert scaled.layer1[2].conv1.out_channels == 32 and scaled.layer1[2].convs[0].out_channels == 8
+    fixed = [g for g in scaled.scaling.groups if g.before == g.after == 32 and "layer1.0.conv1" in g.members]
+    assert fixed, "the split group keeps its 32 channels"
+    assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)

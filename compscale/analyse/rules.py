@@ -298,7 +298,11 @@ def _contiguous(ctx: RuleContext, node: fx.Node) -> Desc | None:
 
 
 def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
-    """``chunk``/``split`` along channels into equal parts: each part is a space of 1/k of the source's width."""
+    """``chunk``/``split`` along channels into equal parts: each part is a space of 1/k of the source's width.
+
+    ``split`` by sizes given as numbers keeps the source's width (the numbers would not change with it);
+    sizes computed from the tensor's shape follow it, as ``chunk`` does.
+    """
     src_node = ctx.input_node(node)
     shape = ctx.shape(src_node)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -309,6 +313,12 @@ def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
         ctx.multi[node] = [ctx.desc(src_node)] * len(sizes)  # a split over batch or space keeps channels
         return None
     src = ctx.desc(src_node)
+    size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
+                                                                          node.kwargs.get("split_size"))
+    if node.target in ("split", torch.split) and not isinstance(size_arg, fx.Node) and not (
+            isinstance(size_arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in size_arg)):
+        # sizes written as numbers (Res2Net's split(x, self.width)) do not follow a new width: keep it
+        ctx.pin(src, f"split into pieces of {size_arg} channels at {node.name}")
     if len(src) == len(sizes) and all(ctx.width((seg,)) == n for seg, n in zip(src, sizes)):
         ctx.multi[node] = [(seg,) for seg in src]  # undoing a concat: each part is one of its segments
         return None

@@ -73,6 +73,7 @@ def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) 
                 new._buffers[name] = _empty(buf, (out_ch,))
     else:
         raise TypeError(f"cannot resize {type(module).__name__}")
+    _resize_extras(new, channels(module)[1], out_ch)
     return new
 
 
@@ -91,19 +92,39 @@ def resize_param(root: nn.Module, target: str, dim: int, size: int) -> bool:
         return False
     shape = list(old.shape)
     shape[dim] = size
-    new = _empty(old, shape)
-    flat = old.detach().flatten()
-    if old.device.type == "meta" or flat.numel() == 0:
-        pass
-    elif bool((flat == flat[0]).all()):
-        new.fill_(flat[0].item())
-    else:
-        new.normal_(flat.float().mean().item(), flat.float().std().item())
+    new = _like(old, shape)
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         setattr(owner, name, new)
     return True
+
+
+@torch.no_grad()
+def _like(old: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``shape`` initialised as ``old`` evidently was: its constant, else a normal of its mean and std."""
+    new = _empty(old, shape)
+    flat = old.detach().flatten()
+    if old.device.type == "meta" or flat.numel() == 0:
+        return new
+    if bool((flat == flat[0]).all()):
+        return new.fill_(flat[0].item())
+    return new.normal_(flat.float().mean().item(), flat.float().std().item() if flat.numel() > 1 else 0.0)
+
+
+def _resize_extras(new: nn.Module, old_out: int, out_ch: int) -> None:
+    """Per-output-channel tensors a subclass adds (a ``gain`` of shape ``(out, 1, 1, 1)``) follow ``out_ch``."""
+    if old_out == out_ch:
+        return
+    for name, p in list(new._parameters.items()):
+        if name not in _STANDARD and p is not None and p.dim() and p.shape[0] == old_out:
+            new._parameters[name] = nn.Parameter(_like(p, (out_ch, *p.shape[1:])), p.requires_grad)
+    for name, b in list(new._buffers.items()):
+        if name not in _STANDARD and b is not None and b.dim() and b.shape[0] == old_out:
+            new._buffers[name] = _like(b, (out_ch, *b.shape[1:]))
+
+
+_STANDARD = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 
 
 def _replace_param(module: nn.Module, name: str, shape: Sequence[int]) -> None:
