@@ -98,6 +98,7 @@ class Planner:
 
         counts = dict(zip((s.index for s in self.table if s.grows), dense))
         counts.update({s.index: len(s.blocks) + 1 for s in self.table if not s.grows})
+        # the first probe deepens the analysed copy itself; later ones a fresh copy of the pristine ``_model``
         base = self._base if not self._probes else self._base.retrace(meta_copy(self._model), self._base.input_shape)
         root, added = deepen(base.root, base, self.table, counts, None)
         if any(s.grows and counts[s.index] != len(s.blocks) for s in self.table):

@@ -8,6 +8,9 @@ inverted residual's hidden width stays ``t x in``, an SE squeeze keeps its ratio
 stride 1, and the block gets an identity residual: a projection shortcut is replaced by the input
 itself, or the input is added back after the tail a residual peer of the same type uses (its
 stochastic-depth layer).
+
+A dense stage's new layers (:func:`synthesize_dense`) are copies of its last layer, of its own class, whose
+layers that read the input are rebuilt for the wider input each new layer reads.
 """
 
 from __future__ import annotations
