@@ -12,7 +12,7 @@ from torch import nn
 from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
 from compscale.errors import RewriteError, WidthError
-from compscale.planning.depth import dense_costs, stage_counts
+from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
 from compscale.planning.plan import (
     GroupPlan,
     ScalingPlan,
@@ -135,7 +135,8 @@ def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
         raise no_stage_error(type(work).__name__, table)
     work, added = deepen(work, traced, table, counts, rules) if d != 1.0 else (work, {})
     if any(s.grows and counts[s.index] != len(s.blocks) for s in table):  # dense blocks feed more channels on
-        adapt_inputs(work, traced, traced.input_shape, rules, warn=False)
+        adapt_inputs(work, traced, traced.input_shape, rules, warn=False,
+                     keep_ratio=transition_ratios(traced, table))
     return work, [StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride,
                       tuple(added.get(s.index, ()))) for s in table]
 

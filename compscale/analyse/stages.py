@@ -41,7 +41,9 @@ class Block:
         entry: name of the node feeding the block; exit: name of the block's output node.
         in_shape, out_shape: ``(N, C, H, W)`` at the traced input size.
         residual: ``"identity"`` (adds its own input), ``"concat"`` (concatenates it: a dense layer, a channel
-            split), ``"projection"`` (adds a transformed input) or ``None``.
+            split), ``"projection"`` (adds a transformed input), ``"dense"`` (a layer of a dense block that does the
+            concatenating itself: ``entry`` is the concatenation the layer reads, ``exit`` the new channels it
+            returns) or ``None``.
     """
 
     path: str
@@ -60,10 +62,20 @@ class Block:
         return max(1, round(self.in_shape[2] / self.out_shape[2]))
 
     @property
+    def out_channels(self) -> int:
+        """Channels after the block: its output's, or for a ``"dense"`` layer its input's and output's together."""
+        return self.in_shape[1] + self.out_shape[1] if self.residual == "dense" else self.out_shape[1]
+
+    @property
+    def growth(self) -> int:
+        """Channels the block adds to its input."""
+        return self.out_channels - self.in_shape[1]
+
+    @property
     def grows(self) -> bool:
-        """A dense layer: concatenates new channels to its input, same spatial size (``cat([x, f(x)])``)."""
-        return (self.residual == "concat" and self.in_shape[2:] == self.out_shape[2:]
-                and self.out_shape[1] > self.in_shape[1])
+        """A dense layer: its new channels are concatenated to its input, same spatial size (``cat([x, f(x)])``)."""
+        return (self.residual in ("concat", "dense") and self.in_shape[2:] == self.out_shape[2:]
+                and self.growth > 0)
 
     @property
     def is_repeat(self) -> bool:
@@ -78,6 +90,12 @@ class Stage:
     index: int
     blocks: list[Block]
     whole_parent: bool = False  # the blocks are all the children of their parent module
+    concat: str | None = None  # a dense block's own output: the concatenation of its input and all its layers
+
+    @property
+    def exit(self) -> str:
+        """The node holding the stage's output."""
+        return self.concat or self.blocks[-1].exit
 
     @property
     def name(self) -> str:
@@ -96,7 +114,7 @@ class Stage:
 
     @property
     def out_channels(self) -> int:
-        return self.blocks[-1].out_shape[1]
+        return self.blocks[-1].out_channels
 
     @property
     def stride(self) -> int:
@@ -264,15 +282,92 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
             cur.blocks.append(b)
         else:
             result.append(Stage(len(result), [b]))
-    # a lone growing block (torchvision's _DenseBlock concatenates all its layers inside one forward) has no
-    # layer granularity to repeat: adding a copy would add a whole dense block, not layers
-    result = [s for s in result if not (s.grows and len(s.blocks) == 1)]
+    # a lone growing block repeats as its layers when it concatenates them itself (torchvision's _DenseBlock);
+    # otherwise it has no layer granularity: adding a copy would add a whole dense block, not layers
+    result = [s for s in (_dense_stage(traced, s.blocks[0]) if s.grows and len(s.blocks) == 1 else s for s in result)
+              if s is not None]
     for i, s in enumerate(result):
         s.index = i
     for s in result:
         siblings = _children(traced, s.parent)
         s.whole_parent = bool(s.parent) and siblings == [b.path for b in s.blocks]
     return StageTable(result, all_blocks)
+
+
+def _dense_stage(traced: Traced, block: Block) -> Stage | None:
+    """The stage of ``block``'s layers, if it is a dense block that does the concatenating itself, else ``None``.
+
+    Such a block (torchvision's ``_DenseBlock``: ``features.append(layer(features))``, then ``cat(features)``) has
+    children that, called once each in their order, read the concatenation of the block's input and every earlier
+    child's output (concatenated in the child or in the block), and returns the concatenation of its input and all
+    of them. Each child becomes a ``"dense"`` block: entry = the concatenation it reads, exit = its output.
+    """
+    nodes = [n for n in traced.graph.nodes if n.op not in ("output", "get_attr")]
+    names = [n.name for n in nodes]
+    first, last = names.index(block.entry) + 1, names.index(block.exit)
+    entry, exit_ = nodes[first - 1], nodes[last]
+    spans = _child_spans(nodes[first:last], block.path)
+    if spans is None or [p for p, _, _ in spans] != _children(traced, block.path):
+        return None
+    outputs: list[fx.Node] = []
+    layers = []
+    for path, concat, body in spans:
+        if concat is None and not outputs:
+            concat = entry  # the first child may read the block's input itself
+        if concat is None or (concat is not entry and _cat_inputs(concat) != [entry, *outputs]):
+            return None
+        inside = set(body)
+        if any(a not in inside and a is not concat for n in body for a in n.all_input_nodes):
+            return None  # the child reads something besides the concatenation
+        if any(u not in inside for n in body[:-1] for u in n.users) or not traced.has_shape(body[-1]):
+            return None  # the child's output is not its last node
+        outputs.append(body[-1])
+        module = traced.root.get_submodule(path)
+        layers.append(Block(path, type(module).__name__, type(module), concat.name, body[-1].name,
+                            tuple(traced.shape(concat)), tuple(traced.shape(body[-1])), "dense"))
+    if _cat_inputs(exit_) != [entry, *outputs] or not all(b.grows for b in layers):
+        return None
+    return Stage(0, layers, concat=exit_.name)
+
+
+def _child_spans(region: Sequence[fx.Node], parent: str) -> list[tuple[str, fx.Node | None, list[fx.Node]]] | None:
+    """``region`` cut into runs of nodes of one child of ``parent``: (child path, the concat before it, the rest).
+
+    The concat a child reads is its first node (a ``cat`` in the child) or a ``cat`` in ``parent`` just before the
+    run; ``None`` if ``parent`` runs any other op of its own, or a child's nodes are not one run.
+    """
+    spans: list[tuple[str, fx.Node | None, list[fx.Node]]] = []
+    pending: fx.Node | None = None
+    prefix = parent + "."
+    for n in region:
+        path = module_path(n)
+        if not path.startswith(prefix):
+            if n.target is not torch.cat or pending is not None:
+                return None
+            pending = n
+            continue
+        child = prefix + path[len(prefix):].split(".")[0]
+        if spans and spans[-1][0] == child and pending is None:
+            spans[-1][2].append(n)
+        elif any(p == child for p, _, _ in spans):
+            return None
+        elif pending is None and n.target is torch.cat:
+            spans.append((child, n, []))
+        else:
+            spans.append((child, pending, [n]))
+            pending = None
+    return None if pending is not None or any(not body for _, _, body in spans) else spans
+
+
+def _cat_inputs(node: fx.Node) -> list[fx.Node] | None:
+    """The tensors a channel concatenation (``torch.cat(..., 1)`` of 4-d tensors) joins, else ``None``."""
+    if node.target is not torch.cat or not node.args or not isinstance(node.args[0], (list, tuple)):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    tensors = list(node.args[0])
+    if dim not in (1, -3) or not all(isinstance(t, fx.Node) for t in tensors):
+        return None
+    return tensors
 
 
 def _innermost_residual(block: Block, blocks: Sequence[Block]) -> bool:

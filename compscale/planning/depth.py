@@ -5,12 +5,16 @@
 * A dense (growing) stage, whose every layer reads all the channels before it, gets the fewest layers
   whose MACs reach ``d`` times the stage's (:func:`~compscale.planning.rounding.dense_repeats`): its layers
   cost more the deeper they sit, so counting layers would multiply its cost by about ``d**2``.
+* The convs between a dense stage and the next dense block (DenseNet's transitions) keep the ratio of their
+  outputs to their inputs (:func:`transition_ratios`): DenseNet-BC halves every dense block's output
+  (``num_features // 2``), so the next block starts wider when the one before it grew.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import torch.fx as fx
 from torch import nn
@@ -19,7 +23,7 @@ from compscale.analyse.stages import Block, StageTable
 from compscale.planning.rounding import dense_repeats, repeats
 from compscale.trace import Traced
 
-__all__ = ["block_macs", "dense_costs", "stage_counts"]
+__all__ = ["block_macs", "dense_costs", "stage_counts", "transition_ratios"]
 
 
 def dense_costs(traced: Traced, table: StageTable) -> dict[int, list[int]]:
@@ -33,6 +37,29 @@ def stage_counts(table: StageTable, depth: float, costs: Mapping[int, Sequence[i
         return {s.index: len(s.blocks) for s in table}
     return {s.index: dense_repeats(costs[s.index], depth) if s.grows else repeats(len(s.blocks), depth)
             for s in table}
+
+
+def transition_ratios(traced: Traced, table: StageTable) -> dict[str, Fraction]:
+    """``out / in`` of each conv between a dense stage of ``table`` and the next dense block, by module path.
+
+    The nodes after the stage's output up to the input of the next growing block of the network (a transition:
+    norm, conv, pool) must hold no residual block; a stage that other blocks follow has no transition.
+    """
+    nodes = list(traced.graph.nodes)
+    pos = {n.name: i for i, n in enumerate(nodes)}
+    dense_starts = sorted(pos[b.entry] for b in table.blocks if b.grows)
+    residual_starts = [pos[b.entry] for b in table.blocks if b.residual and not b.grows]
+    ratios: dict[str, Fraction] = {}
+    for stage in table:
+        end = pos[stage.exit]
+        start = next((p for p in dense_starts if p >= end), None)
+        if not stage.grows or start is None or any(end <= p < start for p in residual_starts):
+            continue
+        for node in nodes[end + 1:start + 1]:
+            module = traced.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+                ratios[str(node.target)] = Fraction(module.out_channels, module.in_channels)
+    return ratios
 
 
 def block_macs(traced: Traced, block: Block) -> int:

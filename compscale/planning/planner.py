@@ -12,17 +12,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from compscale.analyse.channels import analyse_channels
+from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
 from compscale.errors import NoStageError
 from compscale.planning.cost import CostModel
-from compscale.planning.depth import dense_costs, stage_counts
+from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
 from compscale.planning.plan import (
     GroupPlan,
     Multipliers,
@@ -32,16 +33,32 @@ from compscale.planning.plan import (
     plan_input_size,
     resolve_multipliers,
 )
-from compscale.planning.policy import RoundFn, default_independent, derive, resolve_widths
+from compscale.planning.policy import Derivation, RoundFn, default_independent, derive, resolve_widths
 from compscale.planning.rounding import make_divisible
 from compscale.trace import trace
-from compscale.trace.tracer import meta_copy
+from compscale.trace.tracer import Traced, meta_copy
 
 __all__ = ["Planner", "meta_copy", "no_stage_error", "plan"]
 
 
+@dataclasses.dataclass
+class _Probe:
+    """A meta-device network that :class:`CostModel` costs: the model with its stages deepened for planning."""
+
+    traced: Traced
+    cg: ChannelGraph
+    derivations: dict[int, Derivation]
+    cost: CostModel
+
+
 class Planner:
-    """The analysis of one model, reused for every plan asked of it."""
+    """The analysis of one model, reused for every plan asked of it.
+
+    The probe has one extra block per stage of repeated blocks, costed ``blocks_after - blocks_before`` times.
+    A dense stage cannot be costed so: each new layer reads more channels than the one before, and the layers
+    after the stage (a DenseNet transition) widen with it. Its layers are built in the probe instead, one probe
+    per combination of dense-stage depths a plan asks for (cached; about a second each for DenseNet-121).
+    """
 
     def __init__(
         self,
@@ -54,27 +71,45 @@ class Planner:
         leaf_modules: Iterable[type[nn.Module]] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
-        from compscale.rewrite.depth import deepen  # the probe is built by the depth pass itself
-        from compscale.rewrite.resolution import adapt_inputs
-
         self.model_name = type(model).__name__
         self.base_size = as_hw(input_size)
         self.resolution_divisor = resolution_divisor
         self.round_width = round_width
-        probe = meta_copy(model)
-        traced = trace(probe, input_size=self.base_size, leaf_modules=leaf_modules,
-                       autowrap_functions=autowrap_functions)
-        self.table: StageTable = find_stages(traced, stages)
-        self.dense_costs = dense_costs(traced, self.table)
-        probe, added = deepen(probe, traced, self.table, {s.index: len(s.blocks) + 1 for s in self.table}, None)
-        if any(s.grows for s in self.table):
-            adapt_inputs(probe, traced, traced.input_shape, None, warn=False)
-        self.traced = traced.retrace(probe, traced.input_shape)
-        self.cg = analyse_channels(self.traced)
-        self.derivations = derive(self.cg, [b.path for s in find_stages(self.traced) for b in s.blocks])
-        self.cost = CostModel(self.traced, self.cg, {s: paths[0] for s, paths in added.items()})
+        self._model = meta_copy(model)
+        self._base = trace(meta_copy(self._model), input_size=self.base_size, leaf_modules=leaf_modules,
+                           autowrap_functions=autowrap_functions)
+        self.table: StageTable = find_stages(self._base, stages)
+        self.dense_costs = dense_costs(self._base, self.table)
+        self._probes: dict[tuple[int, ...], _Probe] = {}
+        probe = self._probe(self._dense_counts({s.index: len(s.blocks) for s in self.table}))
+        self.traced, self.cg, self.derivations, self.cost = probe.traced, probe.cg, probe.derivations, probe.cost
         base_widths = {g.id: g.base for g in self.cg.groups}
         self.base_macs, self.base_params = self.cost.cost(base_widths, {}, self.base_size)
+
+    def _dense_counts(self, counts: Mapping[int, int]) -> tuple[int, ...]:
+        return tuple(counts[s.index] for s in self.table if s.grows)
+
+    def _probe(self, dense: tuple[int, ...]) -> _Probe:
+        """The probe whose dense stages have ``dense`` layers (in stage order), built once."""
+        if dense in self._probes:
+            return self._probes[dense]
+        from compscale.rewrite.depth import deepen  # the probe is built by the depth pass itself
+        from compscale.rewrite.resolution import adapt_inputs
+
+        counts = dict(zip((s.index for s in self.table if s.grows), dense))
+        counts.update({s.index: len(s.blocks) + 1 for s in self.table if not s.grows})
+        # the first probe deepens the analysed copy itself; later ones a fresh copy of the pristine ``_model``
+        base = self._base if not self._probes else self._base.retrace(meta_copy(self._model), self._base.input_shape)
+        root, added = deepen(base.root, base, self.table, counts, None)
+        if any(s.grows and counts[s.index] != len(s.blocks) for s in self.table):
+            adapt_inputs(root, base, base.input_shape, None, warn=False, keep_ratio=transition_ratios(base, self.table))
+        traced = base.retrace(root, base.input_shape)
+        cg = analyse_channels(traced)
+        derivations = derive(cg, [b.path for s in find_stages(traced) for b in s.blocks])
+        repeated = {s.index for s in self.table if not s.grows}
+        cost = CostModel(traced, cg, {s: paths[0] for s, paths in added.items() if s in repeated})
+        self._probes[dense] = _Probe(traced, cg, derivations, cost)
+        return self._probes[dense]
 
     def plan(self, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
              depth: float | None = None, width: float | None = None,
@@ -123,20 +158,21 @@ class Planner:
         if mult.depth != 1.0 and not len(self.table):
             raise no_stage_error(self.model_name, self.table)
         counts = stage_counts(self.table, mult.depth, self.dense_costs)
+        probe = self._probe(self._dense_counts(counts))
         if mult.width == 1.0:
-            widths = {g.id: g.base for g in self.cg.groups}
+            widths = {g.id: g.base for g in probe.cg.groups}
         else:
             independent = default_independent(mult.width, self.round_width)
-            widths = resolve_widths(self.cg, independent, derivations=self.derivations)
+            widths = resolve_widths(probe.cg, independent, derivations=probe.derivations)
         size = plan_input_size(self.base_size, mult.resolution, self.resolution_divisor)
-        extra = {s.index: counts[s.index] - len(s.blocks) for s in self.table}
-        macs, params = self.cost.cost(widths, extra, size)
+        extra = {s.index: counts[s.index] - len(s.blocks) for s in self.table if not s.grows}
+        macs, params = probe.cost.cost(widths, extra, size)
         return ScalingPlan(
             mult, self.base_size, size,
             stages=[StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride)
                     for s in self.table],
-            groups=[GroupPlan(g.id, g.base, widths[g.id], self.derivations[g.id].rule,
-                              tuple(p for p, _ in g.members)) for g in self.cg.groups],
+            groups=[GroupPlan(g.id, g.base, widths[g.id], probe.derivations[g.id].rule,
+                              tuple(p for p, _ in g.members)) for g in probe.cg.groups],
             macs=macs, params=params, base_macs=self.base_macs, base_params=self.base_params,
         )
 

@@ -51,7 +51,9 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
         if extra == 0:
             continue
         parent = root.get_submodule(stage.parent) if stage.parent else root
-        in_container = isinstance(parent, (nn.Sequential, nn.ModuleList))
+        # a dense block's own forward (torchvision's _DenseBlock) calls each of its children in turn
+        in_container = isinstance(parent, (nn.Sequential, nn.ModuleList)) or (
+            stage.concat is not None and isinstance(parent, nn.ModuleDict))
         if extra < 0:  # shallower: drop trailing repeats, never the stage's first block
             if not in_container:
                 raise RewriteError(
@@ -64,6 +66,8 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
         new = _new_blocks(root, traced, table, stage, extra, rules)
         if in_container:
             insert_after(parent, stage.blocks[-1].path.rpartition(".")[2], new)
+            if isinstance(parent, nn.ModuleDict):
+                _check_called(parent, stage, new, traced)
         else:
             in_graph.append((stage, new))
         added[stage.index] = new
@@ -84,6 +88,21 @@ def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage
         return [fresh_copy(template, rules) for _ in range(extra)]
     first = synthesize_repeat(traced, stage, table.blocks, rules)  # unchanged layers still hold copied weights
     return [fresh_copy(first, rules) for _ in range(extra)]
+
+
+def _check_called(parent: nn.Module, stage: Stage, new: Sequence[nn.Module], traced: Traced) -> None:
+    """Raise ``RewriteError`` unless ``parent.forward`` calls the blocks just added (it may call children by name)."""
+    tracer = CompscaleTracer(traced.leaf_modules, traced.autowrap_functions)
+    with eval_mode(parent):
+        graph = tracer.trace(parent)
+    names = {name for name, m in parent.named_children() if any(m is n for n in new)}
+    called = {str(n.target).split(".")[0] for n in graph.nodes if n.op == "call_module"}
+    if names - called:
+        raise RewriteError(
+            f"{type(parent).__name__}.forward of {stage.parent!r} does not call the layers appended to it "
+            f"({', '.join(sorted(names - called))})",
+            "deepen this stage by hand, or leave it out with `stages=`.",
+        )
 
 
 def insert_in_graph(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> fx.GraphModule:

@@ -10,7 +10,8 @@ number of features and fresh weights, with a warning. Anything else that cannot 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 from torch import nn
 
@@ -24,16 +25,19 @@ __all__ = ["adapt_inputs"]
 
 
 def adapt_inputs(
-    root: nn.Module, traced: Traced, input_shape: Sequence[int], rules: InitRules | None, warn: bool = True
+    root: nn.Module, traced: Traced, input_shape: Sequence[int], rules: InitRules | None, warn: bool = True,
+    keep_ratio: Mapping[str, Fraction] | None = None,
 ) -> list[str]:
     """Resize the layers of ``root`` fed a different number of channels at ``input_shape``.
 
     A flatten head's ``Linear`` at a new input size (with a warning, ``warn``), and the layers after a dense
-    block that grew (its transition, final norm and classifier). Returns the paths of the layers changed.
+    block that grew (its transition, final norm and classifier). A layer keeps its outputs, except a norm (they
+    follow its input) and a conv or linear of ``keep_ratio`` (path -> out / in: a DenseNet transition's
+    compression), whose new outputs feed the layers after it in turn. Returns the paths of the layers changed.
     """
     probe = traced.retrace_graph(root, input_shape)
     try:
-        mismatched = propagate_shapes(probe, tolerate_inputs=True)
+        mismatched = propagate_shapes(probe, tolerate_inputs=True, keep_ratio=keep_ratio)
     except TraceError as e:
         if not warn:  # adapting to a dense block that grew, at the same input size
             raise
@@ -42,10 +46,9 @@ def adapt_inputs(
             "the model's shapes depend on its input size: use adaptive pooling (nn.AdaptiveAvgPool2d) and sizes "
             "relative to the input, or keep `resolution=1`.",
         ) from e
-    for path, features in mismatched.items():
+    for path, (features, out) in mismatched.items():
         old = root.get_submodule(path)
-        before, out = channels(old)
-        out = features if isinstance(old, nn.modules.batchnorm._BatchNorm) else out
+        before = channels(old)[0]
         new = resize(old, features, out)
         reinit(new, rules, template=old)
         set_submodule(root, path, new)

@@ -8,6 +8,9 @@ inverted residual's hidden width stays ``t x in``, an SE squeeze keeps its ratio
 stride 1, and the block gets an identity residual: a projection shortcut is replaced by the input
 itself, or the input is added back after the tail a residual peer of the same type uses (its
 stochastic-depth layer).
+
+A dense stage's new layers (:func:`synthesize_dense`) are copies of its last layer, of its own class, whose
+layers that read the input are rebuilt for the wider input each new layer reads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 import torch.fx as fx
 from torch import nn
 
-from compscale.analyse.channels import analyse_channels
+from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.stages import _ADDS, Block, Stage
 from compscale.errors import RewriteError
 from compscale.planning.policy import resolve_widths
@@ -64,46 +67,64 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
 
 
 def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules | None) -> list[nn.Module]:
-    """``extra`` dense layers after a growing stage's last one, each taking all the channels before it."""
+    """``extra`` dense layers after a growing stage's last one, each taking all the channels before it.
+
+    Each is a deep copy of the last layer, of its own class (so that its ``forward``, and the container's that
+    calls it, work as they did), with the layers that read its input rebuilt for the wider input.
+    """
     last = stage.blocks[-1]
-    growth = last.out_shape[1] - last.in_shape[1]
+    template = traced.root.get_submodule(last.path)
+    gm, cg, entry_group = _block_channels(traced, last)
     new: list[nn.Module] = []
     for i in range(1, extra + 1):
-        width = last.in_shape[1] + i * growth
-        gm = _rewidened(traced, last, width, rules)
-        new.append(_finish(traced, gm, last, (last.in_shape[0], width + growth, *last.in_shape[2:]),
-                           (last.in_shape[0], width, *last.in_shape[2:])))
+        width = last.in_shape[1] + i * last.growth
+        widths = resolve_widths(cg, lambda g, d: g.base, seeds={entry_group: width})
+        layer = copy.deepcopy(template)
+        apply_widths(layer, cg, widths, rules)
+        in_shape = (last.in_shape[0], width, *last.in_shape[2:])
+        out_shape = (in_shape[0], width + last.growth if last.residual == "concat" else last.growth, *in_shape[2:])
+        _check_maps(traced, fx.GraphModule(layer, copy.deepcopy(gm.graph)), last, in_shape, out_shape)
+        new.append(layer)
     return new
+
+
+def _block_channels(traced: Traced, block: Block) -> tuple[fx.GraphModule, ChannelGraph, int]:
+    """The block's subgraph, its channel groups and the group of its input."""
+    gm = extract_block(traced, block)
+    cg = analyse_channels(traced.retrace(gm, block.in_shape), pin_io=False)
+    entry_group = cg.node_groups["x"]
+    if len(entry_group) != 1:
+        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
+    return gm, cg, entry_group[0]
 
 
 def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules | None) -> fx.GraphModule:
     """The block's subgraph with its input channel group (and the groups derived from it) at ``in_channels``."""
-    gm = extract_block(traced, block)
-    sub = traced.retrace(gm, block.in_shape)
-    cg = analyse_channels(sub, pin_io=False)
-    entry_group = cg.node_groups["x"]
-    if len(entry_group) != 1:
-        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
-    widths = resolve_widths(cg, lambda g, d: g.base, seeds={entry_group[0]: in_channels})
-    apply_widths(gm, cg, widths, rules)
+    gm, cg, entry_group = _block_channels(traced, block)
+    apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds={entry_group: in_channels}), rules)
     return gm
 
 
-def _finish(traced: Traced, gm: fx.GraphModule, block: Block, out_shape: tuple[int, ...],
-            in_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
-    """Clean the synthesized block's graph and check it maps ``in_shape`` (default: ``out_shape``) to ``out_shape``."""
+def _finish(traced: Traced, gm: fx.GraphModule, block: Block, out_shape: tuple[int, ...]) -> fx.GraphModule:
+    """Clean the synthesized block's graph and check it maps ``out_shape`` to itself."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.graph.lint()
-    check = traced.retrace(gm, in_shape or out_shape)
+    _check_maps(traced, gm, block, out_shape, out_shape)
+    return gm
+
+
+def _check_maps(traced: Traced, gm: fx.GraphModule, block: Block, in_shape: tuple[int, ...],
+                out_shape: tuple[int, ...]) -> None:
+    """Raise ``RewriteError`` unless ``gm``, made from ``block``, maps ``in_shape`` to ``out_shape``."""
+    check = traced.retrace(gm, in_shape)
     got = tuple(check.shape(check.output_node))
     if got != out_shape:
         raise RewriteError(
-            f"the block synthesized from {block.path} maps {in_shape or out_shape} to {got}, not {out_shape}",
+            f"the block synthesized from {block.path} maps {in_shape} to {got}, not {out_shape}",
             "name the stages to deepen with `stages=` so that this block is left alone.",
         )
-    return gm
 
 
 def _unstride(gm: fx.GraphModule) -> None:

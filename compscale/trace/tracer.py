@@ -18,7 +18,9 @@ import contextlib
 import copy
 import dataclasses
 import io
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -206,13 +208,16 @@ class _ShapeProp(ShapeProp):
     A leaf module whose forward depends on data (``if x.mean() > 0``) cannot run on meta tensors, so that
     one module runs, for real, on zeros of its input's shape. With ``tolerate_inputs``, a conv, BatchNorm or
     ``Linear`` fed another number of channels (a flatten head at another input size, the layers after a dense
-    block that grew) is recorded in ``mismatched`` and runs as if resized.
+    block that grew) is recorded in ``mismatched`` as ``(in, out)`` and runs as if resized: a BatchNorm to its
+    input, a conv or ``Linear`` in ``keep_ratio`` to ``floor(in * ratio)`` outputs, any other to its own.
     """
 
-    def __init__(self, gm: fx.GraphModule, tolerate_inputs: bool = False) -> None:
+    def __init__(self, gm: fx.GraphModule, tolerate_inputs: bool = False,
+                 keep_ratio: Mapping[str, Fraction] | None = None) -> None:
         super().__init__(gm)  # runs gm's own graph, so that its nodes receive the shapes
         self.tolerate_inputs = tolerate_inputs
-        self.mismatched: dict[str, int] = {}
+        self.keep_ratio = dict(keep_ratio or {})
+        self.mismatched: dict[str, tuple[int, int]] = {}
         self._meta: dict[str, Any] = {}
 
     def _on_meta(self, target: str) -> Any:
@@ -235,9 +240,10 @@ class _ShapeProp(ShapeProp):
         x = args[0] if args else None
         fed = _fed_mismatch(real, x) if self.tolerate_inputs else None
         if fed is not None:
-            self.mismatched[str(target)] = fed
+            out = _fed_output(real, fed, self.keep_ratio.get(str(target)))
+            self.mismatched[str(target)] = (fed, out)
             module = meta_copy(real)
-            resize_input(module, fed)
+            resize_input(module, fed, out)
             return module(*args, **kwargs)
         if isinstance(real, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
             return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
@@ -268,26 +274,44 @@ def _fed_mismatch(module: nn.Module, x: Any) -> int | None:
     return None
 
 
-def resize_input(module: nn.Module, fed: int) -> None:
-    """Set the input channels of a conv/norm/linear to ``fed`` in place (parameters left uninitialised)."""
-    def resize(name: str, dim: int) -> None:
+def _fed_output(module: nn.Module, fed: int, ratio: Fraction | None) -> int:
+    """Outputs of a conv/norm/linear fed ``fed`` channels: a norm's follow them, a conv's keep ``ratio`` if given."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return fed
+    out = module.out_features if isinstance(module, nn.Linear) else int(module.out_channels)  # type: ignore[arg-type]
+    return max(1, math.floor(fed * ratio)) if ratio is not None else out
+
+
+def resize_input(module: nn.Module, fed: int, out: int | None = None) -> None:
+    """Set the input channels of a conv/norm/linear to ``fed`` (a conv's or linear's outputs to ``out``) in place.
+
+    Parameters are left uninitialised.
+    """
+    def resize(name: str, dim: int, size: int) -> None:
         t = getattr(module, name, None)
         if isinstance(t, torch.Tensor):
             shape = list(t.shape)
-            shape[dim] = fed
+            shape[dim] = size
             new = torch.empty(shape, device=t.device, dtype=t.dtype)
             setattr(module, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
-    if isinstance(module, nn.Linear):
-        module.in_features = fed
-        resize("weight", 1)
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        module.in_channels = fed
-        resize("weight", 1)
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        if isinstance(module, nn.Linear):
+            module.in_features = fed
+        else:
+            module.in_channels = fed
+        resize("weight", 1, fed)
+        if out is not None:
+            if isinstance(module, nn.Linear):
+                module.out_features = out
+            else:
+                module.out_channels = out
+            resize("weight", 0, out)
+            resize("bias", 0, out)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = fed
         for name in ("weight", "bias", "running_mean", "running_var"):
-            resize(name, 0)
+            resize(name, 0, fed)
 
 
 _SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
@@ -309,13 +333,15 @@ def _device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
-def propagate_shapes(traced: Traced, tolerate_inputs: bool = False) -> dict[str, int]:
+def propagate_shapes(traced: Traced, tolerate_inputs: bool = False,
+                     keep_ratio: Mapping[str, Fraction] | None = None) -> dict[str, tuple[int, int]]:
     """Fill ``node.meta["tensor_meta"]`` by running the graph on meta tensors (no real compute, no memory).
 
-    Returns the conv/BatchNorm/``Linear`` layers fed another number of channels (path -> channels fed) when
-    ``tolerate_inputs`` is set; otherwise such a layer fails like any other.
+    Returns the conv/BatchNorm/``Linear`` layers fed another number of channels (path -> (channels fed, output
+    channels)) when ``tolerate_inputs`` is set; otherwise such a layer fails like any other. The convs and linears
+    in ``keep_ratio`` (path -> out / in) keep that ratio when fed another number; the others keep their outputs.
     """
-    prop = _ShapeProp(traced.gm, tolerate_inputs)
+    prop = _ShapeProp(traced.gm, tolerate_inputs, keep_ratio)
     x = torch.empty(traced.input_shape, device="meta", dtype=_float_dtype(traced.gm))
     with eval_mode(traced.gm), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints its tracebacks
         try:
