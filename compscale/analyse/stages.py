@@ -286,12 +286,42 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     # otherwise it has no layer granularity: adding a copy would add a whole dense block, not layers
     result = [s for s in (_dense_stage(traced, s.blocks[0]) if s.grows and len(s.blocks) == 1 else s for s in result)
               if s is not None]
+    lone = _lone_stages(traced, result, all_blocks)
+    if callable(stages):
+        lone = [s for s in lone if stages(s.blocks[0].path)]
+    elif stages is not None:
+        lone = [s for s in lone if any(s.blocks[0].path == p or s.blocks[0].path.startswith(p + ".") for p in stages)]
+    if lone:
+        order = {n.name: i for i, n in enumerate(traced.graph.nodes)}
+        result = sorted(result + lone, key=lambda s: order[s.blocks[0].entry])
     for i, s in enumerate(result):
         s.index = i
     for s in result:
         siblings = _children(traced, s.parent)
         s.whole_parent = bool(s.parent) and siblings == [b.path for b in s.blocks]
     return StageTable(result, all_blocks)
+
+
+def _lone_stages(traced: Traced, stages: Sequence[Stage], blocks: Sequence[Block]) -> list[Stage]:
+    """One-block stages known by their place: a container holding a single block, beside stage containers.
+
+    timm's EfficientNet keeps each stage in a container of ``blocks``; the first holds one depthwise-separable
+    block (32 -> 16 channels) of a type that never repeats, so no residual marks it. Its place does: it is a
+    stage as its siblings are, and deepens as they do (a synthesized repeat, as for any one-block stage).
+    """
+    whole = {s.parent for s in stages if s.parent and _children(traced, s.parent) == [b.path for b in s.blocks]}
+    by_path = {b.path: b for b in blocks}
+    taken = {b.path for s in stages for b in s.blocks}
+    found = []
+    for outer in sorted({_parent(p) for p in whole}):
+        for child in _children(traced, outer):
+            kids = _children(traced, child) if child not in whole else []
+            if len(kids) != 1 or kids[0] not in by_path or kids[0] in taken:
+                continue
+            if next(traced.root.get_submodule(kids[0]).children(), None) is None:
+                continue  # a single layer, not a block
+            found.append(Stage(0, [by_path[kids[0]]]))
+    return found
 
 
 def _dense_stage(traced: Traced, block: Block) -> Stage | None:

@@ -74,7 +74,7 @@ def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules 
     """
     last = stage.blocks[-1]
     template = traced.root.get_submodule(last.path)
-    gm, cg, entry_group = _block_channels(traced, last)
+    gm, cg, entry_group, _ = _block_channels(traced, last)
     new: list[nn.Module] = []
     for i in range(1, extra + 1):
         width = last.in_shape[1] + i * last.growth
@@ -88,20 +88,29 @@ def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules 
     return new
 
 
-def _block_channels(traced: Traced, block: Block) -> tuple[fx.GraphModule, ChannelGraph, int]:
-    """The block's subgraph, its channel groups and the group of its input."""
+def _block_channels(traced: Traced, block: Block) -> tuple[fx.GraphModule, ChannelGraph, int, tuple[int, ...]]:
+    """The block's subgraph, its channel groups, the group of its input and the groups of its output."""
     gm = extract_block(traced, block)
-    cg = analyse_channels(traced.retrace(gm, block.in_shape), pin_io=False)
+    sub = traced.retrace(gm, block.in_shape)
+    cg = analyse_channels(sub, pin_io=False)
     entry_group = cg.node_groups["x"]
     if len(entry_group) != 1:
         raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
-    return gm, cg, entry_group[0]
+    out = sub.output_node
+    return gm, cg, entry_group[0], cg.node_groups.get(out.name, ())
 
 
 def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules | None) -> fx.GraphModule:
-    """The block's subgraph with its input channel group (and the groups derived from it) at ``in_channels``."""
-    gm, cg, entry_group = _block_channels(traced, block)
-    apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds={entry_group: in_channels}), rules)
+    """The block's subgraph with its input channel group (and the groups derived from it) at ``in_channels``.
+
+    Its output keeps ``in_channels`` too, whatever it derived from before: a repeat maps its width to
+    itself (a plain conv block ``160 -> 960`` repeats as ``960 -> 960``, not ``960 -> 6 x 960``).
+    """
+    gm, cg, entry_group, exit_groups = _block_channels(traced, block)
+    seeds = {entry_group: in_channels}
+    if len(exit_groups) == 1 and cg.groups[exit_groups[0]].base == block.out_shape[1]:
+        seeds[exit_groups[0]] = in_channels
+    apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds), rules)
     return gm
 
 
