@@ -181,3 +181,40 @@ def test_input_normalisation_buffers_keep_their_three_channels() -> None:
     assert scaled.conv.out_channels == 64 and scaled.fc.in_features == 64
     assert torch.equal(scaled.mean, _NormalisingNet().mean)
     assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class _PlainLayerNormHead(nn.Module):
+    """A LayerNorm without affine parameters still has a normalized shape that must follow the width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16, elementwise_affine=False)
+        self.gamma = nn.Parameter(torch.ones(16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.mul(self.norm(self.conv(x).mean((2, 3))), other=self.gamma)  # an attribute as a keyword
+        return self.fc(y)
+
+
+def test_layer_norm_without_affine_and_a_keyword_scale_follow_the_width() -> None:
+    scaled = compscale.scale(_PlainLayerNormHead(), width=2, input_size=16)
+    assert scaled.norm.normalized_shape == (32,) and tuple(scaled.gamma.shape) == (32,)
+    assert scaled(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+class _SlicedScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.p = nn.Parameter(torch.ones(32))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.conv(x) * self.p[:16, None, None]).mean((2, 3)))
+
+
+def test_a_slice_of_an_attribute_as_a_scale_is_refused_by_name() -> None:
+    with pytest.raises(UnsupportedOpError, match=r"slice of the tensor attribute 'p'"):
+        compscale.scale(_SlicedScale(), width=2, input_size=16)

@@ -266,12 +266,12 @@ class RuleContext:
             spatial *= d
         return tuple((s, f * spatial) for s, f in self.desc(src_node))
 
-    def unsupported(self, node: fx.Node, why: str) -> NoReturn:
+    def unsupported(self, node: fx.Node, why: str, hint: str | None = None) -> NoReturn:
         target = _target_name(self.traced, node)
         raise UnsupportedOpError(
             f"cannot tell how node {node.format_node()} (in module {module_path(node) or '<root>'!r}) maps channels: "
             f"{why}",
-            _RULE_HINT.format(target=target),
+            hint or _RULE_HINT.format(target=target),
         )
 
 
@@ -313,7 +313,10 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
     attr = next((a for a in node.all_input_nodes if a in ctx.attrs), None)
     if attr is not None and not _reads_attr(node):
         ctx.unsupported(node, f"it reads the tensor attribute {ctx.attrs[attr].target!r}: compscale follows tensor "
-                        "attributes only as per-channel scales and offsets (`p * x`, `x + p`), and layer_norm weights")
+                        "attributes only as per-channel scales and offsets (`p * x`, `x + p`), and layer_norm weights",
+                        f"make the module that owns it ({module_path(node) or 'the model'!r}) a leaf with "
+                        "`leaf_modules=[ThatModule]` and tell compscale how it maps channels with "
+                        "`compscale.register_channel_rule(ThatModule, rule)`.")
     if node.op in ("call_function", "call_method") and node.target in _MULTI_OUTPUT:
         frule = get_function_rule(node)
         assert frule is not None

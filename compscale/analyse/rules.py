@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compscale.registry import drop_path_attr, drop_path_types
+from compscale.trace import module_path
 
 if TYPE_CHECKING:
     from compscale.analyse.channels import RuleContext
@@ -123,8 +124,7 @@ def layer_norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
     assert isinstance(module, nn.LayerNorm)
     _check_layer_norm(ctx, node, tuple(module.normalized_shape))
     src = ctx.input_desc(node)
-    if module.weight is not None:
-        ctx.member(src, str(node.target), "norm")
+    ctx.member(src, str(node.target), "norm")  # its normalized_shape follows the width, affine or not
     return src
 
 
@@ -158,14 +158,15 @@ def _binary(ctx: RuleContext, node: fx.Node) -> Desc:
     A tensor attribute operand (a layer scale ``gamma * x``) runs over the same channels along the dimension
     broadcasting aligns with the other operand's channels.
     """
-    operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and ctx.is_tensor(a)]
+    args = [*node.args[:2], *(v for k, v in node.kwargs.items() if k == "other")]
+    operands = [a for a in args if isinstance(a, fx.Node) and ctx.is_tensor(a)]
     wide = [a for a in operands if ctx.channels(a) > 1]
     if not operands:
         ctx.unsupported(node, "an arithmetic op without a tensor operand that carries channels")
     desc = ctx.desc((wide or operands)[0])
     for other in wide[1:]:
         ctx.union(desc, ctx.desc(other), node)
-    for attr in (a for a in node.args[:2] if isinstance(a, fx.Node) and a in ctx.attrs):
+    for attr in (a for a in args if isinstance(a, fx.Node) and a in ctx.attrs):
         _scale_param(ctx, node, attr, (wide or operands)[0], desc)
     return desc
 
@@ -191,6 +192,9 @@ def _scale_param(ctx: RuleContext, node: fx.Node, view: fx.Node, peer: fx.Node, 
         ctx.unsupported(node, f"the tensor attribute {attr.target!r} of shape {shape} is not a vector")
     if vlong[0] - len(vshape) != ctx.channel_dim(peer) - len(ctx.shape(peer)):
         return  # broadcast along another dimension than the channels
+    if vshape[vlong[0]] != shape[long[0]]:
+        ctx.unsupported(node, f"a slice of the tensor attribute {attr.target!r} ({vshape[vlong[0]]} of its "
+                        f"{shape[long[0]]} entries) scales the channels")
     if vshape[vlong[0]] != ctx.width(desc):
         ctx.unsupported(node, f"the tensor attribute {attr.target!r} has {vshape[vlong[0]]} entries along "
                         f"{ctx.width(desc)} channels")
@@ -375,20 +379,20 @@ def _layer_norm_function(ctx: RuleContext, node: fx.Node) -> Desc:
     shape = tuple(normalized) if isinstance(normalized, (list, tuple)) else (normalized,)
     _check_layer_norm(ctx, node, tuple(d if isinstance(d, int) else -1 for d in shape))
     src = ctx.input_desc(node)
+    caller = module_path(node)
+    if isinstance(ctx.traced.root.get_submodule(caller) if caller else ctx.traced.root, nn.LayerNorm):
+        ctx.member(src, caller, "norm")  # a LayerNorm subclass (LayerNorm2d) permuting around F.layer_norm
+        return src
     for i, name in ((2, "weight"), (3, "bias")):
         arg = node.args[i] if len(node.args) > i else node.kwargs.get(name)
         if not isinstance(arg, fx.Node):
             continue
         if arg not in ctx.attrs or ctx.attrs[arg] is not arg:
             ctx.unsupported(node, f"a layer_norm whose {name} is computed in forward")
-        owner = str(arg.target).rpartition(".")[0]
-        module = ctx.traced.root.get_submodule(owner) if owner else ctx.traced.root
-        if isinstance(module, nn.LayerNorm):  # a subclass (LayerNorm2d) permuting around F.layer_norm
-            if name == "weight" or module.weight is None:
-                ctx.member(src, owner, "norm")
-            continue
         ctx.param(arg, src, 0)
-        ctx.shape_owners[owner] = src  # its normalized shape, an attribute, follows the width
+    if not isinstance(normalized, fx.Node) and not (
+            isinstance(normalized, (list, tuple)) and any(isinstance(d, fx.Node) for d in normalized)):
+        ctx.shape_owners[caller] = src  # a hand-written LayerNorm: its normalized-shape attribute follows the width
     return src
 
 

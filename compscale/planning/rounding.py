@@ -43,9 +43,13 @@ def dense_repeats(costs: Sequence[float], depth: float) -> int:
 
     >>> dense_repeats([10, 10, 10], 1.44), dense_repeats([10, 20, 30], 1.44), dense_repeats([10, 20, 30], 0.5)
     (5, 4, 2)
+    >>> dense_repeats([30, 20, 10], 3.0), dense_repeats([0, 0], 2.0)  # never cheaper than the last; no cost: count
+    (15, 4)
     """
     n = len(costs)
-    step = (costs[-1] - costs[0]) / (n - 1) if n > 1 else 0.0
+    if sum(costs) <= 0:  # no measured cost (layers compscale does not look into): count layers
+        return repeats(n, depth)
+    step = max(0.0, (costs[-1] - costs[0]) / (n - 1)) if n > 1 else 0.0  # never extrapolate cheaper layers
     target = depth * sum(costs) * (1 - 1e-9)
     count, total = 0, 0.0
     while total < target or count == 0:

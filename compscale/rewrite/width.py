@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph
+from compscale.errors import RewriteError
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import channels, resize, resize_param, set_submodule
 
@@ -43,9 +44,17 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
         if resize_param(root, target, dim, sum(widths[g] for g in gs)):
             changed.append(target)
     for path, gs in cg.shape_owners.items():  # a hand-written LayerNorm's normalized_shape = (channels,)
-        module = root.get_submodule(path)
+        module = root.get_submodule(path) if path else root
         before, after = sum(cg.groups[g].base for g in gs), sum(widths[g] for g in gs)
-        for name, value in list(vars(module).items()):
-            if isinstance(value, (tuple, list)) and list(value) == [before]:
-                setattr(module, name, type(value)([after]))
+        if before == after:
+            continue
+        names = [n for n, v in vars(module).items() if isinstance(v, (tuple, list)) and list(v) == [before]]
+        if len(names) != 1:
+            raise RewriteError(
+                f"{path or type(root).__name__} calls layer_norm over {before} channels, a shape compscale cannot "
+                f"update: it is {'not' if not names else 'not only'} one tuple attribute ({names or 'none'})",
+                "keep the normalized shape in one attribute, as nn.LayerNorm's `normalized_shape = (dim,)`, or "
+                "compute it in forward from the input (`x.shape[-1:]`).",
+            )
+        setattr(module, names[0], type(getattr(module, names[0]))([after]))
     return changed
