@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import torch.fx as fx
 
-from compscale.analyse.rules import _MULTI_OUTPUT, Desc, get_function_rule, get_module_rule
+from compscale.analyse.rules import _ATTR_READERS, _ATTR_VIEWS, _MULTI_OUTPUT, Desc, get_function_rule, get_module_rule
 from compscale.errors import UnsupportedOpError
 from compscale.trace import Traced, module_path
 
@@ -348,15 +348,11 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
 
 def _reads_attr(user: fx.Node) -> bool:
     """Whether ``user``'s rule accounts for tensor attributes among its arguments."""
-    from compscale.analyse.rules import _ATTR_READERS
-
     return user.op in ("call_function", "call_method") and user.target in _ATTR_READERS
 
 
 def _is_attr_view(ctx: RuleContext, node: fx.Node) -> bool:
     """A view of a tensor attribute: ``p[:, None, None]``, ``p.reshape(1, -1, 1, 1)``, ``p.unsqueeze(-1)``."""
-    from compscale.analyse.rules import _ATTR_VIEWS
-
     return (node.op in ("call_function", "call_method") and node.target in _ATTR_VIEWS and bool(node.args)
             and isinstance(node.args[0], fx.Node) and node.args[0] in ctx.attrs)
 

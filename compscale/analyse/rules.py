@@ -404,7 +404,6 @@ _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     "expand_as", "expand",
 )
 _MULTI_OUTPUT: tuple[Any, ...] = ("chunk", "split", torch.chunk, torch.split)
-_ATTR_READERS: tuple[Any, ...]  # set below: the ops whose rules account for tensor-attribute operands
 _BINARY_FUNCTIONS: tuple[Any, ...] = (
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
     torch.add, torch.mul, torch.sub, torch.div, operator.pow, torch.pow,
@@ -412,7 +411,7 @@ _BINARY_FUNCTIONS: tuple[Any, ...] = (
 )
 
 
-_ATTR_READERS = (*_BINARY_FUNCTIONS, F.layer_norm)
+_ATTR_READERS: tuple[Any, ...] = (*_BINARY_FUNCTIONS, F.layer_norm)  # rules that account for tensor attributes
 _ATTR_VIEWS: tuple[Any, ...] = (operator.getitem, "reshape", "view", "unsqueeze", torch.reshape, torch.unsqueeze)
 
 
