@@ -267,12 +267,8 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     all_blocks = find_blocks(traced)
     block_types = {b.module_type for b in all_blocks
                    if (b.is_repeat or b.grows) and _innermost_residual(b, all_blocks)}
-    candidates = _outermost([b for b in all_blocks if b.module_type in block_types])
-    if callable(stages):
-        candidates = [b for b in candidates if stages(b.path)]
-    elif stages is not None:
-        wanted = tuple(stages)
-        candidates = [b for b in candidates if any(b.path == p or b.path.startswith(p + ".") for p in wanted)]
+    candidates = [b for b in _outermost([b for b in all_blocks if b.module_type in block_types])
+                  if _wanted(b.path, stages)]
     result: list[Stage] = []
     for b in candidates:
         cur = result[-1] if result else None
@@ -286,11 +282,7 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     # otherwise it has no layer granularity: adding a copy would add a whole dense block, not layers
     result = [s for s in (_dense_stage(traced, s.blocks[0]) if s.grows and len(s.blocks) == 1 else s for s in result)
               if s is not None]
-    lone = _lone_stages(traced, result, all_blocks)
-    if callable(stages):
-        lone = [s for s in lone if stages(s.blocks[0].path)]
-    elif stages is not None:
-        lone = [s for s in lone if any(s.blocks[0].path == p or s.blocks[0].path.startswith(p + ".") for p in stages)]
+    lone = [s for s in _lone_stages(traced, result, all_blocks) if _wanted(s.blocks[0].path, stages)]
     if lone:
         order = {n.name: i for i, n in enumerate(traced.graph.nodes)}
         result = sorted(result + lone, key=lambda s: order[s.blocks[0].entry])
@@ -300,6 +292,15 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
         siblings = _children(traced, s.parent)
         s.whole_parent = bool(s.parent) and siblings == [b.path for b in s.blocks]
     return StageTable(result, all_blocks)
+
+
+def _wanted(path: str, stages: StageFilter | None) -> bool:
+    """Whether the ``stages=`` filter (paths of blocks or their containers, or a predicate) keeps a block."""
+    if stages is None:
+        return True
+    if callable(stages):
+        return bool(stages(path))
+    return any(path == p or path.startswith(p + ".") for p in stages)
 
 
 def _lone_stages(traced: Traced, stages: Sequence[Stage], blocks: Sequence[Block]) -> list[Stage]:
