@@ -2,79 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+from compscale.layers import channels, init_like, resize
+
 __all__ = [
     "channels", "insert_after", "move_after", "next_name", "remove_children", "resize", "resize_param", "set_submodule",
-]
-
-
-def _clone_shell(module: nn.Module) -> nn.Module:
-    """A shallow copy whose parameter/buffer/module dicts are its own (hooks and attributes shared)."""
-    new = copy.copy(module)
-    new._parameters = module._parameters.copy()
-    new._buffers = module._buffers.copy()
-    new._modules = module._modules.copy()
-    return new
-
-
-def _empty(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    return torch.empty(tuple(shape), device=like.device, dtype=like.dtype)
-
-
-def channels(m: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` channels of a conv, linear or norm layer."""
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return m.in_channels, m.out_channels
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    if isinstance(m, nn.GroupNorm):
-        return m.num_channels, m.num_channels
-    if isinstance(m, nn.LayerNorm):
-        return m.normalized_shape[0], m.normalized_shape[0]
-    assert isinstance(m, nn.modules.batchnorm._NormBase), type(m)
-    return m.num_features, m.num_features
-
-
-def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) -> nn.Module:
-    """A copy of ``module`` (conv, linear or norm) with new channel counts and uninitialised parameters.
-
-    The copy keeps the module's class and every other attribute, so a subclass of ``nn.Conv2d`` stays one.
-    """
-    new: Any = _clone_shell(module)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        groups = out_ch if depthwise else module.groups
-        new.in_channels, new.out_channels, new.groups = in_ch, out_ch, groups
-        _replace_param(new, "weight", (out_ch, in_ch // groups, *module.kernel_size))
-        _replace_param(new, "bias", (out_ch,))
-    elif isinstance(module, nn.Linear):
-        new.in_features, new.out_features = in_ch, out_ch
-        _replace_param(new, "weight", (out_ch, in_ch))
-        _replace_param(new, "bias", (out_ch,))
-    elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-        if isinstance(module, nn.GroupNorm):
-            new.num_channels = out_ch
-        elif isinstance(module, nn.LayerNorm):
-            new.normalized_shape = (out_ch,)
-        else:
-            new.num_features = out_ch
-        for name in ("weight", "bias"):
-            _replace_param(new, name, (out_ch,))
-        for name in ("running_mean", "running_var"):
-            buf = new._buffers.get(name)
-            if buf is not None:
-                new._buffers[name] = _empty(buf, (out_ch,))
-    else:
-        raise TypeError(f"cannot resize {type(module).__name__}")
-    _resize_extras(new, channels(module)[1], out_ch)
-    return new
+]  # channels and resize live in compscale.layers (the tracer resizes layers too)
 
 
 @torch.no_grad()
@@ -92,45 +31,12 @@ def resize_param(root: nn.Module, target: str, dim: int, size: int) -> bool:
         return False
     shape = list(old.shape)
     shape[dim] = size
-    new = _like(old, shape)
+    new = init_like(old, shape)
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         setattr(owner, name, new)
     return True
-
-
-@torch.no_grad()
-def _like(old: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A tensor of ``shape`` initialised as ``old`` evidently was: its constant, else a normal of its mean and std."""
-    new = _empty(old, shape)
-    flat = old.detach().flatten()
-    if old.device.type == "meta" or flat.numel() == 0:
-        return new
-    if bool((flat == flat[0]).all()):
-        return new.fill_(flat[0].item())
-    return new.normal_(flat.float().mean().item(), flat.float().std().item() if flat.numel() > 1 else 0.0)
-
-
-def _resize_extras(new: nn.Module, old_out: int, out_ch: int) -> None:
-    """Per-output-channel tensors a subclass adds (a ``gain`` of shape ``(out, 1, 1, 1)``) follow ``out_ch``."""
-    if old_out == out_ch:
-        return
-    for name, p in list(new._parameters.items()):
-        if name not in _STANDARD and p is not None and p.dim() and p.shape[0] == old_out:
-            new._parameters[name] = nn.Parameter(_like(p, (out_ch, *p.shape[1:])), p.requires_grad)
-    for name, b in list(new._buffers.items()):
-        if name not in _STANDARD and b is not None and b.dim() and b.shape[0] == old_out:
-            new._buffers[name] = _like(b, (out_ch, *b.shape[1:]))
-
-
-_STANDARD = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
-
-
-def _replace_param(module: nn.Module, name: str, shape: Sequence[int]) -> None:
-    p = module._parameters.get(name)
-    if p is not None:
-        module._parameters[name] = nn.Parameter(_empty(p, shape), requires_grad=p.requires_grad)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -30,6 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_map
 
 from compscale.errors import TraceError
+from compscale.layers import channels, resize
 from compscale.registry import drop_path_types
 
 __all__ = ["CompscaleTracer", "Traced", "eval_mode", "module_path", "trace"]
@@ -242,9 +243,7 @@ class _ShapeProp(ShapeProp):
         if fed is not None:
             out = _fed_output(real, fed, self.keep_ratio.get(str(target)))
             self.mismatched[str(target)] = (fed, out)
-            module = meta_copy(real)
-            resize_input(module, fed, out)
-            return module(*args, **kwargs)
+            return resize(meta_copy(real), fed, out)(*args, **kwargs)
         if isinstance(real, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
             return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
         try:
@@ -262,56 +261,21 @@ class _ShapeProp(ShapeProp):
 
 
 def _fed_mismatch(module: nn.Module, x: Any) -> int | None:
-    """The channels ``x`` feeds a conv/norm/linear that expects another number, else ``None``."""
+    """The channels ``x`` feeds a (non-grouped) conv, BatchNorm or linear that expects another number, else ``None``."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return None
-    if isinstance(module, nn.Linear):
-        return int(x.shape[-1]) if x.shape[-1] != module.in_features else None
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
-        return int(x.shape[1]) if x.shape[1] != module.in_channels else None
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return int(x.shape[1]) if x.shape[1] != module.num_features else None
-    return None
+    conv = isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
+    if not (conv or isinstance(module, (nn.Linear, nn.modules.batchnorm._BatchNorm))):
+        return None
+    fed = int(x.shape[-1] if isinstance(module, nn.Linear) else x.shape[1])
+    return fed if fed != channels(module)[0] else None
 
 
 def _fed_output(module: nn.Module, fed: int, ratio: Fraction | None) -> int:
     """Outputs of a conv/norm/linear fed ``fed`` channels: a norm's follow them, a conv's keep ``ratio`` if given."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return fed
-    out = module.out_features if isinstance(module, nn.Linear) else int(module.out_channels)  # type: ignore[arg-type]
-    return max(1, math.floor(fed * ratio)) if ratio is not None else out
-
-
-def resize_input(module: nn.Module, fed: int, out: int | None = None) -> None:
-    """Set the input channels of a conv/norm/linear to ``fed`` (a conv's or linear's outputs to ``out``) in place.
-
-    Parameters are left uninitialised.
-    """
-    def resize(name: str, dim: int, size: int) -> None:
-        t = getattr(module, name, None)
-        if isinstance(t, torch.Tensor):
-            shape = list(t.shape)
-            shape[dim] = size
-            new = torch.empty(shape, device=t.device, dtype=t.dtype)
-            setattr(module, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
-
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        if isinstance(module, nn.Linear):
-            module.in_features = fed
-        else:
-            module.in_channels = fed
-        resize("weight", 1, fed)
-        if out is not None:
-            if isinstance(module, nn.Linear):
-                module.out_features = out
-            else:
-                module.out_channels = out
-            resize("weight", 0, out)
-            resize("bias", 0, out)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = fed
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            resize(name, 0, fed)
+    return max(1, math.floor(fed * ratio)) if ratio is not None else channels(module)[1]
 
 
 _SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
