@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any, NoReturn
 
@@ -25,7 +26,7 @@ from compscale.analyse.rules import _ATTR_READERS, _ATTR_VIEWS, _MULTI_OUTPUT, D
 from compscale.errors import UnsupportedOpError
 from compscale.trace import Traced, module_path
 
-__all__ = ["ChannelGraph", "ChannelGroup", "LayerChannels", "RuleContext", "analyse_channels"]
+__all__ = ["ChannelGraph", "ChannelGroup", "LayerChannels", "RuleContext", "analyse_channels", "spatial_dims"]
 
 _RULE_HINT = (
     "tell compscale how it maps channels: `compscale.register_channel_rule({target}, rule)` with a rule from "
@@ -188,8 +189,7 @@ class RuleContext:
 
     def spatial(self, node: fx.Node) -> tuple[int, ...]:
         """The sizes of ``node``'s dimensions other than batch and channels."""
-        c = self.channel_dim(node)
-        return tuple(d for i, d in enumerate(self.shape(node)) if i not in (0, c))
+        return spatial_dims(self.shape(node), self.channel_dim(node))
 
     def channels_first(self, node: fx.Node, what: str) -> None:
         """Fail unless ``node``'s input has its channels in dimension 1 (``what`` reads such tensors)."""
@@ -273,6 +273,11 @@ class RuleContext:
             f"{why}",
             hint or _RULE_HINT.format(target=target),
         )
+
+
+def spatial_dims(shape: Sequence[int], cdim: int) -> tuple[int, ...]:
+    """The sizes of a tensor's dimensions other than batch (0) and channels (``cdim``)."""
+    return tuple(d for i, d in enumerate(shape) if i not in (0, cdim))
 
 
 def _target_name(traced: Traced, node: fx.Node) -> str:

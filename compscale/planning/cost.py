@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from compscale.analyse.channels import ChannelGraph
+from compscale.analyse.channels import ChannelGraph, spatial_dims
 from compscale.analyse.rules import get_function_rule, get_module_rule
 from compscale.trace import Traced
 
@@ -53,8 +53,9 @@ class CostModel:
         self.extra_blocks = dict(extra_blocks)
         self.channel_dims = cg.channel_dims
         self.layers = _inventory(traced, cg)
-        self._exact_arith = (_spatial(traced, traced.input_shape[2:])
-                             == _recorded_spatial(traced, self.channel_dims))
+        self._attrs = _attr_nodes(traced)
+        self._base_sizes = _recorded_spatial(traced, self.channel_dims, self._attrs)
+        self._exact_arith = _spatial(traced, traced.input_shape[2:], self._attrs) == self._base_sizes
 
     def multiplicity(self, path: str, extra: Mapping[int, int]) -> int:
         """How many times a layer of the probe appears in a network with ``extra[s]`` blocks added to stage s."""
@@ -64,22 +65,21 @@ class CostModel:
         return 1
 
     def spatial(self, input_size: Sequence[int]) -> dict[str, Spatial]:
-        sizes = _spatial(self.traced, input_size) if self._exact_arith else None
+        sizes = _spatial(self.traced, input_size, self._attrs) if self._exact_arith else None
         if sizes is not None:
             return sizes
         probe = self.traced.retrace(self.traced.root, (*self.traced.input_shape[:2], *input_size))
-        return _recorded_spatial(probe, self.channel_dims)
+        return _recorded_spatial(probe, self.channel_dims, _attr_nodes(probe))
 
     def cost(self, widths: Mapping[int, int], extra: Mapping[int, int], input_size: Sequence[int]) -> tuple[int, int]:
         """``(macs, params)`` with ``widths`` per group of the probe and ``extra[s]`` blocks added per stage."""
         sizes = self.spatial(input_size)
-        base_sizes = _recorded_spatial(self.traced, self.channel_dims)
         macs = params = 0
         for layer in self.layers:
             k = self.multiplicity(layer.path, extra)
             if k == 0:
                 continue
-            m, p = _layer_cost(layer, widths, sizes, base_sizes)
+            m, p = _layer_cost(layer, widths, sizes, self._base_sizes)
             macs, params = macs + k * m, params + k * p
         return macs, params
 
@@ -137,13 +137,13 @@ def _inventory(traced: Traced, cg: ChannelGraph) -> list[_Layer]:
             own = sum(p.numel() for p in traced.root.get_submodule(path).parameters(recurse=False))
             layers.append(_Layer(path, "", "norm", (), gs[0], norm_params_per_channel=own // cg.groups[gs[0]].base))
             seen.add(path)
+    params = dict(traced.gm.named_parameters())
     for node in traced.graph.nodes:  # tensor attributes: a layer scale runs over channels, the rest is fixed
         target = str(node.target)
         if node.op != "get_attr" or target in seen or target.rpartition(".")[0] in seen:
             continue
         seen.add(target)
-        value = traced.gm.get_parameter(target) if target in dict(traced.gm.named_parameters()) else None
-        numel = value.numel() if value is not None else 0
+        numel = params[target].numel() if target in params else 0
         if target in cg.params and len(cg.params[target][1]) == 1:
             g = cg.params[target][1][0]
             layers.append(_Layer(target, node.name, "norm", (), g, norm_params_per_channel=numel // cg.groups[g].base))
@@ -163,9 +163,8 @@ def _flatten_source(node: fx.Node, nodes: Mapping[str, fx.Node]) -> str | None:
     return None
 
 
-def _recorded_spatial(traced: Traced, channel_dims: Mapping[str, int]) -> dict[str, Spatial]:
-    attrs = _attr_nodes(traced)
-    return {n.name: _drop_channels(traced.shape(n), channel_dims.get(n.name, 1)) for n in traced.graph.nodes
+def _recorded_spatial(traced: Traced, channel_dims: Mapping[str, int], attrs: set[fx.Node]) -> dict[str, Spatial]:
+    return {n.name: spatial_dims(traced.shape(n), channel_dims.get(n.name, 1)) for n in traced.graph.nodes
             if n not in attrs and traced.has_shape(n) and len(traced.shape(n)) > 2}
 
 
@@ -179,24 +178,18 @@ def _attr_nodes(traced: Traced) -> set[fx.Node]:
     return attrs
 
 
-def _drop_channels(shape: Sequence[int], cdim: int) -> Spatial:
-    """The sizes of a tensor's dimensions other than batch and channels."""
-    return tuple(d for i, d in enumerate(shape) if i not in (0, cdim))
-
-
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _SAME_FUNCS = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, operator.pow,
                "add", "add_", "mul", "mul_", "sub", "div", "pow")
 
 
-def _spatial(traced: Traced, input_size: Sequence[int]) -> dict[str, Spatial] | None:
+def _spatial(traced: Traced, input_size: Sequence[int], attrs: set[fx.Node]) -> dict[str, Spatial] | None:
     """Output spatial size of every 4-d node at ``input_size``, by conv arithmetic; ``None`` for an unknown op.
 
     Sizes exclude the channel dimension wherever it is, so ops that move it (``permute``) keep them.
     """
     out: dict[str, Spatial] = {}
-    attrs = _attr_nodes(traced)
     for node in traced.graph.nodes:
         if node in attrs or not traced.has_shape(node) or len(traced.shape(node)) <= 2:
             continue
