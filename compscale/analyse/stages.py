@@ -176,8 +176,7 @@ def cut_points(nodes: Sequence[fx.Node]) -> set[int]:
 
 def find_blocks(traced: Traced) -> list[Block]:
     """Every single-entry, single-exit module region of the graph that contains more than one op."""
-    # constants (get_attr: a layer scale, a norm's weight used functionally) carry no data flow
-    nodes = [n for n in traced.graph.nodes if n.op not in ("output", "get_attr")]
+    nodes = _data_nodes(traced)
     cuts = cut_points(nodes)
     spans: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
@@ -200,6 +199,12 @@ def find_blocks(traced: Traced) -> list[Block]:
         blocks.append(Block(path, type(module).__name__, type(module), entry.name, exit_.name,
                             tuple(traced.shape(entry)), tuple(traced.shape(exit_)), _residual(traced, region, entry)))
     return blocks
+
+
+def _data_nodes(traced: Traced) -> list[fx.Node]:
+    """The graph's nodes but its output and constants (get_attr: a layer scale, a norm's weight used functionally),
+    which carry no data flow."""
+    return [n for n in traced.graph.nodes if n.op not in ("output", "get_attr")]
 
 
 def _residual(traced: Traced, region: Sequence[fx.Node], entry: fx.Node) -> str | None:
@@ -289,9 +294,13 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     for i, s in enumerate(result):
         s.index = i
     for s in result:
-        siblings = _children(traced, s.parent)
-        s.whole_parent = bool(s.parent) and siblings == [b.path for b in s.blocks]
+        s.whole_parent = _is_whole_parent(traced, s)
     return StageTable(result, all_blocks)
+
+
+def _is_whole_parent(traced: Traced, stage: Stage) -> bool:
+    """Whether the stage's blocks are all the children of their parent module."""
+    return bool(stage.parent) and _children(traced, stage.parent) == [b.path for b in stage.blocks]
 
 
 def _wanted(path: str, stages: StageFilter | None) -> bool:
@@ -310,7 +319,7 @@ def _lone_stages(traced: Traced, stages: Sequence[Stage], blocks: Sequence[Block
     block (32 -> 16 channels) of a type that never repeats, so no residual marks it. Its place does: it is a
     stage as its siblings are, and deepens as they do (a synthesized repeat, as for any one-block stage).
     """
-    whole = {s.parent for s in stages if s.parent and _children(traced, s.parent) == [b.path for b in s.blocks]}
+    whole = {s.parent for s in stages if _is_whole_parent(traced, s)}
     by_path = {b.path: b for b in blocks}
     taken = {b.path for s in stages for b in s.blocks}
     found = []
@@ -333,7 +342,7 @@ def _dense_stage(traced: Traced, block: Block) -> Stage | None:
     child's output (concatenated in the child or in the block), and returns the concatenation of its input and all
     of them. Each child becomes a ``"dense"`` block: entry = the concatenation it reads, exit = its output.
     """
-    nodes = [n for n in traced.graph.nodes if n.op not in ("output", "get_attr")]
+    nodes = _data_nodes(traced)
     names = [n.name for n in nodes]
     first, last = names.index(block.entry) + 1, names.index(block.exit)
     entry, exit_ = nodes[first - 1], nodes[last]
