@@ -4,55 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_custom_zoo import ExplicitResNet, _Basic  # blocks called one by one in forward: no container to append to
 from torch import nn
 from torchvision.models import resnet50
 
 import compscale
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, c: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, c, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.short = None if stride == 1 and cin == c else nn.Conv2d(cin, c, 1, stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(out + (x if self.short is None else self.short(x)))
-
-
-class _ByName(nn.Module):
-    """Blocks called one by one in forward: no container to append to."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.block1, self.block2 = _Block(16, 16), _Block(16, 16)
-        self.block3, self.block4 = _Block(16, 32, 2), _Block(32, 32)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.block1(x)
-        x = self.block2(x)
-        x = self.block3(x)
-        x = self.block4(x)
-        return self.head(x.mean((2, 3)))
-
-
 def test_blocks_called_by_name_deepen_in_the_graph() -> None:
-    scaled = compscale.scale(_ByName(), depth=2, input_size=32)
-    assert isinstance(scaled, torch.fx.GraphModule) and type(scaled).__name__ == "_ByName"
+    scaled = compscale.scale(ExplicitResNet(), depth=2, input_size=32)
+    assert isinstance(scaled, torch.fx.GraphModule) and type(scaled).__name__ == "ExplicitResNet"
     assert [s.new_blocks for s in scaled.scaling.stages] == [("block2_0", "block2_1"), ("block5", "block6")]
     code = scaled.code
     assert "block2_0 = self.block2_0(block2)" in code and "block3 = self.block3(block2_1)" in code
     assert "stem = self.stem(x)" in code  # untouched children stay whole
-    assert type(scaled.block5) is _Block and type(scaled.stem) is nn.Sequential
+    assert type(scaled.block5) is _Basic and type(scaled.stem) is nn.Sequential
     assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert compscale.profile(scaled, 32).macs > 1.9 * compscale.profile(_ByName(), 32).macs
+    assert compscale.profile(scaled, 32).macs > 1.9 * compscale.profile(ExplicitResNet(), 32).macs
 
 
 def test_stages_restricts_what_deepens() -> None:
@@ -85,7 +53,7 @@ def test_stages_does_not_change_widths() -> None:
 
 
 def test_graph_insertion_keeps_each_submodules_mode_and_call_order() -> None:
-    model = _ByName().train()
+    model = ExplicitResNet().train()
     model.stem[1].eval()  # a frozen norm
     scaled = compscale.scale(model, depth=2, input_size=32)
     assert scaled.training and not scaled.stem[1].training
