@@ -7,10 +7,16 @@
 (296, 296)
 >>> compscale.plan(resnet50(), phi=2).macs  # the same network's cost, without building it
 16334706880
+
+The public names are imported on first use (PEP 562), so that ``import compscale`` and
+``compscale --help`` do not pay for importing torch.
 """
 
-from compscale.analyse.rules import register_channel_rule
-from compscale.api import scale
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from compscale.errors import (
     CompscaleError,
     NoStageError,
@@ -20,13 +26,31 @@ from compscale.errors import (
     UnsupportedOpError,
     WidthError,
 )
-from compscale.planning.plan import ScalingPlan
-from compscale.planning.planner import Planner, plan
-from compscale.registry import register_drop_path
-from compscale.search import SearchResult, search
-from compscale.verify.profile import Profile, profile
+
+if TYPE_CHECKING:
+    from compscale.analyse.rules import register_channel_rule
+    from compscale.api import scale
+    from compscale.grid import SearchResult, search
+    from compscale.planning.plan import ScalingPlan
+    from compscale.planning.planner import Planner, plan
+    from compscale.registry import register_drop_path
+    from compscale.verify.profile import Profile, profile
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it; imported by __getattr__ on first access
+_LAZY = {
+    "register_channel_rule": "compscale.analyse.rules",
+    "scale": "compscale.api",
+    "ScalingPlan": "compscale.planning.plan",
+    "Planner": "compscale.planning.planner",
+    "plan": "compscale.planning.planner",
+    "register_drop_path": "compscale.registry",
+    "SearchResult": "compscale.grid",
+    "search": "compscale.grid",
+    "Profile": "compscale.verify.profile",
+    "profile": "compscale.verify.profile",
+}
 
 __all__ = [
     "CompscaleError",
@@ -47,3 +71,16 @@ __all__ = [
     "scale",
     "search",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'compscale' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -12,44 +12,19 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from compscale.errors import CompscaleError
+from compscale.models import load_model
 from compscale.planning.rounding import make_divisible
 
 __all__ = ["load", "load_model", "save", "scale_options"]
 
 FORMAT = "compscale/1"
-
-
-def load_model(spec: str) -> nn.Module:
-    """A torchvision model name (``resnet50``) or ``package.module:callable`` returning an ``nn.Module``.
-
-    Raises:
-        CompscaleError: the name is not a torchvision model, or the callable cannot be imported.
-    """
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory: Callable[[], Any] = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise CompscaleError(f"cannot load {spec!r}: {e}", "give package.module:callable, importable here.") from e
-        model = factory()
-    else:
-        import torchvision.models
-
-        if spec not in torchvision.models.list_models():
-            raise CompscaleError(f"unknown model {spec!r}", "use a torchvision model name or package.module:callable.")
-        model = torchvision.models.get_model(spec, weights=None)
-    if not isinstance(model, nn.Module):
-        raise CompscaleError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
-    return model
 
 
 def scale_options(scaled: nn.Module) -> dict[str, Any]:

@@ -1,25 +1,47 @@
 """The ``compscale`` command: ``compscale scale resnet50 --phi 2``.
 
 Prints what changed (per-stage depth, per-group width, input size) and the cost before -> after;
-``--json`` prints one JSON object for scripts. Bad input gives one line on stderr and exit code 2.
+``--json`` prints one JSON object for scripts. A user mistake gives one line on stderr and exit code 2,
+checked before any work where it can be. ``--help`` and argument errors answer without importing torch:
+this module imports compscale's heavy parts inside the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from compscale.api import scale
-from compscale.checkpoint import load_model, save
 from compscale.errors import CompscaleError
-from compscale.planning.plan import ScalingPlan
-from compscale.planning.planner import Planner
-from compscale.verify.profile import Profile, profile
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compscale.planning.plan import ScalingPlan
+    from compscale.verify.profile import Profile
 
 __all__ = ["main"]
+
+_MODEL_HELP = "torchvision model name (resnet50), timm/NAME, or package.module:callable (see `compscale models`)"
+
+_EXAMPLES = """\
+examples:
+  compscale scale resnet50 --phi 2                 # compound scaling, EfficientNet's alpha/beta/gamma
+  compscale scale resnet50 --phi -1                # a negative phi scales down
+  compscale scale mobilenet_v2 --width 1.4         # one dimension only (== mobilenet_v2(width_mult=1.4))
+  compscale scale resnet50 --target-macs 8.2G      # the phi that lands on a MACs budget
+  compscale scale mynets:tiny --depth 2 --json     # your own constructor, JSON for scripts
+  compscale table resnet50 --phi 0:8               # cost per phi, no weights built
+  compscale stages resnet50                        # the stages compscale would deepen
+  compscale models resnet                          # the model names it knows
+"""
 
 
 class UsageError(Exception):
@@ -28,32 +50,54 @@ class UsageError(Exception):
 
 def _number(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def _macs(text: str) -> float:
     """``8.2G``, ``600M`` or ``8.2e9``."""
-    scale = {"G": 1e9, "M": 1e6, "K": 1e3}.get(text[-1:].upper(), 1.0)
+    factor = {"G": 1e9, "M": 1e6, "K": 1e3}.get(text[-1:].upper(), 1.0)
     try:
-        return float(text[:-1] if scale != 1.0 else text) * scale
+        value = float(text[:-1] if factor != 1.0 else text) * factor
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a MACs count (like 8.2G, 600M or 8.2e9): {text!r}") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"not a positive MACs count (like 8.2G, 600M or 8.2e9): {text!r}")
+    return value
 
 
 def _phi_range(text: str) -> list[float]:
-    """``0:8`` (0, 1, ..., 8), ``0:4:0.5`` (with a step) or ``1,2,3``."""
+    """``0:8`` (0, 1, ..., 8), ``0:4:0.5`` (with a step) or ``1,2,3``; never empty."""
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
-            start, stop, step = parts[0], parts[1], parts[2] if len(parts) > 2 else 1.0
-            if step <= 0 or len(parts) > 3:
+            if len(parts) > 3 or not all(math.isfinite(p) for p in parts):
                 raise ValueError
-            return [start + i * step for i in range(int((stop - start) / step + 1e-9) + 1)]
-        return [float(p) for p in text.split(",")]
+            start, stop, step = parts[0], parts[1], parts[2] if len(parts) > 2 else 1.0
+            if step <= 0:
+                raise ValueError
+            values = [start + i * step for i in range(int((stop - start) / step + 1e-9) + 1)] if stop >= start else []
+        else:
+            values = [float(p) for p in text.split(",")]
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(f"not a phi range (like 0:8, 0:4:0.5 or 1,2,3): {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"empty phi range {text!r}: START:STOP needs STOP >= START (like 0:8)")
+    if len(values) > 1000:
+        raise argparse.ArgumentTypeError(f"phi range {text!r} has {len(values)} values; give at most 1000")
+    return [round(v, 10) for v in values]
+
+
+def _paths(text: str) -> list[str]:
+    """Comma-separated module paths, as in ``model.named_modules()``."""
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if not paths:
+        raise argparse.ArgumentTypeError(f"no module path in {text!r} (like layer3,layer4)")
+    return paths
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,101 +108,276 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="compscale", description="Compound scaling for ResNets and MobileNets.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("scale", help="scale a model and report what changed and what it costs")
-    s.add_argument("model", help="torchvision model name, or package.module:callable")
-    s.add_argument("--phi", type=_number, default=None, help="compound coefficient")
-    _add_common(s)
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="compscale", description="EfficientNet's compound scaling for any ResNet or MobileNet.",
+                epilog=_EXAMPLES, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", metavar="{scale,table,stages,models}")
+    s = sub.add_parser("scale", help="scale a model and report what changed and what it costs", formatter_class=fmt,
+                       description="Scale MODEL by phi (d = alpha^phi, w = beta^phi, r = gamma^phi) or by explicit "
+                                   "multipliers, and print what changed and the cost before -> after.",
+                       epilog=_EXAMPLES)
+    s.add_argument("model", help=_MODEL_HELP)
+    s.add_argument("--phi", type=_number, default=None,
+                   help="compound coefficient; negative scales down (e.g. 2, -1)")
     s.add_argument("--depth", type=_number, default=None, help="depth multiplier (overrides phi's)")
     s.add_argument("--width", type=_number, default=None, help="width multiplier (overrides phi's)")
     s.add_argument("--resolution", type=_number, default=None, help="resolution multiplier (overrides phi's)")
-    s.add_argument("--save", default=None, help="save weights and what rebuilds them (compscale.checkpoint.load)")
-    s.add_argument("--target-macs", type=_macs, default=None,
+    s.add_argument("--target-macs", type=_macs, default=None, metavar="MACS",
                    help="scale to about this many MACs (e.g. 8.2G, 600M); searches phi, or --vary one multiplier")
-    s.add_argument("--vary", choices=("phi", "depth", "width", "resolution"), default="phi")
-    t = sub.add_parser("table", help="MACs, params and input size for a range of phi, without building weights")
-    t.add_argument("model", help="torchvision model name, or package.module:callable")
-    t.add_argument("--phi", type=_phi_range, default=_phi_range("0:8"), help="range, e.g. 0:8 (default)")
+    s.add_argument("--vary", choices=("phi", "depth", "width", "resolution"), default=None,
+                   help="with --target-macs: what to search (default phi; depth, width or resolution search that "
+                        "multiplier alone, the others as given or 1)")
+    s.add_argument("--fixed", type=_paths, default=[], metavar="PATHS",
+                   help="comma-separated layers whose output width must not change (e.g. fc,layer4.2.conv3)")
+    s.add_argument("--save", default=None, metavar="PATH",
+                   help="save weights and what rebuilds them (reload with compscale.checkpoint.load(PATH))")
+    _add_common(s)
+    t = sub.add_parser("table", help="MACs, params and input size for a range of phi, without building weights",
+                       formatter_class=fmt, epilog="example:\n  compscale table resnet50 --phi 0:8 --json\n")
+    t.add_argument("model", help=_MODEL_HELP)
+    t.add_argument("--phi", type=_phi_range, default=_phi_range("0:8"),
+                   help="START:STOP[:STEP] or a comma list, e.g. 0:8 (default), 0:4:0.5, -2,-1,0")
     _add_common(t)
-    st = sub.add_parser("stages", help="print the stages compscale finds in a model")
-    st.add_argument("model")
+    st = sub.add_parser("stages", help="print the stages compscale finds in a model", formatter_class=fmt,
+                        epilog="example:\n  compscale stages mobilenet_v2\n")
+    st.add_argument("model", help=_MODEL_HELP)
+    _add_progress(st)
+    m = sub.add_parser("models", help="list the model names MODEL accepts (torchvision; timm when installed)",
+                       formatter_class=fmt, epilog="examples:\n  compscale models\n  compscale models 'resnet*'\n")
+    m.add_argument("pattern", nargs="?", default=None, help="shell pattern or substring to filter by")
+    m.add_argument("--library", choices=("torchvision", "timm"), default=None, help="one library's names only")
     return p
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     for name, default in (("alpha", 1.2), ("beta", 1.1), ("gamma", 1.15)):
         p.add_argument(f"--{name}", type=_number, default=default, help=f"compound base (default {default})")
+    p.add_argument("--stages", type=_paths, default=None, metavar="PATHS",
+                   help="deepen only the blocks under these comma-separated module paths (e.g. layer3,layer4)")
     p.add_argument("--input-size", type=int, default=224, help="the base model's input size (default 224)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_progress(p)
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show each step and its time on stderr (default: when stderr is a terminal)")
+
+
+class Progress:
+    """Each step's name and elapsed time on stderr: a spinner on a terminal, one line per finished step otherwise."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, enabled: bool, stream: TextIO) -> None:
+        self.enabled = enabled
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        start = time.monotonic()
+        done = threading.Event()
+        spinner = threading.Thread(target=self._spin, args=(text, start, done), daemon=True) if self.tty else None
+        if spinner is not None:
+            spinner.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if spinner is not None:
+                spinner.join()
+                self.stream.write("\r\033[K")
+            else:
+                self.stream.write(f"compscale: {text} ({time.monotonic() - start:.1f} s)\n")
+            self.stream.flush()
+
+    def _spin(self, text: str, start: float, done: threading.Event) -> None:
+        i = 0
+        while not done.wait(0.1):
+            self.stream.write(f"\r{self.FRAMES[i % 4]} {text} ({time.monotonic() - start:.1f} s)")
+            self.stream.flush()
+            i += 1
+
+
+# Hints are written for the Python API; on the command line they name the flags.
+_FLAG_HINTS = {
+    "`depth=1`": "`--depth 1`",
+    "(depth=1)": "(--depth 1)",
+    "`resolution=1`": "`--resolution 1`",
+    "`stages=`": "`--stages`",
+    "`fixed=`": "`--fixed`",
+}
+
+
+def cli_hint(hint: str) -> str:
+    """``hint`` with the Python keywords it names replaced by the command's flags."""
+    for python, flag in _FLAG_HINTS.items():
+        hint = hint.replace(python, flag)
+    return hint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "stages":
-            return _stages(args)
-        if args.command == "table":
-            return _table(args)
-        return _scale(args)
-    except (UsageError, CompscaleError, ValueError, TypeError) as e:  # one line, no traceback
-        first = str(e).splitlines()[0]
-        hint = getattr(e, "hint", None)
-        print(f"compscale: error: {first}" + (f" (hint: {hint})" if hint else ""), file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv:
+        sys.stderr.write(parser.format_usage() + "compscale: error: give a command; `compscale --help` shows "
+                                                 "examples\n")
         return 2
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("give a command: scale, table, stages or models")
+    progress = Progress(args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty(),
+                        sys.stderr)
+    try:
+        if args.command == "models":
+            return _models(args)
+        if args.command == "stages":
+            return _stages(args, progress)
+        if args.command == "table":
+            return _table(args, progress)
+        return _scale(args, progress)
+    except (UsageError, CompscaleError, ValueError, TypeError, OSError) as e:  # one line, no traceback
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = getattr(e, "hint", None)
+        print(f"compscale: error: {first}" + (f" (hint: {cli_hint(hint)})" if hint else ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compscale: interrupted", file=sys.stderr)
+        return 130
 
 
-def _stages(args: argparse.Namespace) -> int:
+def _load(spec: str, progress: Progress) -> nn.Module:
+    with progress.step("importing torch"):
+        from compscale.models import load_model
+    with progress.step(f"building {spec}"):
+        return load_model(spec)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from compscale.models import list_models
+
+    names = list_models(args.pattern, args.library)
+    if not names:
+        raise UsageError(f"no model name matches {args.pattern!r}; `compscale models` lists them all")
+    print("\n".join(names))
+    return 0
+
+
+def _stages(args: argparse.Namespace, progress: Progress) -> int:
+    model = _load(args.model, progress)
     from compscale.analyse.stages import find_stages
     from compscale.trace import trace
 
-    print(find_stages(trace(load_model(args.model))))
+    with progress.step(f"tracing {args.model}"):
+        table = find_stages(trace(model))
+    if not len(table):
+        raise CompscaleError(
+            f"{args.model} ({type(model).__name__}) has no stage to deepen: no block merges its own input back "
+            f"into its output",
+            f"scale its width and resolution only: compscale scale {args.model} --width 1.2 --resolution 1.15",
+        )
+    print(table)
     return 0
 
 
-def _scale(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
-    kwargs = {k: getattr(args, k) for k in ("alpha", "beta", "gamma", "depth", "width", "resolution")}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if args.phi is None and args.target_macs is None and not {"depth", "width", "resolution"} & kwargs.keys():
+def _check_save_path(path: str) -> None:
+    """Refuse a ``--save`` path that cannot be written, before any work is done."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--save {path}: is a directory; give a file name, like {os.path.join(path, 'model.pt')}")
+    if not os.path.isdir(parent):
+        raise UsageError(f"--save {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--save {path}: directory {parent} is not writable")
+
+
+def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments for ``compscale.scale``, checked before the model is built."""
+    from compscale.planning.plan import resolve_multipliers
+
+    given = {k: getattr(args, k) for k in ("depth", "width", "resolution") if getattr(args, k) is not None}
+    if args.phi is None and args.target_macs is None and not given:
         raise UsageError("nothing to scale: give --phi, --target-macs and/or --depth/--width/--resolution")
-    if args.target_macs is not None:
-        kwargs.update(target_macs=args.target_macs, vary=args.vary)
-    scaled = scale(model, args.phi, input_size=args.input_size, **kwargs)
-    plan: ScalingPlan = scaled.scaling  # type: ignore[assignment]
-    before = profile(model, plan.base_input_size)
-    after = profile(scaled, plan.input_size)
+    if args.target_macs is not None and args.phi is not None:
+        raise UsageError("--target-macs searches phi: give no --phi with it (or --vary one multiplier)")
+    if args.vary is not None and args.target_macs is None:
+        raise UsageError("--vary chooses what --target-macs searches: give --target-macs with it")
     if args.save:
-        save(scaled, args.save, model=args.model)
-    if args.json:
-        print(json.dumps(_report(args.model, plan, before, after)))
-    else:
-        print(_human(args.model, plan, before, after))
+        _check_save_path(args.save)
+    resolve_multipliers(args.phi, args.alpha, args.beta, args.gamma, args.depth, args.width, args.resolution)
+    kwargs: dict[str, Any] = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, **given,
+                              "input_size": args.input_size}
+    if args.stages is not None:
+        kwargs["stages"] = args.stages
+    if args.fixed:
+        kwargs["fixed"] = args.fixed
+    if args.target_macs is not None:
+        kwargs.update(target_macs=args.target_macs, vary=args.vary or "phi")
+    return kwargs
+
+
+def _scale(args: argparse.Namespace, progress: Progress) -> int:
+    kwargs = _check_scale_args(args)
+    model = _load(args.model, progress)
+    from compscale.api import scale
+    from compscale.verify.profile import profile
+
+    with progress.step(f"scaling {args.model}"):
+        scaled = scale(model, args.phi, **kwargs)
+    plan: ScalingPlan = scaled.scaling  # type: ignore[assignment]
+    with progress.step("counting MACs"):
+        before = profile(model, plan.base_input_size)
+        after = profile(scaled, plan.input_size)
+    saved = None
+    if args.save:
+        from compscale.checkpoint import save
+
+        with progress.step(f"saving {args.save}"):
+            save(scaled, args.save, model=args.model)
+        saved = os.path.abspath(args.save)
+    report = _report(args.model, plan, before, after, args.target_macs, saved)
+    print(json.dumps(report) if args.json else _human(args.model, plan, before, after, report))
     return 0
 
 
-def _report(name: str, plan: ScalingPlan, before: Profile, after: Profile) -> dict[str, Any]:
+def _num(x: float | None, digits: int = 6) -> float | None:
+    """``x`` to ``digits`` significant digits, for JSON (no float noise like 1.2100000000000002)."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def _report(name: str, plan: ScalingPlan, before: Profile, after: Profile, target: float | None,
+            saved: str | None) -> dict[str, Any]:
     m = plan.multipliers
-    return {
+    report: dict[str, Any] = {
         "model": name,
-        "phi": m.phi,
-        "depth": m.depth,
-        "width": m.width,
-        "resolution": m.resolution,
+        "phi": _num(m.phi),
+        "depth": _num(m.depth),
+        "width": _num(m.width),
+        "resolution": _num(m.resolution),
         "input_size": list(after.input_size),
         "params": after.params,
         "macs": after.macs,
         "base": {"input_size": list(before.input_size), "params": before.params, "macs": before.macs},
-        "macs_ratio": after.macs / before.macs if before.macs else None,
+        "macs_ratio": round(after.macs / before.macs, 4) if before.macs else None,
         "stages": [{"name": s.name, "blocks": [s.blocks_before, s.blocks_after]} for s in plan.stages],
         "groups_changed": sum(g.before != g.after for g in plan.groups),
     }
+    if target is not None:
+        report["target_macs"] = int(target)
+        report["target_miss"] = round(after.macs / target - 1, 4)  # relative: 0.011 is 1.1% above the target
+    if saved is not None:
+        report["saved"] = saved
+    return report
 
 
-def _human(name: str, plan: ScalingPlan, before: Profile, after: Profile) -> str:
+def _human(name: str, plan: ScalingPlan, before: Profile, after: Profile, report: dict[str, Any]) -> str:
     ratio = after.macs / before.macs if before.macs else float("nan")
     m = plan.multipliers
-    ideal = (m.depth * m.width**2 * m.resolution**2)
+    ideal = m.depth * m.width**2 * m.resolution**2
     lines = [
         f"{name}",
         str(plan),
@@ -167,19 +386,31 @@ def _human(name: str, plan: ScalingPlan, before: Profile, after: Profile) -> str
         f"MACs   {before.macs / 1e9:.3f} G -> {after.macs / 1e9:.3f} G (x{ratio:.2f}; "
         f"d*w^2*r^2 = x{ideal:.2f})",
     ]
+    if "target_macs" in report:
+        lines.append(f"target {report['target_macs'] / 1e9:.3f} G MACs: got {after.macs / 1e9:.3f} G "
+                     f"({report['target_miss'] * 100:+.1f}%)")
+    if "saved" in report:
+        lines.append(f"saved to {report['saved']} ({os.path.getsize(report['saved']) / 1e6:.1f} MB); "
+                     f"reload with compscale.checkpoint.load({report['saved']!r})")
     return "\n".join(lines)
 
 
-def _table(args: argparse.Namespace) -> int:
-    planner = Planner(load_model(args.model), input_size=args.input_size)
+def _table(args: argparse.Namespace, progress: Progress) -> int:
+    model = _load(args.model, progress)
+    from compscale.planning.planner import Planner
+
+    with progress.step(f"analysing {args.model}"):
+        planner = Planner(model, input_size=args.input_size, stages=args.stages)
     factor = args.alpha * args.beta**2 * args.gamma**2
     rows = []
-    for phi in args.phi:
-        p = planner.plan(phi, alpha=args.alpha, beta=args.beta, gamma=args.gamma)
-        assert p.macs is not None and p.params is not None
-        rows.append({"phi": phi, "depth": p.depth, "width": p.width, "resolution": p.resolution,
-                     "input_size": list(p.input_size), "params": p.params, "macs": p.macs,
-                     "macs_ratio": p.macs / planner.base_macs, "ideal_ratio": factor**phi})
+    with progress.step(f"planning {len(args.phi)} phi"):
+        for phi in args.phi:
+            p = planner.plan(phi, alpha=args.alpha, beta=args.beta, gamma=args.gamma)
+            assert p.macs is not None and p.params is not None
+            rows.append({"phi": phi, "depth": _num(p.depth), "width": _num(p.width),
+                         "resolution": _num(p.resolution), "input_size": list(p.input_size), "params": p.params,
+                         "macs": p.macs, "macs_ratio": round(p.macs / planner.base_macs, 4),
+                         "ideal_ratio": round(factor**phi, 4)})
     if args.json:
         print(json.dumps({"model": args.model, "base": {"macs": planner.base_macs, "params": planner.base_params},
                           "rows": rows}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 __all__ = ["drop_path_attr", "drop_path_types", "register_drop_path"]
@@ -19,11 +21,13 @@ def register_drop_path(module_type: type[nn.Module], rate_attr: str) -> None:
 
 
 def drop_path_types() -> tuple[type[nn.Module], ...]:
+    _register_optional()
     return tuple(_DROP_PATH)
 
 
 def drop_path_attr(module: nn.Module) -> str | None:
     """The rate attribute of a drop-path module, or ``None`` if ``module`` is not one."""
+    _register_optional()
     for t, attr in _DROP_PATH.items():
         if isinstance(module, t):
             return attr
@@ -34,11 +38,23 @@ def _register_known() -> None:
     from torchvision.ops import StochasticDepth
 
     register_drop_path(StochasticDepth, "p")
-    try:  # timm is optional; register its DropPath when it is installed
-        from timm.layers import DropPath  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return
-    register_drop_path(DropPath, "drop_prob")
+
+
+_OPTIONAL_DONE: set[str] = set()
+
+
+def _register_optional() -> None:
+    """Register other libraries' drop-path layers once those libraries are imported (never import them here).
+
+    A model holding timm's ``DropPath`` was built by timm, so timm is in ``sys.modules`` by then.
+    """
+    if "timm" in sys.modules and "timm" not in _OPTIONAL_DONE:
+        _OPTIONAL_DONE.add("timm")
+        try:
+            from timm.layers import DropPath  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            return
+        _DROP_PATH.setdefault(DropPath, "drop_prob")
 
 
 _register_known()

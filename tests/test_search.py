@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import compscale
-from compscale.search import candidates
+from compscale.grid import candidates
 
 GRID = {"alpha": [1.1, 1.2, 1.3], "beta": [1.05, 1.1], "gamma": [1.1, 1.15, 1.2]}
 

@@ -117,7 +117,16 @@ class ScalingPlan:
                 [(f"{b} -> {a}", rule, str(len(gs)), gs[0].members[0] if gs[0].members else "")
                  for (b, a, rule), gs in sorted(changed.items())],
             ))
+            lines.append(_RULES_LEGEND)
         return "\n".join(lines)
+
+
+_RULES_LEGEND = (
+    "rule: how the new width was chosen: independent = make_divisible(width x w); expansion = k x the block's\n"
+    "      input width; squeeze = an SE bottleneck keeping its ratio; tied = k x another group's width\n"
+    "groups: how many channel groups (channels that residual adds or depthwise convs tie) changed so;\n"
+    "e.g.: one layer of them"
+)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -135,6 +144,18 @@ def _check_multiplier(name: str, value: Any, *, positive: bool = True) -> float:
     if positive and v <= 0:
         raise ValueError(f"{name} must be > 0, got {v}")
     return v
+
+
+def _power(name: str, base: float, phi: float) -> float:
+    """``base ** phi``, refused when it overflows to infinity or underflows to zero."""
+    try:
+        value = base**phi
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value) or value <= 0 or value < 1e-12:
+        raise ValueError(f"phi={phi:g} takes {name} to {base:g}**{phi:g} = {value:g}, which no network can have; "
+                         f"give a phi between about -20 and 20")
+    return value
 
 
 def resolve_multipliers(
@@ -158,7 +179,7 @@ def resolve_multipliers(
     def pick(name: str, explicit: float | None, base: float) -> float:
         if explicit is not None:
             return _check_multiplier(name, explicit)
-        return base ** p if p is not None else 1.0
+        return _power(name, base, p) if p is not None else 1.0
 
     return Multipliers(pick("depth", depth, a), pick("width", width, b), pick("resolution", resolution, g), p)
 

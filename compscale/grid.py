@@ -30,7 +30,7 @@ from compscale.planning.plan import ScalingPlan
 
 __all__ = ["Candidate", "SearchResult", "candidates", "search"]
 
-log = logging.getLogger("compscale.search")
+log = logging.getLogger("compscale.grid")
 
 Evaluate = Callable[[nn.Module, tuple[int, int]], float]
 
