@@ -39,6 +39,7 @@ def test_convnext_tiny_width_1_5_is_convnext_with_1_5x_channels() -> None:
     assert scaled.features[0][1].normalized_shape == (144,)  # LayerNorm2d of the stem follows its channels
 
 
+@pytest.mark.slow  # 5 s; width 1.5 and phi=1 of the same net run by default
 def test_convnext_tiny_depth_1_5_is_convnext_5_5_14_5() -> None:
     scaled = compscale.scale(convnext_tiny(), depth=1.5)
     reference = _convnext([96, 192, 384, 768], [5, 5, 14, 5])
@@ -47,6 +48,7 @@ def test_convnext_tiny_depth_1_5_is_convnext_5_5_14_5() -> None:
     assert rates == pytest.approx([m.p for m in reference.modules() if type(m).__name__ == "StochasticDepth"])
 
 
+@pytest.mark.slow  # 6 s; test_original_convnext_compound_cost_and_plan checks the same on a small ConvNeXt
 def test_convnext_tiny_phi_1_runs_at_256_and_plan_equals_profile() -> None:
     model = convnext_tiny()
     scaled = compscale.scale(model, phi=1)

@@ -230,8 +230,7 @@ def test_table_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_python_dash_m_runs_the_same_command() -> None:
-    result = subprocess.run([sys.executable, "-m", "compscale", "scale", "nope", "--phi", "1"],
+    result = subprocess.run([sys.executable, "-m", "compscale", "scale", "resnet18", "--depth", "zero"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("compscale: error: unknown model 'nope' (hint: `compscale models` lists the "
-                                     "names; or give package.module:callable for your own constructor.)")
+    assert result.stderr.strip() == "compscale scale: error: argument --depth: not a number: 'zero'"

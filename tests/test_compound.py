@@ -20,7 +20,7 @@ MOBILENET_V2_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 
                         [6, 320, 1, 1]]
 
 
-@pytest.mark.parametrize(("phi", "size"), [(1, 256), (2, 296)])
+@pytest.mark.parametrize(("phi", "size"), [pytest.param(1, 256, marks=pytest.mark.slow), (2, 296)])
 def test_resnet50_phi_is_the_hand_built_compound_resnet(phi: int, size: int) -> None:
     d, w = 1.2**phi, 1.1**phi
     scaled = compscale.scale(resnet50(), phi=phi)
@@ -33,7 +33,7 @@ def test_resnet50_phi_is_the_hand_built_compound_resnet(phi: int, size: int) -> 
         assert scaled.eval()(torch.randn(1, 3, size, size)).shape == (1, 1000)
 
 
-@pytest.mark.parametrize(("phi", "size"), [(1, 256), (2, 296)])
+@pytest.mark.parametrize(("phi", "size"), [pytest.param(1, 256, marks=pytest.mark.slow), (2, 296)])
 def test_mobilenet_v2_phi_is_the_hand_built_compound_mobilenet(phi: int, size: int) -> None:
     d, w = 1.2**phi, 1.1**phi
     scaled = compscale.scale(mobilenet_v2(), phi=phi)
@@ -44,8 +44,8 @@ def test_mobilenet_v2_phi_is_the_hand_built_compound_mobilenet(phi: int, size: i
 
 
 EFFICIENTNETS = [  # (name, width, depth, resolution, paper GMACs)
-    ("efficientnet_b1", 1.0, 1.1, 240, 0.70),
-    ("efficientnet_b2", 1.1, 1.2, 260, 1.0),
+    pytest.param("efficientnet_b1", 1.0, 1.1, 240, 0.70, marks=pytest.mark.slow),  # test_depth: b0 -> b1 too
+    pytest.param("efficientnet_b2", 1.1, 1.2, 260, 1.0, marks=pytest.mark.slow),  # test_width: b0 -> b2 too
     pytest.param("efficientnet_b3", 1.2, 1.4, 300, 1.8, marks=pytest.mark.slow),
     pytest.param("efficientnet_b4", 1.4, 1.8, 380, 4.2, marks=pytest.mark.slow),
 ]

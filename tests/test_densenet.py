@@ -75,6 +75,7 @@ def test_plan_gives_the_depths_and_macs_of_the_built_network(deeper: nn.Module) 
     assert plan.macs == compscale.profile(deeper, 224).macs
 
 
+@pytest.mark.slow  # 8 s; depth and plan of the same net run by default
 def test_phi_1_deepens_widens_and_runs_at_256() -> None:
     base = meta_densenet121()
     scaled = compscale.scale(base, phi=1)

@@ -30,7 +30,7 @@ def test_resnet18_depth_1_5_is_resnet_3_3_3_3() -> None:
     assert_same_architecture(compscale.scale(resnet18(), depth=1.5), ResNet(BasicBlock, [3, 3, 3, 3]))
 
 
-@pytest.mark.parametrize("d", [1.5, 4])
+@pytest.mark.parametrize("d", [1.5, pytest.param(4, marks=pytest.mark.slow)])
 def test_mobilenet_v2_depth_matches_ceil_n_d(d: float) -> None:
     scaled = compscale.scale(mobilenet_v2(), depth=d)
     setting = [[t, c, math.ceil(n * d), s] for t, c, n, s in MOBILENET_V2_SETTING]

@@ -24,6 +24,7 @@ def test_shapes_are_deterministic_and_render_at_any_size() -> None:
     assert {Shapes(64, 16)[i][1] for i in range(64)} == {0, 1, 2, 3}
 
 
+@pytest.mark.slow  # trains for 10-25 s
 def test_two_ranks_under_torchrun_agree_on_the_weights(tmp_path: Path) -> None:
     digest = tmp_path / "weights"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
@@ -46,6 +47,7 @@ def test_checkpoint_carries_the_plan_and_resumes(tmp_path: Path) -> None:
     assert resumed["steps"] == 6 and torch.load(ckpt, weights_only=True)["step"] == 6
 
 
+@pytest.mark.slow  # trains for 10-25 s
 def test_ablation_prints_the_table_and_saves_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "ablation.png"
     rows = ablation.main(["--steps", "3", "--plot", str(png)])
@@ -63,6 +65,7 @@ def test_ablation_prints_the_table_and_saves_a_png(tmp_path: Path, capsys: pytes
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+@pytest.mark.slow  # trains for 10-25 s
 def test_search_recipe_ranks_the_admissible_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from recipes import search
 

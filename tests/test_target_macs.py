@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from torchvision.models import mobilenet_v2, resnet50
 
 import compscale
-from compscale.cli import main
+
+# Two cases by default (compound on a ResNet, width-only on a MobileNet); all eight with `pytest -m slow`.
+CASES = [
+    pytest.param(factory, factor, vary, marks=() if (factory, factor, vary) in
+                 {(resnet50, 4, "phi"), (mobilenet_v2, 2, "width")} else pytest.mark.slow,
+                 id=f"{vary}-{factor}-{factory.__name__}")
+    for vary in ("phi", "width") for factor in (2, 4) for factory in (resnet50, mobilenet_v2)
+]
 
 
-@pytest.mark.parametrize("factory", [resnet50, mobilenet_v2])
-@pytest.mark.parametrize("factor", [2, 4])
-@pytest.mark.parametrize("vary", ["phi", "width"])
+@pytest.mark.parametrize(("factory", "factor", "vary"), CASES)
 def test_scale_lands_within_3_percent_of_the_target(factory, factor: int, vary: str) -> None:  # type: ignore[no-untyped-def]
     base = factory()
     target = factor * compscale.profile(base, 224).macs
@@ -36,9 +39,3 @@ def test_target_macs_and_phi_are_exclusive() -> None:
         compscale.scale(resnet50(), phi=1, target_macs=8e9)
     with pytest.raises(ValueError, match="vary must be one of"):
         compscale.plan(resnet50(), target_macs=8e9, vary="height")
-
-
-def test_cli_target_macs(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["scale", "resnet18", "--target-macs", "3.6G", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["macs"] == pytest.approx(3.6e9, rel=0.03)

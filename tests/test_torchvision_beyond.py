@@ -19,7 +19,9 @@ from torch import nn
 import compscale
 
 MODELS = [
-    "regnet_y_400mf", "mnasnet1_0", "shufflenet_v2_x1_0", "densenet121", "convnext_tiny", "squeezenet1_0", "vgg11_bn",
+    "regnet_y_400mf", "mnasnet1_0", "shufflenet_v2_x1_0", "convnext_tiny", "squeezenet1_0",
+    # slower, or covered by their own files (test_densenet.py) and by squeezenet's plain-network path
+    pytest.param("densenet121", marks=pytest.mark.slow), pytest.param("vgg11_bn", marks=pytest.mark.slow),
     pytest.param("efficientnet_v2_s", marks=pytest.mark.slow),  # about 10 s on 2 cores; the others under 6 s
 ]
 # All but the two plain (residual-free) networks, squeezenet1_0 and vgg11_bn, which have no stage to deepen

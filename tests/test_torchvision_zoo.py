@@ -22,12 +22,18 @@ WIDTH_1_5_MACS_RATIO = {
 }
 
 
+# The default run covers one net of each kind (basic/grouped ResNet, MobileNetV3, EfficientNet, RegNet);
+# the deeper and wider relatives, which only take longer, run with `pytest -m slow`.
+FAST = {"resnet18", "resnext50_32x4d", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"}
+CASES = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in MODELS]
+
+
 @pytest.fixture(scope="module")
 def x224() -> torch.Tensor:
     return torch.randn(1, 3, 224, 224)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", CASES)
 def test_deepens_by_1_5_and_runs(name: str, x224: torch.Tensor) -> None:
     base = tvm.get_model(name)
     scaled = compscale.scale(base, depth=1.5)
@@ -38,7 +44,7 @@ def test_deepens_by_1_5_and_runs(name: str, x224: torch.Tensor) -> None:
     assert compscale.profile(scaled).macs > compscale.profile(base).macs
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", CASES)
 def test_widens_by_1_5_and_runs(name: str, x224: torch.Tensor) -> None:
     base = tvm.get_model(name)
     scaled = compscale.scale(base, width=1.5)
