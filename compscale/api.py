@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
-from compscale.errors import RewriteError, WidthError
+from compscale.errors import CompscaleError, RewriteError, TooLargeError, WidthError
+from compscale.planning.budget import available_params, rough_params
 from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
 from compscale.planning.plan import (
     GroupPlan,
+    Multipliers,
     ScalingPlan,
     StagePlan,
     as_hw,
@@ -29,7 +33,7 @@ from compscale.rewrite.init import InitRules
 from compscale.rewrite.resolution import adapt_inputs
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
-from compscale.trace.tracer import Traced
+from compscale.trace.tracer import Traced, check_module
 
 __all__ = ["scale"]
 
@@ -55,6 +59,7 @@ def scale(
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     target_macs: float | None = None,
     vary: str = "phi",
+    max_params: int | None = None,
 ) -> nn.Module:
     """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
 
@@ -78,9 +83,12 @@ def scale(
         target_macs: scale to about this many MACs instead of a given ``phi``: ``vary`` (``"phi"``, or one of
             ``"depth"``, ``"width"``, ``"resolution"`` with the other multipliers as given, 1 by default) is
             searched on the plan (:meth:`compscale.Planner.solve`; no weights are built while searching).
+        max_params: refuse, before allocating anything, a plan with more parameters than this; by default what
+            fits in half the free memory of the model's device.
 
     Raises:
-        TypeError, ValueError: a bad multiplier.
+        TypeError, ValueError: a bad multiplier, or a ``model`` that is not an ``nn.Module``.
+        TooLargeError: the plan has more than ``max_params`` parameters.
         CompscaleError: the model cannot be scaled (its subclasses say why and give a hint).
 
     Example:
@@ -89,6 +97,8 @@ def scale(
         >>> [len(s) for s in (deeper.layer1, deeper.layer2, deeper.layer3, deeper.layer4)]
         [6, 8, 12, 6]
     """
+    check_module(model, "scale")
+    planner: Planner | None = None
     if target_macs is not None:
         if phi is not None or fixed:
             raise ValueError("target_macs searches phi (or one multiplier): give no phi, and no fixed= with it")
@@ -100,7 +110,11 @@ def scale(
         phi, depth, width, resolution = solved.multipliers.phi, solved.depth, solved.width, solved.resolution
     mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
     base = as_hw(input_size)
+    _check_size(model, mult, max_params, planner, dict(
+        input_size=input_size, resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
     work = copy.deepcopy(model)
+    kept = {id(p) for p in work.parameters()}
     traced = trace(work, input_size=base, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
     plan.options = {"resolution_divisor": resolution_divisor, "fixed": list(fixed),
@@ -123,9 +137,62 @@ def scale(
     if plan.input_size != base:
         adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), rules)
     _verify(work, traced, plan)
+    _unfreeze_new(work, kept)
     work.scaling = plan  # type: ignore[assignment]
     log.info("scaled %s:\n%s", type(model).__name__, plan)
     return work
+
+
+def _check_size(model: nn.Module, mult: Multipliers, max_params: int | None, planner: Planner | None,
+                options: dict[str, Any]) -> None:
+    """Raise ``TooLargeError`` before allocating a network with more than ``max_params`` parameters."""
+    first = next(model.parameters(), None)
+    if max_params is not None:
+        limit: int | None = int(max_params)
+    elif first is not None:
+        limit = available_params(first.device, first.dtype)
+    else:
+        limit = None
+    if limit is None:
+        return
+    base = sum(p.numel() for p in model.parameters())
+    rough = rough_params(base, mult.depth, mult.width)
+    if rough * 1.5 <= limit:  # rounding (ceil of blocks, widths to 8) stays well within 1.5x of the rough figure
+        return
+    try:
+        planned: float = (planner or Planner(model, **options)).plan_for(mult).params or rough
+        about = ""
+    except CompscaleError:  # the planner cannot cost this model: go by the rough figure
+        planned, about = rough, "about "
+    if planned > limit:
+        size = torch.empty((), dtype=first.dtype).element_size() * planned if first is not None else 0
+        raise TooLargeError(
+            f"{type(model).__name__} scaled by depth x{mult.depth:.4g}, width x{mult.width:.4g} would have "
+            f"{about}{planned / 1e9:.2f} G parameters ({size / 1e9:.1f} GB), more than max_params={limit:,}",
+            "scale by a smaller phi or multipliers; pass max_params= if the memory is there (compscale.plan() "
+            "gives the size without building anything).",
+        )
+
+
+def _unfreeze_new(work: nn.Module, kept: set[int]) -> None:
+    """Re-initialised parameters of frozen layers become trainable, with one warning naming them.
+
+    A frozen layer whose weights compscale drew anew (it changed width, or it is a new block) would otherwise
+    stay random forever.
+    """
+    frozen = [name for name, p in work.named_parameters() if id(p) not in kept and not p.requires_grad]
+    if not frozen:
+        return
+    for p in work.parameters():
+        if id(p) not in kept:
+            p.requires_grad_(True)
+    layers = sorted({name.rpartition(".")[0] for name in frozen})
+    warnings.warn(
+        f"compscale: {len(layers)} layers of {type(work).__name__} were frozen (requires_grad=False) and are "
+        f"re-initialised, so they are now trainable: {', '.join(layers[:5])}{', ...' if len(layers) > 5 else ''}; "
+        "freeze them again if that is what you want",
+        stacklevel=3,
+    )
 
 
 def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,

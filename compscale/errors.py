@@ -11,6 +11,7 @@ __all__ = [
     "NoStageError",
     "ResolutionError",
     "RewriteError",
+    "TooLargeError",
     "TraceError",
     "UnsupportedOpError",
     "WidthError",
@@ -47,3 +48,7 @@ class RewriteError(CompscaleError):
 
 class ResolutionError(CompscaleError):
     """The model cannot run at the new input size (its shapes depend on the input size)."""
+
+
+class TooLargeError(CompscaleError):
+    """The planned network has more parameters than ``max_params`` (by default, what fits in free memory)."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["channels", "init_like", "resize"]
+__all__ = ["channels", "init_like", "memory_format", "resize"]
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -26,7 +26,21 @@ def _clone_shell(module: nn.Module) -> nn.Module:
 
 
 def _empty(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    return torch.empty(tuple(shape), device=like.device, dtype=like.dtype)
+    """An uninitialised tensor of ``shape`` on ``like``'s device, of its dtype and in its memory format."""
+    new = torch.empty(tuple(shape), device=like.device, dtype=like.dtype)
+    fmt = memory_format(like)
+    return new.contiguous(memory_format=fmt) if fmt is not torch.contiguous_format else new
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` (or ``channels_last_3d``) for a 4-d (5-d) tensor stored so, else contiguous."""
+    if t.device.type == "meta" or t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def channels(m: nn.Module) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from compscale.analyse.ops import BINARY, OpKind, targets
 from compscale.registry import drop_path_attr, drop_path_types
 from compscale.trace import module_path
 
@@ -404,14 +405,9 @@ _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     "expand_as", "expand",
 )
 _MULTI_OUTPUT: tuple[Any, ...] = ("chunk", "split", torch.chunk, torch.split)
-_BINARY_FUNCTIONS: tuple[Any, ...] = (
-    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
-    torch.add, torch.mul, torch.sub, torch.div, operator.pow, torch.pow,
-    "add", "add_", "mul", "mul_", "sub", "div", "pow",
-)
 
 
-_ATTR_READERS: tuple[Any, ...] = (*_BINARY_FUNCTIONS, F.layer_norm)  # rules that account for tensor attributes
+_ATTR_READERS: tuple[Any, ...] = (*BINARY, F.layer_norm)  # rules that account for tensor attributes
 _ATTR_VIEWS: tuple[Any, ...] = (operator.getitem, "reshape", "view", "unsqueeze", torch.reshape, torch.unsqueeze)
 
 
@@ -433,7 +429,7 @@ def _register_builtin() -> None:
     register_channel_rule(nn.Flatten, flatten_module)
     for f in _ELEMENTWISE_FUNCTIONS:
         register_channel_rule(f, _first)
-    for f in _BINARY_FUNCTIONS:
+    for f in BINARY:
         register_channel_rule(f, _binary)
     for f in (torch.flatten, "flatten"):
         register_channel_rule(f, _flatten)
@@ -447,7 +443,8 @@ def _register_builtin() -> None:
     register_channel_rule(operator.getitem, _getitem)
     for f in ("mean", torch.mean, "amax", "sum"):
         register_channel_rule(f, _reduce)
-    register_channel_rule(torch.cat, _cat)
+    for f in targets(OpKind.CAT):
+        register_channel_rule(f, _cat)
     for f in ("permute", torch.permute):
         register_channel_rule(f, _permute)
     register_channel_rule(F.layer_norm, _layer_norm_function)

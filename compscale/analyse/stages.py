@@ -18,17 +18,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable, Sequence
 
-import torch
 import torch.fx as fx
 
+from compscale.analyse.ops import OpKind, is_add, is_residual_add, op_kind
 from compscale.trace import Traced, module_path
 
 __all__ = ["Block", "Stage", "StageTable", "cut_points", "find_blocks", "find_stages"]
 
-_ADDS = (operator.add, operator.iadd, "add", "add_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,14 +222,15 @@ def _residual(traced: Traced, region: Sequence[fx.Node], entry: fx.Node) -> str 
             layered.add(n)
         else:
             free.add(n)
-        operands = n.args[0] if n.target is torch.cat else n.args[:2]
-        if n.target in _ADDS or n.target is torch.cat:
+        is_cat = op_kind(n) is OpKind.CAT
+        operands = n.args[0] if is_cat else n.args[:2]
+        if is_add(n) or is_cat:
             ops = [a for a in operands if isinstance(a, fx.Node)] if isinstance(operands, (list, tuple)) else []
             if any(a in free for a in ops) and any(a in layered for a in ops):
-                kind = "concat" if n.target is torch.cat else "identity"
+                kind = "concat" if is_cat else "identity"
     if kind is not None:
         return kind
-    adds = [n for n in region if n.target in _ADDS and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2]
+    adds = [n for n in region if is_residual_add(n)]
     return "projection" if adds and _reaches(entry, adds[-1], set(region)) else None
 
 
@@ -382,7 +381,7 @@ def _child_spans(region: Sequence[fx.Node], parent: str) -> list[tuple[str, fx.N
     for n in region:
         path = module_path(n)
         if not path.startswith(prefix):
-            if n.target is not torch.cat or pending is not None:
+            if op_kind(n) is not OpKind.CAT or pending is not None:
                 return None
             pending = n
             continue
@@ -391,7 +390,7 @@ def _child_spans(region: Sequence[fx.Node], parent: str) -> list[tuple[str, fx.N
             spans[-1][2].append(n)
         elif any(p == child for p, _, _ in spans):
             return None
-        elif pending is None and n.target is torch.cat:
+        elif pending is None and op_kind(n) is OpKind.CAT:
             spans.append((child, n, []))
         else:
             spans.append((child, pending, [n]))
@@ -401,7 +400,7 @@ def _child_spans(region: Sequence[fx.Node], parent: str) -> list[tuple[str, fx.N
 
 def _cat_inputs(node: fx.Node) -> list[fx.Node] | None:
     """The tensors a channel concatenation (``torch.cat(..., 1)`` of 4-d tensors) joins, else ``None``."""
-    if node.target is not torch.cat or not node.args or not isinstance(node.args[0], (list, tuple)):
+    if op_kind(node) is not OpKind.CAT or not node.args or not isinstance(node.args[0], (list, tuple)):
         return None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     tensors = list(node.args[0])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Mapping, Sequence
 
 import torch.fx as fx
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, spatial_dims
+from compscale.analyse.ops import BINARY
 from compscale.analyse.rules import get_function_rule, get_module_rule
 from compscale.trace import Traced
 
@@ -180,8 +180,6 @@ def _attr_nodes(traced: Traced) -> set[fx.Node]:
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_SAME_FUNCS = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, operator.pow,
-               "add", "add_", "mul", "mul_", "sub", "div", "pow")
 
 
 def _spatial(traced: Traced, input_size: Sequence[int], attrs: set[fx.Node]) -> dict[str, Spatial] | None:
@@ -213,7 +211,7 @@ def _node_spatial(traced: Traced, node: fx.Node, known: Mapping[str, Spatial], i
         if isinstance(module, _ADAPTIVE):
             return _adaptive(module.output_size, ins[0])
         return ins[0] if get_module_rule(module) is not None else None
-    if node.target in _SAME_FUNCS:
+    if node.target in BINARY:
         return tuple(max(d) for d in zip(*ins))
     if node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
         return _adaptive(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"), ins[0])

@@ -36,7 +36,7 @@ from compscale.planning.plan import (
 from compscale.planning.policy import Derivation, RoundFn, default_independent, derive, resolve_widths
 from compscale.planning.rounding import make_divisible
 from compscale.trace import trace
-from compscale.trace.tracer import Traced, meta_copy
+from compscale.trace.tracer import Traced, check_module, meta_copy
 
 __all__ = ["Planner", "meta_copy", "no_stage_error", "plan"]
 
@@ -71,6 +71,7 @@ class Planner:
         leaf_modules: Iterable[type[nn.Module]] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
+        check_module(model, "plan")
         self.model_name = type(model).__name__
         self.base_size = as_hw(input_size)
         self.resolution_divisor = resolution_divisor

@@ -24,7 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, analyse_channels
-from compscale.analyse.stages import _ADDS, Block, Stage
+from compscale.analyse.ops import is_add, is_residual_add
+from compscale.analyse.stages import Block, Stage
 from compscale.errors import RewriteError
 from compscale.planning.policy import resolve_widths
 from compscale.registry import drop_path_attr
@@ -147,7 +148,7 @@ def _make_identity_residual(gm: fx.GraphModule, block: Block, traced: Traced, bl
     graph = gm.graph
     x = next(n for n in graph.nodes if n.op == "placeholder")
     out = next(n for n in graph.nodes if n.op == "output")
-    adds = [n for n in graph.nodes if n.target in _ADDS and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2]
+    adds = [n for n in graph.nodes if is_residual_add(n)]
     if block.residual == "projection" and adds:
         add = adds[-1]
         a, b = add.args[:2]
@@ -193,7 +194,7 @@ def _residual_tail(traced: Traced, block: Block, blocks: Sequence[Block]) -> lis
         return []
     by_name = {n.name: n for n in traced.graph.nodes}
     add = by_name[peer.exit]
-    while add.target not in _ADDS and add.all_input_nodes:  # ops after the add (a trailing ReLU)
+    while not is_add(add) and add.all_input_nodes:  # ops after the add (a trailing ReLU)
         add = add.all_input_nodes[0]
     branch = next((a for a in add.args[:2] if isinstance(a, fx.Node) and a.name != peer.entry), None)
     tail: list[tuple[str, nn.Module]] = []

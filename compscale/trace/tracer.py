@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import io
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -33,7 +34,7 @@ from compscale.errors import TraceError
 from compscale.layers import channels, resize
 from compscale.registry import drop_path_types
 
-__all__ = ["CompscaleTracer", "Traced", "eval_mode", "module_path", "trace"]
+__all__ = ["CompscaleTracer", "Traced", "check_module", "eval_mode", "module_path", "trace"]
 
 _TRACE_HINT = (
     "make the offending submodule a leaf with `leaf_modules=[ThatModule]` (compscale will not look inside it), "
@@ -50,9 +51,16 @@ _LAYER_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+# torch.fx patches nn.Module.__call__ and __getattr__ process-wide while it traces. Two traces at once in two
+# threads would each save the other's patch as "the original" and could leave it installed for good, so compscale
+# traces one model at a time (reentrant: a trace may start another, as the depth pass does); and a module called
+# in another thread meanwhile (an eager forward, another scale()'s shape propagation) runs as if unpatched.
+_TRACE_LOCK = threading.RLock()
+
+
 class CompscaleTracer(fx.Tracer):
     """An fx tracer whose leaves are torch's own modules and their conv/norm/linear subclasses, drop-path
-    modules and the user's ``leaf_modules``."""
+    modules and the user's ``leaf_modules``. One trace runs at a time in a process (see ``_TRACE_LOCK``)."""
 
     def __init__(
         self,
@@ -63,6 +71,23 @@ class CompscaleTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self.leaf_types = tuple(leaf_modules) + drop_path_types()
         self.leaf_paths = frozenset(leaf_paths)
+        self._thread = threading.get_ident()
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with _TRACE_LOCK:
+            self._thread = threading.get_ident()
+            return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:  # another thread's module call, through fx's global patch
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_paths:
@@ -126,6 +151,14 @@ class Traced:
 
     def nodes(self) -> Iterator[fx.Node]:
         return iter(self.graph.nodes)
+
+
+def check_module(model: object, caller: str) -> None:
+    """``TypeError`` unless ``model`` is an ``nn.Module`` (a model name is a common slip)."""
+    if not isinstance(model, nn.Module):
+        hint = (f"; build it first, e.g. torchvision.models.get_model({model!r}) or compscale.models.load_model"
+                if isinstance(model, str) else "")
+        raise TypeError(f"compscale.{caller}() takes an nn.Module, got {type(model).__name__} {model!r:.60}{hint}")
 
 
 def module_path(node: fx.Node) -> str:

@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils.flop_counter import FlopCounterMode
 
 from compscale.planning.plan import as_hw
-from compscale.trace.tracer import _input_channels_of, eval_mode
+from compscale.trace.tracer import _input_channels_of, check_module, eval_mode
 
 __all__ = ["Profile", "profile"]
 
@@ -53,6 +53,7 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
         input_size: ``(H, W)``, or one int for a square input.
         in_channels: input channels; read off the model's first conv when omitted.
     """
+    check_module(model, "profile")
     size = as_hw(input_size)
     channels = in_channels if in_channels is not None else _input_channels_of(model)
     params = sum(p.numel() for p in model.parameters())
