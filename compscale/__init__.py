@@ -29,7 +29,7 @@ from compscale.errors import (
 )
 
 if TYPE_CHECKING:
-    from compscale.analyse.rules import register_channel_rule
+    from compscale.analyse.rules import ChannelRules, channel_rules, register_channel_rule, unregister_channel_rule
     from compscale.api import scale
     from compscale.grid import SearchResult, search
     from compscale.planning.plan import ScalingPlan
@@ -41,7 +41,10 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it; imported by __getattr__ on first access
 _LAZY = {
+    "ChannelRules": "compscale.analyse.rules",
+    "channel_rules": "compscale.analyse.rules",
     "register_channel_rule": "compscale.analyse.rules",
+    "unregister_channel_rule": "compscale.analyse.rules",
     "scale": "compscale.api",
     "ScalingPlan": "compscale.planning.plan",
     "Planner": "compscale.planning.planner",
@@ -54,6 +57,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ChannelRules",
     "CompscaleError",
     "NoStageError",
     "Planner",
@@ -66,12 +70,14 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "WidthError",
+    "channel_rules",
     "plan",
     "profile",
     "register_channel_rule",
     "register_drop_path",
     "scale",
     "search",
+    "unregister_channel_rule",
 ]
 
 

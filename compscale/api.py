@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, analyse_channels
+from compscale.analyse.rules import ChannelRules, as_rules, channel_rules
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
 from compscale.errors import CompscaleError, RewriteError, TooLargeError, WidthError
 from compscale.planning.budget import available_params, rough_params
@@ -60,6 +61,7 @@ def scale(
     target_macs: float | None = None,
     vary: str = "phi",
     max_params: int | None = None,
+    rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
 ) -> nn.Module:
     """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
 
@@ -85,6 +87,8 @@ def scale(
             searched on the plan (:meth:`compscale.Planner.solve`; no weights are built while searching).
         max_params: refuse, before allocating anything, a plan with more parameters than this; by default what
             fits in half the free memory of the model's device.
+        rules: channel rules for this call only (``{MyGate: compscale.analyse.rules.elementwise}``), on top of
+            those in force (see :func:`compscale.channel_rules`).
 
     Raises:
         TypeError, ValueError: a bad multiplier, or a ``model`` that is not an ``nn.Module``.
@@ -98,49 +102,50 @@ def scale(
         [6, 8, 12, 6]
     """
     check_module(model, "scale")
-    planner: Planner | None = None
-    if target_macs is not None:
-        if phi is not None or fixed:
-            raise ValueError("target_macs searches phi (or one multiplier): give no phi, and no fixed= with it")
-        planner = Planner(model, input_size=input_size, resolution_divisor=resolution_divisor,
-                          round_width=round_width, stages=stages, leaf_modules=leaf_modules,
-                          autowrap_functions=autowrap_functions)
-        solved = planner.solve(target_macs, vary, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
-                               resolution=resolution)
-        phi, depth, width, resolution = solved.multipliers.phi, solved.depth, solved.width, solved.resolution
-    mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
-    base = as_hw(input_size)
-    _check_size(model, mult, max_params, planner, dict(
-        input_size=input_size, resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
-    work = copy.deepcopy(model)
-    kept = {id(p) for p in work.parameters()}
-    traced = trace(work, input_size=base, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-    plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
-    plan.options = {"resolution_divisor": resolution_divisor, "fixed": list(fixed),
-                    "stages": stages if stages is None or callable(stages) else list(stages),
-                    "round_width": round_width, "leaf_modules": tuple(leaf_modules),
-                    "autowrap_functions": tuple(autowrap_functions)}
-    rules = InitRules(model)
-    table = find_stages(traced, stages)
-    work, plan.stages = _scale_depth(work, traced, table, mult.depth, rules)
-    if mult.width != 1.0:
-        if any(s.blocks_before != s.blocks_after for s in plan.stages):
-            traced = traced.retrace(work, traced.input_shape)
-        cg = analyse_channels(traced)
-        derivations = derive(cg, [b.path for s in find_stages(traced) for b in s.blocks])  # all blocks, not stages=
-        widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations,
-                                seeds=_fixed_widths(cg, fixed))
-        apply_widths(work, cg, widths, rules)
-        plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
-                       for g in cg.groups]
-    if plan.input_size != base:
-        adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), rules)
-    _verify(work, traced, plan)
-    _unfreeze_new(work, kept)
-    work.scaling = plan  # type: ignore[assignment]
-    log.info("scaled %s:\n%s", type(model).__name__, plan)
-    return work
+    with channel_rules(rules):
+        planner: Planner | None = None
+        if target_macs is not None:
+            if phi is not None or fixed:
+                raise ValueError("target_macs searches phi (or one multiplier): give no phi, and no fixed= with it")
+            planner = Planner(model, input_size=input_size, resolution_divisor=resolution_divisor,
+                              round_width=round_width, stages=stages, leaf_modules=leaf_modules,
+                              autowrap_functions=autowrap_functions)
+            solved = planner.solve(target_macs, vary, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
+                                   resolution=resolution)
+            phi, depth, width, resolution = solved.multipliers.phi, solved.depth, solved.width, solved.resolution
+        mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
+        base = as_hw(input_size)
+        _check_size(model, mult, max_params, planner, dict(
+            input_size=input_size, resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
+            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
+        work = copy.deepcopy(model)
+        kept = {id(p) for p in work.parameters()}
+        traced = trace(work, input_size=base, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
+        plan.options = {"resolution_divisor": resolution_divisor, "fixed": list(fixed),
+                        "stages": stages if stages is None or callable(stages) else list(stages),
+                        "round_width": round_width, "leaf_modules": tuple(leaf_modules),
+                        "autowrap_functions": tuple(autowrap_functions), "rules": as_rules(rules)}
+        init = InitRules(model)
+        table = find_stages(traced, stages)
+        work, plan.stages = _scale_depth(work, traced, table, mult.depth, init)
+        if mult.width != 1.0:
+            if any(s.blocks_before != s.blocks_after for s in plan.stages):
+                traced = traced.retrace(work, traced.input_shape)
+            cg = analyse_channels(traced)
+            derivations = derive(cg, [b.path for s in find_stages(traced) for b in s.blocks])  # all blocks, not stages=
+            widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations,
+                                    seeds=_fixed_widths(cg, fixed))
+            apply_widths(work, cg, widths, init)
+            plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
+                           for g in cg.groups]
+        if plan.input_size != base:
+            adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), init)
+        _verify(work, traced, plan)
+        _unfreeze_new(work, kept)
+        work.scaling = plan  # type: ignore[assignment]
+        log.info("scaled %s:\n%s", type(model).__name__, plan)
+        return work
 
 
 def _check_size(model: nn.Module, mult: Multipliers, max_params: int | None, planner: Planner | None,

@@ -34,7 +34,7 @@ def scale_options(scaled: nn.Module) -> dict[str, Any]:
         raise CompscaleError(f"{type(scaled).__name__} carries no `scaling` plan", "save a model from compscale.scale.")
     m = plan.multipliers
     opts = plan.options
-    custom = [name for name in ("round_width", "leaf_modules", "autowrap_functions")
+    custom = [name for name in ("round_width", "leaf_modules", "autowrap_functions", "rules")
               if opts.get(name) not in (None, (), make_divisible)]
     if callable(opts.get("stages")):
         custom.append("stages")

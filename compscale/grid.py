@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from compscale.analyse.rules import channel_rules, user_rules
 from compscale.planning.plan import ScalingPlan
 
 __all__ = ["Candidate", "SearchResult", "candidates", "search"]
@@ -131,7 +132,8 @@ def search(
         cost_factor, tolerance: keep candidates with ``|alpha * beta**2 * gamma**2 - cost_factor| <= tolerance``.
         executor: where candidates run; in-process when omitted.
         results: a JSONL file; finished candidates are appended as they complete, and skipped on a rerun.
-        scale_kwargs: passed to :func:`compscale.scale` (``input_size=``, ``stages=``...).
+        scale_kwargs: passed to :func:`compscale.scale` (``input_size=``, ``stages=``, ``rules=``...). The channel
+            rules in force where ``search`` is called go to every candidate, in whatever process it runs.
     """
     todo = candidates(grid, cost_factor, tolerance)
     done = _load(results)
@@ -139,6 +141,10 @@ def search(
     log.info("%d candidates, %d already in %s, %d to evaluate", len(todo), len(todo) - len(pending), results,
              len(pending))
     pool = executor or _InlineExecutor()
+    # the rules in force here (registered, or scoped with channel_rules) travel with each candidate, so that a
+    # process pool's workers, which import compscale anew, see them too
+    with channel_rules(scale_kwargs.pop("rules", None)):
+        scale_kwargs["rules"] = user_rules()
     futures = [pool.submit(evaluate_candidate, build, evaluate, c, phi, scale_kwargs) for c in pending]
     for future in as_completed(futures):
         row = future.result()

@@ -129,8 +129,13 @@ def test_a_leaf_module_needs_a_rule_and_works_with_one() -> None:
     with pytest.raises(compscale.UnsupportedOpError, match=r"module type _Gate(.|\n)*register_channel_rule\(_Gate"):
         compscale.scale(_Gated(), width=2, leaf_modules=[_Gate])
     compscale.register_channel_rule(_Gate, elementwise)
-    scaled = compscale.scale(_Gated(), width=2, leaf_modules=[_Gate])
+    try:
+        scaled = compscale.scale(_Gated(), width=2, leaf_modules=[_Gate])
+    finally:
+        compscale.unregister_channel_rule(_Gate)
     assert scaled.conv.out_channels == 16 and scaled.head.in_channels == 16
+    with pytest.raises(compscale.UnsupportedOpError, match="module type _Gate"):  # unregistered: unknown again
+        compscale.scale(_Gated(), width=2, leaf_modules=[_Gate])
 
 
 def test_details_lists_every_group() -> None:

@@ -12,8 +12,11 @@ Example: a custom layer that keeps its input channels::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
@@ -30,44 +33,166 @@ if TYPE_CHECKING:
     from compscale.analyse.channels import RuleContext
 
 __all__ = [
+    "BUILTIN",
+    "ChannelRules",
     "Desc",
     "FunctionRule",
     "ModuleRule",
+    "active_rules",
+    "as_rules",
+    "channel_rules",
     "elementwise",
     "fixed",
     "get_function_rule",
     "get_module_rule",
     "register_channel_rule",
+    "unregister_channel_rule",
+    "user_rules",
 ]
 
 Desc = tuple[tuple[int, int], ...]
 ModuleRule = Callable[["RuleContext", "fx.Node", nn.Module], Desc]
 FunctionRule = Callable[["RuleContext", "fx.Node"], "Desc | None"]
 
-_MODULE_RULES: dict[type[nn.Module], Callable[..., Desc | None]] = {}
-_FUNCTION_RULES: dict[Any, FunctionRule] = {}
+Target = Any  # a module type, a function, or a Tensor method name
+
+
+class ChannelRules:
+    """A registry of channel rules (module type or function -> rule) that can be scoped, copied and pickled.
+
+    Look-ups fall through to ``parent``: the built-in rules are the root, the process-wide user rules
+    (:func:`register_channel_rule`) sit on them, and :func:`channel_rules` scopes more on top for a ``with``
+    block (per thread and per task, through a ``contextvars.ContextVar``). ``compscale.scale(..., rules=...)``
+    and ``compscale.search`` carry a ``ChannelRules`` into their calls and worker processes; its rules must be
+    picklable (module-level functions) for a process pool.
+    """
+
+    def __init__(self, rules: Mapping[Target, Callable[..., Desc | None]] | None = None,
+                 parent: ChannelRules | None = None) -> None:
+        self.modules: dict[type[nn.Module], Callable[..., Desc | None]] = {}
+        self.functions: dict[Target, Callable[..., Desc | None]] = {}
+        self.parent = parent
+        for target, rule in (rules or {}).items():
+            self.register(target, rule)
+
+    def register(self, target: Target, rule: Callable[..., Desc | None]) -> None:
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            self.modules[target] = rule
+        else:
+            self.functions[target] = rule
+
+    def own(self, target: Target) -> Callable[..., Desc | None] | None:
+        """The rule registered for exactly ``target`` here or in a parent (no subclass look-up)."""
+        table: Mapping[Any, Any] = self.modules if isinstance(target, type) else self.functions
+        if target in table:
+            return table[target]
+        return self.parent.own(target) if self.parent is not None else None
+
+    def module_rule(self, module: nn.Module) -> Callable[..., Desc | None] | None:
+        """The rule of ``module``'s class or its nearest base class, the innermost registry first."""
+        for cls in type(module).__mro__:
+            rule = self.own(cls)
+            if rule is not None:
+                return rule
+        return None
+
+    def function_rule(self, target: Target) -> Callable[..., Desc | None] | None:
+        try:
+            return self.own(target)
+        except TypeError:  # an unhashable target
+            return None
+
+    def remove(self, target: Target) -> None:
+        """Forget this registry's own rule for ``target`` (a parent's rule, if any, shows through again)."""
+        table: dict[Any, Any] = self.modules if isinstance(target, type) else self.functions
+        table.pop(target, None)
+
+    def flatten(self, stop: ChannelRules | None = None) -> ChannelRules:
+        """One registry holding what this one sees, parents included up to ``stop`` (a snapshot, for pickling)."""
+        below = self.parent if self.parent is not stop else None
+        flat = below.flatten(stop) if below is not None else ChannelRules()
+        flat.modules.update(self.modules)
+        flat.functions.update(self.functions)
+        return flat
+
+    def __len__(self) -> int:
+        return len(self.modules) + len(self.functions)
+
+
+BUILTIN = ChannelRules()
+_USER = ChannelRules(parent=BUILTIN)
+_ACTIVE: contextvars.ContextVar[ChannelRules] = contextvars.ContextVar("compscale_channel_rules", default=_USER)
+
+
+def active_rules() -> ChannelRules:
+    """The rules in force here: the innermost :func:`channel_rules` scope, else the process-wide ones."""
+    return _ACTIVE.get()
 
 
 def register_channel_rule(target: type[nn.Module] | Callable[..., Any] | str,
                           rule: Callable[..., Desc | None]) -> None:
-    """Tell compscale how ``target`` (a module type, a function, or a ``Tensor`` method name) maps channels."""
-    if isinstance(target, type) and issubclass(target, nn.Module):
-        _MODULE_RULES[target] = rule
-    else:
-        _FUNCTION_RULES[target] = rule
+    """Tell compscale, for this process, how ``target`` (a module type, a function, or a ``Tensor`` method name)
+    maps channels. Overriding a built-in rule warns: it changes every later call.
+
+    For one call or one block of code, prefer ``compscale.scale(..., rules={target: rule})`` or
+    ``with compscale.channel_rules({target: rule}):``.
+    """
+    builtin = BUILTIN.own(target)
+    if builtin is not None and builtin is not rule:
+        warnings.warn(f"compscale: register_channel_rule({getattr(target, '__name__', target)!r}) overrides a "
+                      f"built-in rule for every later call in this process; scope it with "
+                      f"`with compscale.channel_rules(...)` or scale(..., rules=...)", stacklevel=2)
+    _USER.register(target, rule)
+
+
+def unregister_channel_rule(target: type[nn.Module] | Callable[..., Any] | str) -> None:
+    """Undo :func:`register_channel_rule` for ``target`` (a built-in rule it overrode applies again)."""
+    _USER.remove(target)
+
+
+def user_rules() -> ChannelRules:
+    """The user's rules in force here (process-wide and scoped, without the built-ins), as one picklable registry."""
+    return active_rules().flatten(stop=BUILTIN)
+
+
+@contextlib.contextmanager
+def channel_rules(rules: Mapping[Target, Callable[..., Desc | None]] | ChannelRules | None = None,
+                  ) -> Iterator[ChannelRules]:
+    """Rules in force inside the ``with`` block only (this thread or task), on top of those already in force.
+
+    Example:
+        >>> with channel_rules({MyGate: elementwise}):          # doctest: +SKIP
+        ...     wider = compscale.scale(net, width=1.5)
+    """
+    scoped = as_rules(rules)
+    token = _ACTIVE.set(ChannelRules(parent=_ACTIVE.get()) if scoped is None else _chain(scoped, _ACTIVE.get()))
+    try:
+        yield _ACTIVE.get()
+    finally:
+        _ACTIVE.reset(token)
+
+
+def as_rules(rules: Mapping[Target, Callable[..., Desc | None]] | ChannelRules | None) -> ChannelRules | None:
+    if rules is None or isinstance(rules, ChannelRules):
+        return rules
+    return ChannelRules(rules)
+
+
+def _chain(top: ChannelRules, below: ChannelRules) -> ChannelRules:
+    """``top``'s own rules over everything ``below`` sees (``top``'s parents are replaced by ``below``)."""
+    flat = top.flatten()
+    return ChannelRules({**flat.modules, **flat.functions}, parent=below)
 
 
 def get_module_rule(module: nn.Module) -> Callable[..., Desc | None] | None:
-    for cls in type(module).__mro__:
-        if cls in _MODULE_RULES:
-            return _MODULE_RULES[cls]
-    if drop_path_attr(module) is not None:  # a drop-path type registered after this module was imported
+    rule = active_rules().module_rule(module)
+    if rule is None and drop_path_attr(module) is not None:  # a drop-path type registered after import
         return elementwise
-    return None
+    return rule
 
 
 def get_function_rule(node: fx.Node) -> FunctionRule | None:
-    return _FUNCTION_RULES.get(node.target)
+    return active_rules().function_rule(node.target)
 
 
 # --- module rules -------------------------------------------------------------------------------
@@ -419,35 +544,35 @@ def _register_builtin() -> None:
         nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
     )
     for t in act_types + drop_path_types():
-        register_channel_rule(t, elementwise)
+        BUILTIN.register(t, elementwise)
     for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        register_channel_rule(t, conv)
+        BUILTIN.register(t, conv)
     for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm2d, nn.SyncBatchNorm):
-        register_channel_rule(t, norm)
-    register_channel_rule(nn.LayerNorm, layer_norm)
-    register_channel_rule(nn.Linear, linear)
-    register_channel_rule(nn.Flatten, flatten_module)
+        BUILTIN.register(t, norm)
+    BUILTIN.register(nn.LayerNorm, layer_norm)
+    BUILTIN.register(nn.Linear, linear)
+    BUILTIN.register(nn.Flatten, flatten_module)
     for f in _ELEMENTWISE_FUNCTIONS:
-        register_channel_rule(f, _first)
+        BUILTIN.register(f, _first)
     for f in BINARY:
-        register_channel_rule(f, _binary)
+        BUILTIN.register(f, _binary)
     for f in (torch.flatten, "flatten"):
-        register_channel_rule(f, _flatten)
+        BUILTIN.register(f, _flatten)
     for f in ("view", "reshape", torch.reshape):
-        register_channel_rule(f, _reshape)
+        BUILTIN.register(f, _reshape)
     for f in ("transpose", torch.transpose):
-        register_channel_rule(f, _transpose)
-    register_channel_rule("contiguous", _contiguous)
+        BUILTIN.register(f, _transpose)
+    BUILTIN.register("contiguous", _contiguous)
     for f in _MULTI_OUTPUT:
-        register_channel_rule(f, _split)
-    register_channel_rule(operator.getitem, _getitem)
+        BUILTIN.register(f, _split)
+    BUILTIN.register(operator.getitem, _getitem)
     for f in ("mean", torch.mean, "amax", "sum"):
-        register_channel_rule(f, _reduce)
+        BUILTIN.register(f, _reduce)
     for f in targets(OpKind.CAT):
-        register_channel_rule(f, _cat)
+        BUILTIN.register(f, _cat)
     for f in ("permute", torch.permute):
-        register_channel_rule(f, _permute)
-    register_channel_rule(F.layer_norm, _layer_norm_function)
+        BUILTIN.register(f, _permute)
+    BUILTIN.register(F.layer_norm, _layer_norm_function)
 
 
 _register_builtin()

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, analyse_channels
+from compscale.analyse.rules import ChannelRules, as_rules, channel_rules
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
 from compscale.errors import NoStageError
 from compscale.planning.cost import CostModel
@@ -70,8 +71,16 @@ class Planner:
         stages: StageFilter | None = None,
         leaf_modules: Iterable[type[nn.Module]] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
+        rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
     ) -> None:
         check_module(model, "plan")
+        self.rules = as_rules(rules)
+        with channel_rules(self.rules):
+            self._analyse(model, input_size, resolution_divisor, round_width, stages, leaf_modules, autowrap_functions)
+
+    def _analyse(self, model: nn.Module, input_size: int | Sequence[int], resolution_divisor: int,
+                 round_width: RoundFn, stages: StageFilter | None, leaf_modules: Iterable[type[nn.Module]],
+                 autowrap_functions: Iterable[Callable[..., Any]]) -> None:
         self.model_name = type(model).__name__
         self.base_size = as_hw(input_size)
         self.resolution_divisor = resolution_divisor
@@ -94,6 +103,10 @@ class Planner:
         """The probe whose dense stages have ``dense`` layers (in stage order), built once."""
         if dense in self._probes:
             return self._probes[dense]
+        with channel_rules(self.rules):
+            return self._build_probe(dense)
+
+    def _build_probe(self, dense: tuple[int, ...]) -> _Probe:
         from compscale.rewrite.depth import deepen  # the probe is built by the depth pass itself
         from compscale.rewrite.resolution import adapt_inputs
 
