@@ -9,6 +9,7 @@ import torch
 from conftest import assert_same_architecture
 from torch import nn
 from torchvision.models import efficientnet_b0, efficientnet_b1, mobilenet_v2, resnet18, resnet50
+from torchvision.models.efficientnet import MBConv
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import StochasticDepth
 
@@ -53,12 +54,16 @@ def test_efficientnet_b0_depth_1_1_is_b1() -> None:
 def test_synthesized_repeat_drops_path_and_adds_input_back() -> None:
     scaled = compscale.scale(efficientnet_b0(), depth=2)  # stage 1 gains a block made from its only block
     new_block = scaled.features[1][1]
-    assert isinstance(new_block.stochastic_depth, StochasticDepth)
-    code = new_block.code
-    assert "stochastic_depth" in code and "+ x" in code
+    assert type(new_block) is MBConv and new_block.use_res_connect  # the model's own class, residual switched on
+    assert isinstance(new_block.stochastic_depth, StochasticDepth) and new_block.stochastic_depth.p > 0
     new_block.eval()
     x = torch.randn(1, 16, 112, 112)
-    assert new_block(x).shape == x.shape
+    torch.testing.assert_close(new_block(x), new_block.block(x) + x)  # adds its input back
+    new_block.train()  # and drops its path in training: some rows of a batch lose the branch, some keep it
+    new_block.stochastic_depth.p = 0.5
+    x = torch.randn(16, 16, 8, 8)
+    dropped = [bool((row_y == row_x).all()) for row_y, row_x in zip(new_block(x), x)]
+    assert any(dropped) and not all(dropped)
 
 
 def test_new_blocks_keep_names_and_take_next_index() -> None:

@@ -33,7 +33,7 @@ from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths
 from compscale.trace import Traced
 
-__all__ = ["extract_block", "synthesize_dense", "synthesize_repeat"]
+__all__ = ["extract_block", "own_class_repeat", "synthesize_dense", "synthesize_repeat"]
 
 
 def extract_block(traced: Traced, block: Block) -> fx.GraphModule:
@@ -59,12 +59,97 @@ def extract_block(traced: Traced, block: Block) -> fx.GraphModule:
 
 
 def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rules: InitRules | None) -> nn.Module:
-    """The repeat block of a one-block ``stage`` (see the module docstring)."""
+    """The repeat block of a one-block ``stage`` (see the module docstring).
+
+    Where the model has a residual block of the same class to learn from, the repeat is an instance of that
+    class (:func:`own_class_repeat`); otherwise a ``GraphModule`` of the block's rewritten subgraph.
+    """
     block = stage.blocks[0]
+    own = own_class_repeat(traced, block, blocks, rules)
+    if own is not None:
+        return own
     gm = _rewidened(traced, block, block.out_shape[1], rules)
     _unstride(gm)
     _make_identity_residual(gm, block, traced, blocks)
     return _finish(traced, gm, block, block.out_shape)
+
+
+def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
+                     rules: InitRules | None) -> nn.Module | None:
+    """The repeat of ``block`` as an instance of its own class, or ``None`` when none can be made.
+
+    A copy of the block is re-widthed to map its output width to itself and loses its strides. Its residual is
+    switched on as a residual peer of its class has it: the boolean attributes (of the block or of a
+    submodule) where the two differ are tried, one at a time, then all together, and a candidate is kept when a
+    trace shows that it adds its input back and maps the stage's output shape to itself (``use_res_connect`` in
+    torchvision's ``MBConv``, ``has_skip`` in timm's, ``apply_dropout`` in Hugging Face's EfficientNet).
+    """
+    peer = next((b for b in blocks if b.module_type is block.module_type and b.is_repeat), None)
+    if peer is None:
+        return None
+    template = traced.root.get_submodule(block.path)
+    flags = _differing_flags(template, traced.root.get_submodule(peer.path))
+    if not flags:
+        return None
+    try:
+        base = _rewidened_copy(traced, template, block, rules)
+    except Exception:
+        return None
+    _unstride(base)
+    shape = block.out_shape
+    for subset in [[f] for f in flags] + ([flags] if len(flags) > 1 else []):
+        candidate = copy.deepcopy(base)
+        for path, name, value in subset:
+            setattr(candidate.get_submodule(path) if path else candidate, name, value)
+        if _adds_its_input(traced, candidate, shape):
+            return candidate
+    return None
+
+
+def _differing_flags(mine: nn.Module, peer: nn.Module) -> list[tuple[str, str, bool]]:
+    """``(submodule path, attribute, peer's value)`` for every boolean attribute where ``peer`` differs."""
+    peer_modules = dict(peer.named_modules())
+    flags = []
+    for path, m in mine.named_modules():
+        other = peer_modules.get(path)
+        if other is None or type(other) is not type(m):
+            continue
+        for name, value in vars(m).items():
+            theirs = vars(other).get(name)
+            if name != "training" and isinstance(value, bool) and isinstance(theirs, bool) and theirs != value:
+                flags.append((path, name, theirs))
+    return flags
+
+
+def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: InitRules | None) -> nn.Module:
+    """A deep copy of ``template`` whose input group (and output, and the groups derived) are the block's output
+    width, resized in place so that the copy keeps its class."""
+    new = copy.deepcopy(template)
+    sub = traced.retrace(new, block.in_shape)
+    cg = analyse_channels(sub, pin_io=False)
+    x = next(n for n in sub.graph.nodes if n.op == "placeholder")
+    entry = cg.node_groups[x.name]
+    exits = cg.node_groups.get(sub.output_node.name, ())
+    if len(entry) != 1:
+        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
+    width = block.out_shape[1]
+    seeds = {entry[0]: width}
+    if len(exits) == 1 and cg.groups[exits[0]].base == width:
+        seeds[exits[0]] = width
+    apply_widths(new, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds), rules)
+    return new
+
+
+def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether ``block`` maps ``shape`` to itself and adds its input back (a trace proves it)."""
+    try:
+        check = traced.retrace(block, shape)
+    except Exception:
+        return False
+    if tuple(check.shape(check.output_node)) != tuple(shape):
+        return False
+    x = next(n for n in check.graph.nodes if n.op == "placeholder")
+    return any(is_residual_add(n) and x in n.args[:2] for n in check.graph.nodes)
 
 
 def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules | None) -> list[nn.Module]:
@@ -137,7 +222,7 @@ def _check_maps(traced: Traced, gm: fx.GraphModule, block: Block, in_shape: tupl
         )
 
 
-def _unstride(gm: fx.GraphModule) -> None:
+def _unstride(gm: nn.Module) -> None:
     for m in gm.modules():
         stride = getattr(m, "stride", None)
         if isinstance(m, (nn.modules.conv._ConvNd, nn.MaxPool2d, nn.AvgPool2d)) and stride not in (1, None):

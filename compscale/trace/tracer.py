@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import math
 import threading
@@ -210,7 +211,9 @@ def trace(
     name = type(model).__name__
     with eval_mode(model):
         try:
-            graph = tracer.trace(model)
+            defaults = default_kwargs(model)
+            graph = tracer.trace(model, concrete_args=defaults or None)
+            drop_specialized(graph, defaults)
         except Exception as e:  # fx raises TraceError, TypeError, AttributeError... for untraceable code
             where = f"{name}.forward"
             if tracer.module_stack:  # fx leaves the stack as it was when tracing failed
@@ -224,6 +227,45 @@ def trace(
     if shapes:
         propagate_shapes(traced)
     return traced
+
+
+def default_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The parameters of ``model.forward`` after the first that have defaults, bound to them.
+
+    ``model(x)`` runs with these defaults, so the trace does too: ``forward(x, drop_connect_rate=None)`` (a block
+    traced alone) or ``forward(pixel_values, return_dict=None)`` traces as that call, not with proxies for them.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
+def drop_specialized(graph: fx.Graph, concrete: Mapping[str, Any]) -> None:
+    """Remove the placeholders fx makes for ``concrete_args`` and the asserts that guard them.
+
+    The analysis sees the graph of ``model(x)``: one placeholder per tensor input, no guard nodes.
+    """
+    if not concrete:
+        return
+    specialized = [n for n in graph.nodes if n.op == "placeholder" and n.target.rstrip("_0123456789") in concrete
+                   and n is not next(iter(graph.nodes))]
+    doomed: list[fx.Node] = []
+    stack = list(specialized)
+    while stack:
+        node = stack.pop()
+        if node not in doomed:
+            doomed.append(node)
+            stack.extend(node.users)
+    for node in sorted(doomed, key=_position(graph), reverse=True):
+        graph.erase_node(node)
+
+
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: order[n]
 
 
 def meta_copy(model: nn.Module) -> Any:
