@@ -14,7 +14,7 @@ from torch import nn
 from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.rules import ChannelRules, as_rules, channel_rules
 from compscale.analyse.stages import StageFilter, StageTable, find_stages
-from compscale.errors import CompscaleError, RewriteError, TooLargeError, WidthError
+from compscale.errors import CompscaleError, RewriteError, TooLargeError, TraceError, WidthError
 from compscale.planning.budget import available_params, rough_params
 from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
 from compscale.planning.plan import (
@@ -22,7 +22,7 @@ from compscale.planning.plan import (
     Multipliers,
     ScalingPlan,
     StagePlan,
-    as_hw,
+    as_size,
     plan_input_size,
     resolve_multipliers,
 )
@@ -51,7 +51,8 @@ def scale(
     depth: float | None = None,
     width: float | None = None,
     resolution: float | None = None,
-    input_size: int | Sequence[int] = 224,
+    input_size: int | Sequence[int] | None = None,
+    example_inputs: tuple[torch.Tensor, ...] | None = None,
     resolution_divisor: int = 8,
     round_width: RoundFn = make_divisible,
     stages: StageFilter | None = None,
@@ -75,7 +76,11 @@ def scale(
         phi: compound coefficient.
         alpha, beta, gamma: per-dimension bases of the compound rule.
         depth, width, resolution: explicit multipliers.
-        input_size: the base model's input size (``(H, W)`` or one int).
+        input_size: the base model's input size: ``(H, W)`` or one int (224 by default); for inputs of another
+            rank every dim after the channels (``(16000,)`` for audio, ``(16, 112, 112)`` for video).
+        example_inputs: the inputs of one call, as ``torch.export`` takes them (``(torch.randn(1, 1, 16000),)``):
+            the input shape, its channels and its rank come from the first tensor; resolution scales every dim
+            after its channel dim.
         resolution_divisor: the new input size is a multiple of it.
         round_width: ``round_width(channels, divisor) -> int`` for independent channel groups.
         stages: restrict depth scaling to blocks under these module paths, or to blocks whose path a
@@ -102,6 +107,7 @@ def scale(
         [6, 8, 12, 6]
     """
     check_module(model, "scale")
+    input_shape, input_size = resolve_inputs(example_inputs, input_size)
     with channel_rules(rules):
         planner: Planner | None = None
         if target_macs is not None:
@@ -114,13 +120,14 @@ def scale(
                                    resolution=resolution)
             phi, depth, width, resolution = solved.multipliers.phi, solved.depth, solved.width, solved.resolution
         mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution)
-        base = as_hw(input_size)
+        base = as_size(input_size)
         _check_size(model, mult, max_params, planner, dict(
             input_size=input_size, resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
             leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
         work = copy.deepcopy(model)
         kept = {id(p) for p in work.parameters()}
-        traced = trace(work, input_size=base, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        traced = trace(work, input_shape, input_size=base, leaf_modules=leaf_modules,
+                       autowrap_functions=autowrap_functions)
         plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
         plan.options = {"resolution_divisor": resolution_divisor, "fixed": list(fixed),
                         "stages": stages if stages is None or callable(stages) else list(stages),
@@ -146,6 +153,31 @@ def scale(
         work.scaling = plan  # type: ignore[assignment]
         log.info("scaled %s:\n%s", type(model).__name__, plan)
         return work
+
+
+def resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None,
+                   input_size: int | Sequence[int] | None) -> tuple[tuple[int, ...] | None, int | Sequence[int]]:
+    """The full input shape (when ``example_inputs`` give it) and the spatial size to scale from."""
+    if example_inputs is None:
+        return None, 224 if input_size is None else input_size
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError(f"example_inputs must be a tuple of tensors, as torch.export takes them; got "
+                        f"{type(example_inputs).__name__}")
+    if len(example_inputs) != 1:
+        raise TraceError(
+            f"example_inputs holds {len(example_inputs)} tensors: compscale scales models of one tensor input so far",
+            "wrap the model in a module whose forward takes the one input that resolution scales and supplies the "
+            "others itself.",
+        )
+    shape = tuple(example_inputs[0].shape)
+    if len(shape) < 3:
+        raise TraceError(f"the example input has shape {shape}: compscale needs (N, C, *spatial)",
+                         "give an input with a batch, a channel and at least one spatial dim.")
+    if input_size is not None and as_size(input_size, len(shape) - 2) != shape[2:]:
+        raise ValueError(f"input_size={input_size!r} disagrees with the example input's shape {shape}; give one")
+    return (1, *shape[1:]), shape[2:]
 
 
 def _check_size(model: nn.Module, mult: Multipliers, max_params: int | None, planner: Planner | None,
@@ -227,11 +259,11 @@ def _fixed_widths(cg: ChannelGraph, fixed: Sequence[str]) -> dict[int, int]:
 
 def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan) -> None:
     """Re-trace the result at its new input size and lint the graph; the output keeps its shape."""
-    before = tuple(traced.shape(traced.output_node))
+    before = [tuple(traced.shape(n)) for n in traced.output_nodes]
     after_traced = traced.retrace(work, (*traced.input_shape[:2], *plan.input_size))
     after_traced.graph.lint()
-    after = tuple(after_traced.shape(after_traced.output_node))
-    if after[:2] != before[:2]:
+    after = [tuple(after_traced.shape(n)) for n in after_traced.output_nodes]
+    if [s[:2] for s in after] != [s[:2] for s in before]:
         raise RewriteError(
             f"the scaled {type(work).__name__} returns {after} where the model returned {before}",
             "report this with the model; meanwhile scale the dimensions one at a time to find the culprit.",

@@ -33,7 +33,7 @@ __all__ = ["Candidate", "SearchResult", "candidates", "search"]
 
 log = logging.getLogger("compscale.grid")
 
-Evaluate = Callable[[nn.Module, tuple[int, int]], float]
+Evaluate = Callable[[nn.Module, tuple[int, ...]], float]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -310,7 +310,8 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
     ctx.current = node
     if node.op == "output":
         if ctx.pin_io:
-            ctx.pin(ctx.desc(ctx.traced.output_node), "model output")
+            for out in ctx.traced.output_nodes:
+                ctx.pin(ctx.desc(out), "model output")
         return None
     if node.op == "get_attr" or _is_attr_view(ctx, node):  # a tensor attribute, or a view of one (p[:, None, None])
         ctx.attrs[node] = ctx.attrs[ctx.input_node(node)] if node.op != "get_attr" else node

@@ -525,6 +525,8 @@ def _layer_norm_function(ctx: RuleContext, node: fx.Node) -> Desc:
 _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
     F.dropout, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
+    F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.avg_pool1d, F.max_pool1d,
+    F.adaptive_avg_pool3d, F.adaptive_max_pool3d, F.avg_pool3d, F.max_pool3d,
     torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.exp,
     operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clone", "neg", "sqrt", "rsqrt", "exp",
     "expand_as", "expand",
@@ -539,15 +541,22 @@ _ATTR_VIEWS: tuple[Any, ...] = (operator.getitem, "reshape", "view", "unsqueeze"
 def _register_builtin() -> None:
     act_types: tuple[type[nn.Module], ...] = (
         nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
-        nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
-        nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+        nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+        nn.AlphaDropout, nn.Upsample,
+        # pooling and padding of every rank (1-d audio, 2-d images, 3-d video) keep the channels
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+        nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+        nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+        nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
     )
     for t in act_types + drop_path_types():
         BUILTIN.register(t, elementwise)
     for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         BUILTIN.register(t, conv)
-    for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm2d, nn.SyncBatchNorm):
+    for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+              nn.InstanceNorm3d, nn.SyncBatchNorm):
         BUILTIN.register(t, norm)
     BUILTIN.register(nn.LayerNorm, layer_norm)
     BUILTIN.register(nn.Linear, linear)

@@ -160,15 +160,20 @@ class StageTable:
 
 
 def cut_points(nodes: Sequence[fx.Node]) -> set[int]:
-    """Positions after which exactly one value of the graph is still needed (constants aside)."""
+    """Positions after which exactly one value of the graph is still needed (constants aside).
+
+    A value that is only returned (a backbone's intermediate feature maps, gathered in a dict) is not needed
+    by what follows it, so the stages after it are still single-entry.
+    """
     pos = {n: i for i, n in enumerate(nodes)}
     cuts = set()
     live_until = -1
     for i, n in enumerate(nodes):
         if live_until <= i:
             cuts.add(i)  # nothing before i is used after i
-        if n.op != "get_attr" and n.users:
-            live_until = max(live_until, max(pos.get(u, len(nodes)) for u in n.users))
+        users = [u for u in n.users if u.op != "output"]
+        if n.op != "get_attr" and users:
+            live_until = max(live_until, max(pos.get(u, len(nodes)) for u in users))
     return cuts
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from compscale.planning.rounding import round_resolution
 
-__all__ = ["GroupPlan", "Multipliers", "ScalingPlan", "StagePlan", "resolve_multipliers"]
+__all__ = ["GroupPlan", "Multipliers", "ScalingPlan", "StagePlan", "as_hw", "as_size", "format_size", "plan_input_size",
+           "resolve_multipliers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +50,12 @@ class GroupPlan:
 
 @dataclasses.dataclass
 class ScalingPlan:
-    """What was scaled and how; ``input_size`` is the ``(H, W)`` the scaled network is meant to run at."""
+    """What was scaled and how; ``input_size`` is the ``(H, W)`` the scaled network is meant to run at (every
+    dim after the channels, for inputs of another rank: ``(L,)``, ``(T, H, W)``)."""
 
     multipliers: Multipliers
-    base_input_size: tuple[int, int]
-    input_size: tuple[int, int]
+    base_input_size: tuple[int, ...]
+    input_size: tuple[int, ...]
     stages: list[StagePlan] = dataclasses.field(default_factory=list)
     groups: list[GroupPlan] = dataclasses.field(default_factory=list)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # scale()'s other arguments, for rebuilding
@@ -94,8 +96,7 @@ class ScalingPlan:
         phi = f"phi={m.phi:g}: " if m.phi is not None else ""
         lines = [
             f"{phi}depth x{m.depth:.4g}, width x{m.width:.4g}, resolution x{m.resolution:.4g}",
-            f"input size {self.base_input_size[0]}x{self.base_input_size[1]} -> "
-            f"{self.input_size[0]}x{self.input_size[1]}",
+            f"input size {format_size(self.base_input_size)} -> {format_size(self.input_size)}",
         ]
         if self.macs is not None and self.base_macs and self.params is not None and self.base_params:
             lines.append(f"MACs {self.base_macs / 1e9:.3f} G -> {self.macs / 1e9:.3f} G "
@@ -189,8 +190,20 @@ def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def plan_input_size(base: tuple[int, int], resolution: float, divisor: int = 8) -> tuple[int, int]:
-    """The new ``(H, W)``: each side ``base * r`` rounded to a multiple of ``divisor`` (unchanged when r == 1)."""
+def as_size(size: int | Sequence[int], rank: int = 2) -> tuple[int, ...]:
+    """The spatial size of an input (every dim after the channels): one int is a square (of ``rank`` dims),
+    a sequence is taken as it is (``(16000,)`` for audio, ``(16, 112, 112)`` for video)."""
+    if isinstance(size, int):
+        return (size,) * rank
+    return tuple(int(s) for s in size)
+
+
+def format_size(size: Sequence[int]) -> str:
+    return "x".join(str(s) for s in size)
+
+
+def plan_input_size(base: tuple[int, ...], resolution: float, divisor: int = 8) -> tuple[int, ...]:
+    """The new spatial size: each dim ``base * r`` rounded to a multiple of ``divisor`` (unchanged when r == 1)."""
     if resolution == 1.0:
         return base
-    return (round_resolution(base[0], resolution, divisor), round_resolution(base[1], resolution, divisor))
+    return tuple(round_resolution(s, resolution, divisor) for s in base)

@@ -30,7 +30,7 @@ from compscale.planning.plan import (
     Multipliers,
     ScalingPlan,
     StagePlan,
-    as_hw,
+    as_size,
     plan_input_size,
     resolve_multipliers,
 )
@@ -82,7 +82,7 @@ class Planner:
                  round_width: RoundFn, stages: StageFilter | None, leaf_modules: Iterable[type[nn.Module]],
                  autowrap_functions: Iterable[Callable[..., Any]]) -> None:
         self.model_name = type(model).__name__
-        self.base_size = as_hw(input_size)
+        self.base_size = as_size(input_size)
         self.resolution_divisor = resolution_divisor
         self.round_width = round_width
         self._model = meta_copy(model)

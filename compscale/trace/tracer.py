@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from compscale.errors import TraceError
 from compscale.layers import channels, resize
@@ -127,14 +127,26 @@ class Traced:
 
     @property
     def output_node(self) -> fx.Node:
-        out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
-        arg = out.args[0]
-        if not isinstance(arg, fx.Node):
+        """The node of the one tensor the model returns (see :attr:`output_nodes` for tuples and dicts)."""
+        outputs = self.output_nodes
+        if len(outputs) != 1:
             raise TraceError(
-                f"{type(self.gm).__name__}: the model returns {type(arg).__name__}, not a single tensor",
-                "compscale scales models whose forward returns one tensor; wrap the model to return it.",
+                f"{type(self.gm).__name__}: the model returns {len(outputs)} tensors where one was expected",
+                "compscale synthesizes blocks that return one tensor; leave this block out with `stages=`.",
             )
-        return arg
+        return outputs[0]
+
+    @property
+    def output_nodes(self) -> list[fx.Node]:
+        """The nodes of every tensor the model returns, in the order of its (pytree) output: a tuple, a dict, a
+        dataclass such as Hugging Face's ``ModelOutput``."""
+        out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        leaves, _ = tree_flatten(out.args[0])
+        nodes = [a for a in leaves if isinstance(a, fx.Node)]
+        if not nodes:
+            raise TraceError(f"{type(self.gm).__name__}: the model returns no tensor",
+                             "compscale scales models whose forward returns tensors.")
+        return nodes
 
     def module(self, node: fx.Node) -> nn.Module:
         """The submodule a ``call_module`` node calls."""

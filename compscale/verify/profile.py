@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from compscale.planning.plan import as_hw
+from compscale.planning.plan import as_size, format_size
 from compscale.trace.tracer import _input_channels_of, check_module, eval_mode
 
 __all__ = ["Profile", "profile"]
@@ -38,11 +38,10 @@ class Profile:
 
     macs: int
     params: int
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
 
     def __str__(self) -> str:
-        h, w = self.input_size
-        return f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.3f} GMACs at {h}x{w}"
+        return f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.3f} GMACs at {format_size(self.input_size)}"
 
 
 def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_channels: int | None = None) -> Profile:
@@ -50,11 +49,12 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
 
     Args:
         model: the network (any device, including meta); it is not modified.
-        input_size: ``(H, W)``, or one int for a square input.
+        input_size: ``(H, W)``, or one int for a square input; for other ranks every dim after the channels
+            (``(16000,)``, ``(16, 112, 112)``).
         in_channels: input channels; read off the model's first conv when omitted.
     """
     check_module(model, "profile")
-    size = as_hw(input_size)
+    size = as_size(input_size)
     channels = in_channels if in_channels is not None else _input_channels_of(model)
     params = sum(p.numel() for p in model.parameters())
     on_meta = any(p.device.type == "meta" for p in model.parameters())
