@@ -31,6 +31,7 @@ from compscale.planning.policy import RoundFn, default_independent, derive, reso
 from compscale.planning.rounding import make_divisible
 from compscale.rewrite.depth import deepen
 from compscale.rewrite.init import InitRules
+from compscale.rewrite.padding import follow_same_padding
 from compscale.rewrite.resolution import adapt_inputs
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
@@ -147,6 +148,7 @@ def scale(
             plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
                            for g in cg.groups]
         if plan.input_size != base:
+            follow_same_padding(work, traced, (*traced.input_shape[:2], *plan.input_size))
             adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), init)
         _verify(work, traced, plan)
         _unfreeze_new(work, kept)

@@ -19,6 +19,7 @@ import copy
 import operator
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -89,21 +90,61 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
         return None
     template = traced.root.get_submodule(block.path)
     flags = _differing_flags(template, traced.root.get_submodule(peer.path))
-    if not flags:
-        return None
     try:
         base = _rewidened_copy(traced, template, block, rules)
     except Exception:
         return None
     _unstride(base)
+    variants = [base]
+    recorded = copy.deepcopy(base)
+    if _record_new_args(recorded, traced.root.get_submodule(peer.path), block.in_shape[1], block.out_shape[1]):
+        variants.append(recorded)
     shape = block.out_shape
-    for subset in [[f] for f in flags] + ([flags] if len(flags) > 1 else []):
-        candidate = copy.deepcopy(base)
-        for path, name, value in subset:
-            setattr(candidate.get_submodule(path) if path else candidate, name, value)
-        if _adds_its_input(traced, candidate, shape):
-            return candidate
+    subsets: list[list[tuple[str, str, bool]]] = [[f] for f in flags] + ([flags] if len(flags) > 1 else [])
+    for variant in variants:
+        none: list[list[tuple[str, str, bool]]] = [[]] if variant is recorded else []
+        for subset in none + subsets:
+            candidate = copy.deepcopy(variant)
+            for path, name, value in subset:
+                setattr(candidate.get_submodule(path) if path else candidate, name, value)
+            if _adds_its_input(traced, candidate, shape):
+                return candidate
     return None
+
+
+def _record_new_args(block: nn.Module, peer: nn.Module, old_in: int, new_in: int) -> bool:
+    """Update the constructor arguments a block keeps as plain attributes (or in a namedtuple of them, as
+    efficientnet-pytorch's ``_block_args``): its input width ``old_in`` becomes ``new_in``, and each ``stride``
+    takes the value the residual ``peer`` (a stride-1 repeat) has there.
+
+    Returns whether anything changed. Forwards that test ``input_filters == output_filters and stride == 1``
+    then switch the residual on by themselves.
+    """
+    changed = False
+    peers = dict(peer.named_modules())
+    for path, m in block.named_modules():
+        other = vars(peers[path]) if path in peers else {}
+        for name, value in list(vars(m).items()):
+            new = _updated_arg(name, value, other.get(name), old_in, new_in)
+            if new is not value:
+                setattr(m, name, new)
+                changed = True
+    return changed
+
+
+def _updated_arg(name: str, value: Any, peer_value: Any, old_in: int, new_in: int) -> Any:
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of constructor arguments
+        fields = {f: _updated_arg(f, getattr(value, f), getattr(peer_value, f, None), old_in, new_in)
+                  for f in value._fields}
+        changed = any(fields[f] is not getattr(value, f) for f in fields)
+        return value._replace(**fields) if changed else value  # type: ignore[attr-defined]
+    if name.startswith("_") or name == "training" or isinstance(value, bool):
+        return value
+    if "stride" in name:
+        return peer_value if peer_value is not None and peer_value != value else value
+    if isinstance(value, int) and value == old_in and old_in != new_in:
+        return new_in
+    return value
 
 
 def _differing_flags(mine: nn.Module, peer: nn.Module) -> list[tuple[str, str, bool]]:
