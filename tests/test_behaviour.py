@@ -151,3 +151,50 @@ def test_import_compscale_imports_neither_torch_nor_timm() -> None:
     code = "import sys, compscale; compscale.scale; assert 'timm' not in sys.modules, 'timm imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+class _Res(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class ByName(nn.Module):
+    """Calls its blocks by name, freezes its stem under no_grad, drops out in training, has a method of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = _Res(16)
+        self.block2 = _Res(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.stem(x)
+        x = self.block2(self.block1(x))
+        x = torch.nn.functional.dropout(x.mean((2, 3)), 0.5, training=self.training)
+        return self.fc(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(self.stem(x))).mean((2, 3))
+
+
+def test_a_by_name_net_keeps_its_class_methods_dropout_and_no_grad_region() -> None:
+    scaled = compscale.scale(ByName(), depth=2, input_size=32)
+    assert type(scaled) is ByName and [s.blocks_after for s in scaled.scaling.stages] == [4]
+    x = torch.randn(4, 3, 32, 32)
+    assert scaled.embed(x).shape == (4, 16)  # its own method, through the new blocks too
+    scaled.train()
+    assert not torch.equal(scaled(x), scaled(x))  # dropout runs in training
+    scaled.eval()
+    torch.testing.assert_close(scaled(x), scaled(x))
+    scaled.train()
+    scaled(x).sum().backward()
+    assert all(p.grad is None for p in scaled.stem.parameters())  # the no_grad stem stays frozen
+    newest = scaled.get_submodule(scaled.scaling.stages[0].new_blocks[-1])  # block4: named as the model names them
+    assert all(p.grad is not None for p in newest.parameters())  # new blocks train

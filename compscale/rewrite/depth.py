@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch.fx as fx
 from torch import nn
 
 from compscale.analyse.stages import Stage, StageTable
@@ -22,7 +22,7 @@ from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced
 from compscale.trace.tracer import CompscaleTracer, eval_mode
 
-__all__ = ["deepen", "fresh_copy", "insert_in_graph", "respread_drop_path"]
+__all__ = ["RunAfter", "append_by_hook", "deepen", "fresh_copy", "respread_drop_path"]
 
 
 def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
@@ -45,7 +45,7 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
     """
     drop_rates = _drop_rates(root)
     added: dict[int, list[nn.Module]] = {}
-    in_graph: list[tuple[Stage, list[nn.Module]]] = []
+    by_name: list[tuple[Stage, list[nn.Module]]] = []
     for stage in reversed(table.stages):
         extra = counts.get(stage.index, len(stage.blocks)) - len(stage.blocks)
         if extra == 0:
@@ -69,10 +69,9 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
             if isinstance(parent, nn.ModuleDict):
                 _check_called(parent, stage, new, traced)
         else:
-            in_graph.append((stage, new))
+            by_name.append((stage, new))
         added[stage.index] = new
-    if in_graph:
-        root = insert_in_graph(root, traced, in_graph)
+    append_by_hook(root, by_name)
     respread_drop_path(root, len(drop_rates), drop_rates)
     # paths are read at the end: inserting into a flat container renumbers the stages after it
     paths = {id(m): name for name, m in root.named_modules()}
@@ -105,44 +104,43 @@ def _check_called(parent: nn.Module, stage: Stage, new: Sequence[nn.Module], tra
         )
 
 
-def insert_in_graph(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> fx.GraphModule:
-    """A ``GraphModule`` of ``root`` whose graph calls each stage's new blocks after its last block.
+class RunAfter:
+    """A forward hook that feeds a block's output through the blocks compscale appended after it.
 
-    The stages' blocks, and the root's children that hold none of them, are traced as leaves, so they keep
-    their classes and the generated code reads as the hand-written forward: ``block3 = self.block3(block2)``.
+    Used where ``forward`` calls its blocks by name (``x = self.block2(x)``): the new blocks become children
+    named as the model names its own (``block3`` after ``block2``, or ``block2_0``), and the stage's last block
+    hands them its output. The model keeps its class, its methods and its own ``forward``, with its training-only
+    branches and ``no_grad`` regions; ``state_dict`` names the new blocks as children.
     """
-    blocks = {b.path for stage, _ in stages for b in stage.blocks}
-    untouched = {name for name, _ in root.named_children()
-                 if not any(b == name or b.startswith(name + ".") for b in blocks)}
-    leaves = blocks | untouched
-    tracer = CompscaleTracer(traced.leaf_modules, traced.autowrap_functions, leaf_paths=leaves)
-    with eval_mode(root):
-        graph = tracer.trace(root)
-    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
-    gm.training = root.training  # the submodules are shared with root and keep their own flags
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self.blocks = list(blocks)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        for block in self.blocks:
+            output = block(output)
+        return output
+
+    def __repr__(self) -> str:
+        return f"RunAfter({len(self.blocks)} appended blocks)"
+
+
+def append_by_hook(root: nn.Module, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> None:
+    """Add each stage's new blocks beside its last block, called after it by a :class:`RunAfter` hook."""
     for stage, new in stages:
-        last = stage.blocks[-1].path
-        node = next(n for n in graph.nodes if n.op == "call_module" and n.target == last)
-        users = list(node.users)
-        cur, after = node, last.rpartition(".")[2]
+        parent = root.get_submodule(stage.parent) if stage.parent else root
+        after = stage.blocks[-1].path.rpartition(".")[2]
         for module in new:
-            path = _child_path(gm, stage.parent, after)
-            gm.add_submodule(path, module)
-            name = path.rpartition(".")[2]
-            move_after(gm.get_submodule(stage.parent) if stage.parent else gm, name, after)  # keep forward order
-            with graph.inserting_after(cur):
-                cur = graph.call_module(path, (cur,))
+            name = _child_path(root, stage.parent, after).rpartition(".")[2]
+            parent.add_module(name, module)
+            move_after(parent, name, after)  # named_modules() lists them in the order they run
             after = name
-        for user in users:
-            user.replace_input_with(node, cur)
-    graph.lint()
-    gm.recompile()
-    return gm
+        root.get_submodule(stage.blocks[-1].path).register_forward_hook(RunAfter(new))
 
 
-def _child_path(gm: nn.Module, parent: str, after: str) -> str:
+def _child_path(root: nn.Module, parent: str, after: str) -> str:
     """Next index after ``after`` among the parent's children (``block3`` after ``block2``), else ``after_0``."""
-    container = gm.get_submodule(parent) if parent else gm
+    container = root.get_submodule(parent) if parent else root
     existing = list(container._modules)
     name = next_name(existing, after)
     if not _is_next(after, name):  # the next index belongs to another stage's block: suffix this one's name
