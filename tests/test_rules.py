@@ -87,6 +87,7 @@ def _score(model: nn.Module, size: tuple[int, int]) -> float:
     return float(model.head.in_channels)
 
 
+@pytest.mark.slow  # a spawned worker imports torch: about 10 s
 def test_rules_in_force_reach_process_pool_workers() -> None:
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))  # a fresh interpreter
     with pool, compscale.channel_rules({Gate: elementwise}):
