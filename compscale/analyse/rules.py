@@ -470,13 +470,33 @@ def _getitem(ctx: RuleContext, node: fx.Node) -> Desc:
 
 
 def _reduce(ctx: RuleContext, node: fx.Node) -> Desc:
+    """``x.mean(dim, keepdim)``, ``sum``, ``amax``: channels kept unless the channel dim is reduced."""
     arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return _reduction(ctx, node, arg, node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2]))
+
+
+def _vector_norm(ctx: RuleContext, node: fx.Node) -> Desc:
+    """``torch.linalg.vector_norm(x, ord, dim, keepdim)`` (ConvNeXt-V2's GRN: a norm over the spatial dims)."""
+    arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    return _reduction(ctx, node, arg, node.kwargs.get("keepdim", len(node.args) > 3 and node.args[3]))
+
+
+def _pad(ctx: RuleContext, node: fx.Node) -> Desc:
+    """``F.pad(x, pad)``: channels kept when the padded trailing dims do not include the channel dim."""
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+    src = ctx.input_node(node)
+    ndim, c = len(ctx.shape(src)), ctx.channel_dim(src)
+    if not isinstance(pad, (list, tuple)) or c >= ndim - len(pad) // 2:
+        ctx.unsupported(node, "a padding of the channel dimension")
+    return ctx.input_desc(node)
+
+
+def _reduction(ctx: RuleContext, node: fx.Node, arg: Any, keepdim: Any) -> Desc:
     dims: tuple[int, ...] = (arg,) if isinstance(arg, int) else tuple(a for a in arg if isinstance(a, int)) \
         if isinstance(arg, (list, tuple)) else ()
     src = ctx.input_node(node)
     ndim, c = len(ctx.shape(src)), ctx.channel_dim(src)
     reduced = {d % ndim for d in dims}
-    keepdim = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
     if reduced == {c} and keepdim:  # a statistic over channels (a hand-written norm): one channel, broadcast back
         return ctx.new_space(node, 1, fixed_reason=f"a reduction over channels ({node.name})")
     if not dims or reduced & {0, c}:
@@ -582,6 +602,10 @@ def _register_builtin() -> None:
     for f in ("permute", torch.permute):
         BUILTIN.register(f, _permute)
     BUILTIN.register(F.layer_norm, _layer_norm_function)
+    for f in (F.pad, torch._C._nn.pad):
+        BUILTIN.register(f, _pad)
+    for f in (torch.linalg.vector_norm,):  # the same object as torch._C._linalg.linalg_vector_norm
+        BUILTIN.register(f, _vector_norm)
 
 
 _register_builtin()

@@ -22,7 +22,7 @@ from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced
 from compscale.trace.tracer import CompscaleTracer, eval_mode
 
-__all__ = ["RunAfter", "append_by_hook", "deepen", "fresh_copy", "respread_drop_path"]
+__all__ = ["RunAfter", "append_by_hook", "deepen", "fresh_copy", "respread", "respread_drop_path"]
 
 
 def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
@@ -44,6 +44,8 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
     handled last to first so that renumbering a flat container never moves a stage not yet handled.
     """
     drop_rates = _drop_rates(root)
+    block_types = {b.module_type for s in table.stages for b in s.blocks}
+    dropouts = {rel: [m.p for m in mods] for rel, mods in _block_dropouts(root, block_types).items()}
     added: dict[int, list[nn.Module]] = {}
     by_name: list[tuple[Stage, list[nn.Module]]] = []
     for stage in reversed(table.stages):
@@ -73,6 +75,9 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
         added[stage.index] = new
     append_by_hook(root, by_name)
     respread_drop_path(root, len(drop_rates), drop_rates)
+    for rel, mods in _block_dropouts(root, block_types).items():
+        if rel in dropouts:
+            respread([(m, "p") for m in mods], dropouts[rel])
     # paths are read at the end: inserting into a flat container renumbers the stages after it
     paths = {id(m): name for name, m in root.named_modules()}
     return root, {i: [paths[id(m)] for m in mods] for i, mods in added.items()}
@@ -158,13 +163,32 @@ def _drop_rates(root: nn.Module) -> list[float]:
     return [float(getattr(m, attr)) for m in root.modules() if (attr := drop_path_attr(m)) is not None]
 
 
+def _block_dropouts(root: nn.Module, block_types: set[type]) -> dict[str, list[nn.Dropout]]:
+    """The ``nn.Dropout`` layers at each relative path inside the blocks (Hugging Face's EfficientNet drops out
+    before its residual add at a rate linear in the block index), in the order the blocks come."""
+    found: dict[str, list[nn.Dropout]] = {}
+    for block in root.modules():
+        if type(block) not in block_types:
+            continue
+        for rel, m in block.named_modules():
+            if isinstance(m, nn.Dropout) and rel:
+                found.setdefault(rel, []).append(m)
+    return found
+
+
 def respread_drop_path(root: nn.Module, old_count: int, old_rates: list[float]) -> None:
+    """Re-spread the rates of the registered drop-path layers over the new number of blocks (see :func:`respread`)."""
+    respread([(m, attr) for m in root.modules() if (attr := drop_path_attr(m)) is not None], old_rates)
+
+
+def respread(modules: Sequence[tuple[nn.Module, str]], old_rates: list[float]) -> None:
     """If the old rates were ``c * k`` over the blocks ``k``, set ``c`` anew for the new number of blocks.
 
-    The reference builders use ``p * k / N`` (torchvision) or ``p * k / (N - 1)`` (timm's linspace); the
-    hypothesis whose ``p`` is the rounder number wins, and the new rates use the same ``p`` over the new ``N``.
+    The reference builders use ``p * k / N`` (torchvision, Hugging Face) or ``p * k / (N - 1)`` (timm's
+    linspace); the hypothesis whose ``p`` is the rounder number wins, and the new rates use the same ``p`` over
+    the new ``N``.
     """
-    modules = [(m, attr) for m in root.modules() if (attr := drop_path_attr(m)) is not None]
+    old_count = len(old_rates)
     if old_count < 2 or len(modules) in (old_count, 1):
         return
     c = old_rates[1]

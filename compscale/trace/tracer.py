@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import inspect
 import io
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,7 +38,9 @@ from compscale.registry import drop_path_types
 
 __all__ = ["CompscaleTracer", "Traced", "check_module", "eval_mode", "module_path", "trace"]
 
-_TRACE_HINT = (
+log = logging.getLogger("compscale")
+
+TRACE_HINT = (
     "make the offending submodule a leaf with `leaf_modules=[ThatModule]` (compscale will not look inside it), "
     "or wrap the data-dependent function with `autowrap_functions=[fn]`; see torch.fx's 'Limitations of Symbolic "
     "Tracing'."
@@ -215,25 +218,29 @@ def trace(
         leaf_modules: module types fx should not trace into.
         autowrap_functions: functions fx should record as calls instead of tracing.
 
+    Symbolic tracing comes first (it is fast); a forward it cannot trace, because it does Python on shapes
+    (``if x.shape[1] != 3``, ``int(x.size(-1))``, keyword inputs, ``ModelOutput`` results: Hugging Face's
+    models), is traced again with :mod:`compscale.trace.concrete`, which knows every shape while it traces.
+
     Raises:
-        TraceError: fx cannot trace ``model.forward`` or shapes cannot be propagated.
+        TraceError: neither tracer can trace ``model.forward`` (a forward that branches on tensor *values*: the
+            message names the source line), or shapes cannot be propagated.
     """
     leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
     tracer = CompscaleTracer(leaf_modules, autowrap_functions)
-    name = type(model).__name__
     with eval_mode(model):
         try:
             defaults = default_kwargs(model)
             graph = tracer.trace(model, concrete_args=defaults or None)
             drop_specialized(graph, defaults)
         except Exception as e:  # fx raises TraceError, TypeError, AttributeError... for untraceable code
-            where = f"{name}.forward"
-            if tracer.module_stack:  # fx leaves the stack as it was when tracing failed
-                path, mtype = next(reversed(tracer.module_stack.values()))
-                if path:
-                    where += f", inside submodule {path!r} ({getattr(mtype, '__name__', mtype)}.forward)"
-            raise TraceError(f"torch.fx cannot trace {where}: {type(e).__name__}: {e}", _TRACE_HINT) from e
-    gm = fx.GraphModule(model, graph, class_name=name)
+            from compscale.trace.concrete import trace_concrete
+
+            log.debug("symbolic tracing of %s failed (%s: %s); tracing with concrete shapes", type(model).__name__,
+                      type(e).__name__, e)
+            return trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
+                                  leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), *input_size)
     traced = Traced(model, gm, shape, leaf_modules, autowrap_functions)
     if shapes:
@@ -331,7 +338,7 @@ class _ShapeProp(ShapeProp):
             out = _fed_output(real, fed, self.keep_ratio.get(str(target)))
             self.mismatched[str(target)] = (fed, out)
             return resize(meta_copy(real), fed, out)(*args, **kwargs)
-        if isinstance(real, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
+        if isinstance(real, SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
             return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
         try:
             return self._on_meta(str(target))(*args, **kwargs)
@@ -365,7 +372,7 @@ def _fed_output(module: nn.Module, fed: int, ratio: Fraction | None) -> int:
     return max(1, math.floor(fed * ratio)) if ratio is not None else channels(module)[1]
 
 
-_SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
+SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
     nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d,
 )
@@ -423,11 +430,11 @@ def _input_channels(gm: fx.GraphModule) -> int:
         if node.op == "call_module":
             m = gm.get_submodule(str(node.target))
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-                return _input_channels_of(m)
+                return input_channels_of(m)
     return 3
 
 
-def _input_channels_of(model: nn.Module) -> int:
+def input_channels_of(model: nn.Module) -> int:
     """``in_channels`` of the first conv (or ``in_features`` of the first linear) among ``model``'s modules."""
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):

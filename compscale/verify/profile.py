@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils.flop_counter import FlopCounterMode
 
 from compscale.planning.plan import as_size, format_size
-from compscale.trace.tracer import _input_channels_of, check_module, eval_mode
+from compscale.trace.tracer import check_module, eval_mode, input_channels_of
 
 __all__ = ["Profile", "profile"]
 
@@ -55,7 +55,7 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
     """
     check_module(model, "profile")
     size = as_size(input_size)
-    channels = in_channels if in_channels is not None else _input_channels_of(model)
+    channels = in_channels if in_channels is not None else input_channels_of(model)
     params = sum(p.numel() for p in model.parameters())
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     counter = FlopCounterMode(display=False)
