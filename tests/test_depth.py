@@ -47,6 +47,8 @@ def test_efficientnet_b0_depth_1_1_is_b1() -> None:
     scaled = compscale.scale(efficientnet_b0(), depth=1.1)
     reference = efficientnet_b1()
     assert_same_architecture(scaled, reference)
+    # every module of the same class, the blocks synthesized for the one-block stages included (MBConv)
+    assert [(n, type(m)) for n, m in scaled.named_modules()] == [(n, type(m)) for n, m in reference.named_modules()]
     rates = [m.p for m in scaled.modules() if isinstance(m, StochasticDepth)]
     assert rates == pytest.approx([m.p for m in reference.modules() if isinstance(m, StochasticDepth)])
 

@@ -38,7 +38,7 @@ MODELS = {
         transformers.ConvNextV2Config(num_labels=1000)),  # GRN: torch.linalg.vector_norm, no rule registered
     "regnet": lambda: transformers.RegNetForImageClassification(transformers.RegNetConfig(num_labels=1000)),
 }
-SLOW = {"convnext", "convnextv2", "regnet"}  # 7-10 s each on 2 cores
+SLOW = {"convnext", "convnextv2", "regnet", "efficientnet_b0"}  # 5-10 s each; B0 -> B1 below runs by default
 
 
 @pytest.mark.parametrize("name", [n if n not in SLOW else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
