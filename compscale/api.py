@@ -81,7 +81,7 @@ def scale(
             rank every dim after the channels (``(16000,)`` for audio, ``(16, 112, 112)`` for video).
         example_inputs: the inputs of one call, as ``torch.export`` takes them (``(torch.randn(1, 1, 16000),)``):
             the input shape, its channels and its rank come from the first tensor; resolution scales every dim
-            after its channel dim.
+            after its channel dim. Further tensors (a mask, a conditioning vector) are passed as they are.
         resolution_divisor: the new input size is a multiple of it.
         round_width: ``round_width(channels, divisor) -> int`` for independent channel groups.
         stages: restrict depth scaling to blocks under these module paths, or to blocks whose path a
@@ -108,7 +108,7 @@ def scale(
         [6, 8, 12, 6]
     """
     check_module(model, "scale")
-    input_shape, input_size = resolve_inputs(example_inputs, input_size)
+    input_shape, input_size, extra_inputs = resolve_inputs(example_inputs, input_size)
     with channel_rules(rules):
         planner: Planner | None = None
         if target_macs is not None:
@@ -128,7 +128,7 @@ def scale(
         work = copy.deepcopy(model)
         kept = {id(p) for p in work.parameters()}
         traced = trace(work, input_shape, input_size=base, leaf_modules=leaf_modules,
-                       autowrap_functions=autowrap_functions)
+                       autowrap_functions=autowrap_functions, extra_inputs=extra_inputs)
         plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))
         plan.options = {"resolution_divisor": resolution_divisor, "fixed": list(fixed),
                         "stages": stages if stages is None or callable(stages) else list(stages),
@@ -157,29 +157,24 @@ def scale(
         return work
 
 
-def resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None,
-                   input_size: int | Sequence[int] | None) -> tuple[tuple[int, ...] | None, int | Sequence[int]]:
-    """The full input shape (when ``example_inputs`` give it) and the spatial size to scale from."""
+def resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None, input_size: int | Sequence[int] | None,
+                   ) -> tuple[tuple[int, ...] | None, int | Sequence[int], tuple[torch.Tensor, ...]]:
+    """The first input's full shape (when ``example_inputs`` give it), the spatial size to scale from, and the
+    other inputs (which keep their shapes)."""
     if example_inputs is None:
-        return None, 224 if input_size is None else input_size
+        return None, 224 if input_size is None else input_size, ()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise TypeError(f"example_inputs must be a tuple of tensors, as torch.export takes them; got "
                         f"{type(example_inputs).__name__}")
-    if len(example_inputs) != 1:
-        raise TraceError(
-            f"example_inputs holds {len(example_inputs)} tensors: compscale scales models of one tensor input so far",
-            "wrap the model in a module whose forward takes the one input that resolution scales and supplies the "
-            "others itself.",
-        )
     shape = tuple(example_inputs[0].shape)
     if len(shape) < 3:
         raise TraceError(f"the example input has shape {shape}: compscale needs (N, C, *spatial)",
                          "give an input with a batch, a channel and at least one spatial dim.")
     if input_size is not None and as_size(input_size, len(shape) - 2) != shape[2:]:
         raise ValueError(f"input_size={input_size!r} disagrees with the example input's shape {shape}; give one")
-    return (1, *shape[1:]), shape[2:]
+    return (1, *shape[1:]), shape[2:], tuple(example_inputs[1:])
 
 
 def _check_size(model: nn.Module, mult: Multipliers, max_params: int | None, planner: Planner | None,

@@ -466,7 +466,34 @@ def _getitem(ctx: RuleContext, node: fx.Node) -> Desc:
     src_node, index = node.args[0], node.args[1]
     if isinstance(src_node, fx.Node) and src_node in ctx.multi and isinstance(index, int):
         return ctx.multi[src_node][index]
+    if isinstance(src_node, fx.Node) and isinstance(index, tuple) and _only_new_dims(index):
+        ctx.cdim[node] = _moved_channel_dim(index, len(ctx.shape(src_node)), ctx.channel_dim(src_node))
+        return ctx.input_desc(node)  # x[:, :, None, None]: a view that only adds size-1 dims
     ctx.unsupported(node, "indexing a tensor (slicing channels)")
+
+
+def _only_new_dims(index: tuple[Any, ...]) -> bool:
+    full = slice(None, None, None)
+    return all(i is None or i is Ellipsis or i == full for i in index) and sum(i is Ellipsis for i in index) <= 1
+
+
+def _moved_channel_dim(index: tuple[Any, ...], ndim: int, c: int) -> int:
+    """Where dim ``c`` of an ``ndim``-d tensor lands after ``x[index]`` (full slices, ``None``, ``...``)."""
+    items: list[Any] = []
+    for i in index:
+        if i is Ellipsis:
+            items += [slice(None)] * (ndim - sum(j is not None and j is not Ellipsis for j in index))
+        else:
+            items.append(i)
+    out = src = 0
+    for i in items:
+        if i is None:
+            out += 1
+            continue
+        if src == c:
+            return out
+        src, out = src + 1, out + 1
+    return out + (c - src)
 
 
 def _reduce(ctx: RuleContext, node: fx.Node) -> Desc:

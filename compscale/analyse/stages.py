@@ -168,7 +168,10 @@ def cut_points(nodes: Sequence[fx.Node]) -> set[int]:
     pos = {n: i for i, n in enumerate(nodes)}
     cuts = set()
     live_until = -1
+    first = next((n for n in nodes if n.op == "placeholder"), None)
     for i, n in enumerate(nodes):
+        if n.op == "placeholder" and n is not first:
+            continue  # another input of the forward (a mask, a condition) is there all along, like a constant
         if live_until <= i:
             cuts.add(i)  # nothing before i is used after i
         users = [u for u in n.users if u.op != "output"]

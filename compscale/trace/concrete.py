@@ -45,6 +45,7 @@ from compscale.trace.tracer import (
     TRACE_HINT,
     CompscaleTracer,
     Traced,
+    as_meta,
     eval_mode,
     input_channels_of,
     propagate_shapes,
@@ -420,6 +421,13 @@ def _proxies(a: Any) -> list[ConcreteProxy]:
     return found
 
 
+def _required_inputs(model: nn.Module) -> list[str]:
+    """The forward's parameters without defaults, in order (the inputs of a call)."""
+    params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
 def _main_input_name(model: nn.Module) -> str:
     """The forward's tensor input: Hugging Face's ``main_input_name``, else the first parameter."""
     name = getattr(model, "main_input_name", None)
@@ -442,6 +450,7 @@ def trace_concrete(
     input_name: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
     output: str | None = None,
+    extra_inputs: Sequence[torch.Tensor] = (),
 ) -> Traced:
     """As :func:`compscale.trace.trace`, with :class:`ConcreteTracer`: trace ``model`` (in eval mode) at
     ``input_shape`` and, with ``shapes``, propagate shapes with compscale's ShapeProp (as ``trace`` does).
@@ -459,8 +468,10 @@ def trace_concrete(
     with eval_mode(model), torch.no_grad():
         example = torch.empty(shape, dtype=dtype, device=device)  # only its metadata is used (made fake)
         try:
-            graph = tracer.trace(model, {input_name or _main_input_name(model): example}, kwargs=kwargs,
-                                 output=output)
+            inputs = {input_name or _main_input_name(model): example}
+            inputs.update(zip(_required_inputs(model)[1:], (torch.empty(t.shape, dtype=t.dtype, device=device)
+                                                            for t in extra_inputs)))
+            graph = tracer.trace(model, inputs, kwargs=kwargs, output=output)
         except TraceError:
             raise
         except Exception as e:  # worded as compscale's trace() words it
@@ -474,7 +485,7 @@ def trace_concrete(
     gm = fx.GraphModule(model, graph, class_name=name)
     gm.meta["output_spec"] = tracer.output_spec
     gm.meta["fake_failures"] = dict(tracer.failures)
-    traced = Traced(model, gm, shape, leaf_modules, autowrap_functions)
+    traced = Traced(model, gm, shape, leaf_modules, autowrap_functions, as_meta(extra_inputs))
     if shapes:
         propagate_shapes(traced)
     return traced

@@ -114,15 +114,17 @@ class Traced:
     input_shape: tuple[int, ...]
     leaf_modules: tuple[type[nn.Module], ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    extra_inputs: tuple[torch.Tensor, ...] = ()  # the forward's other inputs (meta tensors), which never scale
 
     def retrace(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
         """Trace another model (a rewritten one, a block) with the same tracer options, shapes included."""
-        return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions)
+        return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions,
+                     extra_inputs=self.extra_inputs if model is self.root else ())
 
     def retrace_graph(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
         """As :meth:`retrace`, without propagating shapes (the caller does, with its own options)."""
         return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions,
-                     shapes=False)
+                     shapes=False, extra_inputs=self.extra_inputs if model is self.root else ())
 
     @property
     def graph(self) -> fx.Graph:
@@ -207,6 +209,7 @@ def trace(
     shapes: bool = True,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    extra_inputs: Sequence[torch.Tensor] = (),
 ) -> Traced:
     """Trace ``model`` (in eval mode, restored afterwards) and propagate shapes on meta tensors.
 
@@ -217,6 +220,8 @@ def trace(
         shapes: propagate shapes (``node.meta["tensor_meta"]``).
         leaf_modules: module types fx should not trace into.
         autowrap_functions: functions fx should record as calls instead of tracing.
+        extra_inputs: example tensors for the forward's inputs after the first (only their shapes and dtypes
+            matter); they keep their shapes when the first input changes resolution.
 
     Symbolic tracing comes first (it is fast); a forward it cannot trace, because it does Python on shapes
     (``if x.shape[1] != 3``, ``int(x.size(-1))``, keyword inputs, ``ModelOutput`` results: Hugging Face's
@@ -239,13 +244,18 @@ def trace(
             log.debug("symbolic tracing of %s failed (%s: %s); tracing with concrete shapes", type(model).__name__,
                       type(e).__name__, e)
             return trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
-                                  leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+                                  leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                                  extra_inputs=extra_inputs)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), *input_size)
-    traced = Traced(model, gm, shape, leaf_modules, autowrap_functions)
+    traced = Traced(model, gm, shape, leaf_modules, autowrap_functions, as_meta(extra_inputs))
     if shapes:
         propagate_shapes(traced)
     return traced
+
+
+def as_meta(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors)
 
 
 def default_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -403,7 +413,7 @@ def propagate_shapes(traced: Traced, tolerate_inputs: bool = False,
     x = torch.empty(traced.input_shape, device="meta", dtype=_float_dtype(traced.gm))
     with eval_mode(traced.gm), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints its tracebacks
         try:
-            prop.propagate(x)
+            prop.propagate(x, *traced.extra_inputs)
         except Exception as e:
             raise TraceError(
                 f"shape propagation through {type(traced.gm).__name__} at input {tuple(traced.input_shape)} failed: "

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ class Profile:
         return f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.3f} GMACs at {format_size(self.input_size)}"
 
 
-def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_channels: int | None = None) -> Profile:
+def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_channels: int | None = None, *,
+            example_inputs: Sequence[torch.Tensor] = ()) -> Profile:
     """Count the MACs of one ``input_size`` image through ``model`` and its parameters.
 
     Args:
@@ -52,26 +53,35 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
         input_size: ``(H, W)``, or one int for a square input; for other ranks every dim after the channels
             (``(16000,)``, ``(16, 112, 112)``).
         in_channels: input channels; read off the model's first conv when omitted.
+        example_inputs: the inputs of one call, for a forward of several tensors (or to give the first input's
+            shape, which then overrides ``input_size`` and ``in_channels``); only shapes and dtypes are used.
     """
     check_module(model, "profile")
     size = as_size(input_size)
     channels = in_channels if in_channels is not None else input_channels_of(model)
     params = sum(p.numel() for p in model.parameters())
     on_meta = any(p.device.type == "meta" for p in model.parameters())
-    counter = FlopCounterMode(display=False)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device("meta") if on_meta else next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    shapes = [(t.shape, t.dtype) for t in example_inputs[1:]]  # the forward's other inputs keep their shapes
+    if example_inputs:
+        channels, size = int(example_inputs[0].shape[1]), tuple(example_inputs[0].shape[2:])
+
+    def inputs(make: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        first = make((1, channels, *size), device=device, dtype=dtype)
+        return [first, *(make(tuple(shape), device=device, dtype=dt) for shape, dt in shapes)]
+
+    counter = FlopCounterMode(display=False)
     with eval_mode(model), torch.no_grad(), counter:
         if on_meta:
-            model(torch.empty(1, channels, *size, device="meta", dtype=dtype))
+            model(*inputs(torch.empty))
         else:
             try:
                 with FakeTensorMode(allow_non_fake_inputs=True):
-                    model(torch.empty(1, channels, *size, device=device, dtype=dtype))
+                    model(*inputs(torch.empty))
             except (DataDependentOutputException, DynamicOutputShapeException):
                 # a forward that branches on values cannot run on fake tensors: count a real one, on zeros
                 counter = FlopCounterMode(display=False)
                 with counter:
-                    model(torch.zeros(1, channels, *size, device=device, dtype=dtype))
-    return Profile(counter.get_total_flops() // 2, params, size)
-
+                    model(*inputs(torch.zeros))
+    return Profile(counter.get_total_flops() // 2, params, tuple(size))
