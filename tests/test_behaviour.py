@@ -204,3 +204,34 @@ def test_a_by_name_net_keeps_its_class_methods_dropout_and_no_grad_region() -> N
     assert all(p.grad is None for p in scaled.stem.parameters())  # the no_grad stem stays frozen
     newest = scaled.get_submodule(scaled.scaling.stages[0].new_blocks[-1])  # block4: named as the model names them
     assert all(p.grad is not None for p in newest.parameters())  # new blocks train
+
+
+class _IteratesChildren(nn.Module):
+    """A stage whose blocks are named children that forward iterates (timm's RegStage): not a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = _Res(16)
+        self.b2 = _Res(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.children():
+            x = block(x)
+        return x
+
+
+def test_a_stage_that_iterates_its_children_runs_each_new_block_once() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _IteratesChildren(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer fed the wrong width (a block run twice would be)
+        scaled = compscale.scale(net, depth=2, width=1.5, input_size=32)
+    stage = scaled[1]
+    assert [name for name, _ in stage.named_children()] == ["b1", "b2", "b3", "b4"]
+    assert not stage.b2._forward_hooks  # forward calls the new children itself: no hook
+    assert all(b.bn.num_features == b.conv.out_channels == 24 for b in stage.children())
+    calls = []
+    for b in stage.children():
+        b.register_forward_hook(lambda m, i, o: calls.append(m))
+    scaled(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 4

@@ -19,8 +19,7 @@ from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import insert_after, move_after, next_name, remove_children
 from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
-from compscale.trace import Traced
-from compscale.trace.tracer import CompscaleTracer, eval_mode
+from compscale.trace import Traced, trace
 
 __all__ = ["RunAfter", "append_by_hook", "deepen", "fresh_copy", "respread", "respread_drop_path"]
 
@@ -73,7 +72,7 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
         else:
             by_name.append((stage, new))
         added[stage.index] = new
-    append_by_hook(root, by_name)
+    append_by_hook(root, traced, by_name)
     respread_drop_path(root, len(drop_rates), drop_rates)
     for rel, mods in _block_dropouts(root, block_types).items():
         if rel in dropouts:
@@ -96,17 +95,29 @@ def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage
 
 def _check_called(parent: nn.Module, stage: Stage, new: Sequence[nn.Module], traced: Traced) -> None:
     """Raise ``RewriteError`` unless ``parent.forward`` calls the blocks just added (it may call children by name)."""
-    tracer = CompscaleTracer(traced.leaf_modules, traced.autowrap_functions)
-    with eval_mode(parent):
-        graph = tracer.trace(parent)
     names = {name for name, m in parent.named_children() if any(m is n for n in new)}
-    called = {str(n.target).split(".")[0] for n in graph.nodes if n.op == "call_module"}
+    called = _called_children(parent, traced, stage.blocks[0].in_shape)
     if names - called:
         raise RewriteError(
             f"{type(parent).__name__}.forward of {stage.parent!r} does not call the layers appended to it "
             f"({', '.join(sorted(names - called))})",
             "deepen this stage by hand, or leave it out with `stages=`.",
         )
+
+
+def _called_children(parent: nn.Module, traced: Traced, in_shape: Sequence[int]) -> set[str]:
+    """The names of the children that ``parent.forward`` calls (all, if it cannot be traced alone)."""
+    try:
+        sub = trace(parent, in_shape, shapes=False, leaf_modules=(*traced.leaf_modules, *_block_types(parent)),
+                    autowrap_functions=traced.autowrap_functions)
+    except Exception:  # a parent that cannot run alone: assume it calls what it holds
+        return {name for name, _ in parent.named_children()}
+    return {str(n.target).split(".")[0] for n in sub.graph.nodes if n.op == "call_module"}
+
+
+def _block_types(parent: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The children's types, traced as leaves: only whether they are called matters."""
+    return tuple({type(m) for m in parent.children()})
 
 
 class RunAfter:
@@ -130,17 +141,26 @@ class RunAfter:
         return f"RunAfter({len(self.blocks)} appended blocks)"
 
 
-def append_by_hook(root: nn.Module, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> None:
-    """Add each stage's new blocks beside its last block, called after it by a :class:`RunAfter` hook."""
+def append_by_hook(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> None:
+    """Add each stage's new blocks beside its last block; unless the parent's ``forward`` calls them already
+    (it iterates ``self.children()``), they are called after the last block by a :class:`RunAfter` hook."""
     for stage, new in stages:
         parent = root.get_submodule(stage.parent) if stage.parent else root
         after = stage.blocks[-1].path.rpartition(".")[2]
+        names = []
         for module in new:
             name = _child_path(root, stage.parent, after).rpartition(".")[2]
             parent.add_module(name, module)
             move_after(parent, name, after)  # named_modules() lists them in the order they run
             after = name
-        root.get_submodule(stage.blocks[-1].path).register_forward_hook(RunAfter(new))
+            names.append(name)
+        called = set(names) & _called_children(parent, traced, stage.blocks[0].in_shape)
+        if called and called != set(names):
+            raise RewriteError(f"{type(parent).__name__}.forward of {stage.parent!r} calls only some of the blocks "
+                               f"appended to it ({', '.join(sorted(called))})",
+                               "deepen this stage by hand, or leave it out with `stages=`.")
+        if not called:
+            root.get_submodule(stage.blocks[-1].path).register_forward_hook(RunAfter(new))
 
 
 def _child_path(root: nn.Module, parent: str, after: str) -> str:
