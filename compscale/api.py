@@ -112,6 +112,8 @@ def scale(
     with channel_rules(rules):
         planner: Planner | None = None
         if target_macs is not None:
+            if extra_inputs:
+                raise ValueError("target_macs plans on one input; with several example_inputs, give the multipliers")
             if phi is not None or fixed:
                 raise ValueError("target_macs searches phi (or one multiplier): give no phi, and no fixed= with it")
             planner = Planner(model, input_size=input_size, resolution_divisor=resolution_divisor,

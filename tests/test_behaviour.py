@@ -235,3 +235,34 @@ def test_a_stage_that_iterates_its_children_runs_each_new_block_once() -> None:
         b.register_forward_hook(lambda m, i, o: calls.append(m))
     scaled(torch.randn(1, 3, 32, 32))
     assert len(calls) == 4
+
+
+class _Masked(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) * mask
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block1 = _Masked(8)
+        self.block2 = _Masked(8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.block2(self.block1(x, mask), mask).mean((2, 3))
+
+
+def test_new_blocks_called_by_hook_get_the_blocks_other_arguments() -> None:
+    inputs = (torch.randn(1, 3, 16, 16), torch.ones(1, 1, 16, 16))
+    scaled = compscale.scale(_MaskedNet(), depth=2, example_inputs=inputs)
+    seen = []
+    for name in scaled.scaling.stages[0].new_blocks:
+        scaled.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(len(args)))
+    scaled(*inputs)
+    assert seen == [2, 2]  # each new block got (x, mask)

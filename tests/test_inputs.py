@@ -128,3 +128,18 @@ def test_example_inputs_mistakes() -> None:
         compscale.scale(audio_resnet(), phi=1, example_inputs=([1, 2, 3],))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="disagrees with the example input"):
         compscale.scale(audio_resnet(), phi=1, input_size=(8000,), example_inputs=(torch.randn(1, 1, 16000),))
+
+
+class OptionalCondition(Conditioned):
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        x = self.stem(x)
+        if condition is not None:
+            x = x + self.embed(condition)[:, :, None, None]
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def test_an_optional_input_that_is_given_is_traced_not_defaulted() -> None:
+    inputs = (torch.randn(1, 3, 32, 32), torch.randn(1, 8))
+    scaled = compscale.scale(OptionalCondition(), width=1.5, example_inputs=inputs)
+    assert scaled.embed.out_features == scaled.stem[0].out_channels == 24  # the condition's branch widened too
+    assert scaled.eval()(*inputs).shape == (1, 10)

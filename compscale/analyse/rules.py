@@ -83,7 +83,7 @@ class ChannelRules:
 
     def own(self, target: Target) -> Callable[..., Desc | None] | None:
         """The rule registered for exactly ``target`` here or in a parent (no subclass look-up)."""
-        table: Mapping[Any, Any] = self.modules if isinstance(target, type) else self.functions
+        table: Mapping[Any, Any] = self.modules if _is_module_type(target) else self.functions
         if target in table:
             return table[target]
         return self.parent.own(target) if self.parent is not None else None
@@ -104,7 +104,7 @@ class ChannelRules:
 
     def remove(self, target: Target) -> None:
         """Forget this registry's own rule for ``target`` (a parent's rule, if any, shows through again)."""
-        table: dict[Any, Any] = self.modules if isinstance(target, type) else self.functions
+        table: dict[Any, Any] = self.modules if _is_module_type(target) else self.functions
         table.pop(target, None)
 
     def flatten(self, stop: ChannelRules | None = None) -> ChannelRules:
@@ -117,6 +117,10 @@ class ChannelRules:
 
     def __len__(self) -> int:
         return len(self.modules) + len(self.functions)
+
+
+def _is_module_type(target: Target) -> bool:
+    return isinstance(target, type) and issubclass(target, nn.Module)
 
 
 BUILTIN = ChannelRules()

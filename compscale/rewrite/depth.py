@@ -106,12 +106,20 @@ def _check_called(parent: nn.Module, stage: Stage, new: Sequence[nn.Module], tra
 
 
 def _called_children(parent: nn.Module, traced: Traced, in_shape: Sequence[int]) -> set[str]:
-    """The names of the children that ``parent.forward`` calls (all, if it cannot be traced alone)."""
+    """The names of the children that ``parent.forward`` calls.
+
+    Raises:
+        RewriteError: the parent cannot be traced alone, so whether it calls new children is unknown.
+    """
+    is_root = parent is traced.root
     try:
-        sub = trace(parent, in_shape, shapes=False, leaf_modules=(*traced.leaf_modules, *_block_types(parent)),
-                    autowrap_functions=traced.autowrap_functions)
-    except Exception:  # a parent that cannot run alone: assume it calls what it holds
-        return {name for name, _ in parent.named_children()}
+        sub = trace(parent, traced.input_shape if is_root else in_shape, shapes=False,
+                    leaf_modules=(*traced.leaf_modules, *_block_types(parent)),
+                    autowrap_functions=traced.autowrap_functions, extra_inputs=traced.extra_inputs if is_root else ())
+    except Exception as e:
+        raise RewriteError(f"cannot tell whether {type(parent).__name__}.forward calls the blocks appended to it: "
+                           f"it does not trace alone ({type(e).__name__})",
+                           "keep the stage's blocks in an nn.Sequential, or leave it out with `stages=`.") from e
     return {str(n.target).split(".")[0] for n in sub.graph.nodes if n.op == "call_module"}
 
 
@@ -132,9 +140,9 @@ class RunAfter:
     def __init__(self, blocks: Sequence[nn.Module]) -> None:
         self.blocks = list(blocks)
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        for block in self.blocks:
-            output = block(output)
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        for block in self.blocks:  # the block's other arguments (a mask, a condition) go to every new block too
+            output = block(output, *args[1:], **kwargs)
         return output
 
     def __repr__(self) -> str:
@@ -160,7 +168,7 @@ def append_by_hook(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage
                                f"appended to it ({', '.join(sorted(called))})",
                                "deepen this stage by hand, or leave it out with `stages=`.")
         if not called:
-            root.get_submodule(stage.blocks[-1].path).register_forward_hook(RunAfter(new))
+            root.get_submodule(stage.blocks[-1].path).register_forward_hook(RunAfter(new), with_kwargs=True)
 
 
 def _child_path(root: nn.Module, parent: str, after: str) -> str:

@@ -21,6 +21,7 @@ import inspect
 import io
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
@@ -235,7 +236,7 @@ def trace(
     tracer = CompscaleTracer(leaf_modules, autowrap_functions)
     with eval_mode(model):
         try:
-            defaults = default_kwargs(model)
+            defaults = default_kwargs(model, skip=len(extra_inputs))
             graph = tracer.trace(model, concrete_args=defaults or None)
             drop_specialized(graph, defaults)
         except Exception as e:  # fx raises TraceError, TypeError, AttributeError... for untraceable code
@@ -258,7 +259,7 @@ def as_meta(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors)
 
 
-def default_kwargs(model: nn.Module) -> dict[str, Any]:
+def default_kwargs(model: nn.Module, skip: int = 0) -> dict[str, Any]:
     """The parameters of ``model.forward`` after the first that have defaults, bound to them.
 
     ``model(x)`` runs with these defaults, so the trace does too: ``forward(x, drop_connect_rate=None)`` (a block
@@ -269,7 +270,8 @@ def default_kwargs(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return {p.name: p.default for p in params[1 + skip:]  # the first input, and ``skip`` more the caller passes
+            if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
 
 def drop_specialized(graph: fx.Graph, concrete: Mapping[str, Any]) -> None:
@@ -279,8 +281,8 @@ def drop_specialized(graph: fx.Graph, concrete: Mapping[str, Any]) -> None:
     """
     if not concrete:
         return
-    specialized = [n for n in graph.nodes if n.op == "placeholder" and n.target.rstrip("_0123456789") in concrete
-                   and n is not next(iter(graph.nodes))]
+    specialized = [n for n in graph.nodes if n.op == "placeholder" and n is not next(iter(graph.nodes))
+                   and any(re.fullmatch(rf"{re.escape(name)}(_\d+)?", str(n.target)) for name in concrete)]
     doomed: list[fx.Node] = []
     stack = list(specialized)
     while stack:
