@@ -7,9 +7,8 @@ TF-style padding, ``for d in x.shape``, ``(self, *args, **kwargs)`` decorators, 
 leaf modules run with their real parameters on fake inputs), and attaches the fake result to the node's
 proxy. ``.shape``, ``.size()``, ``.dim()``, ``.ndim``, ``.dtype``, ``.device``, ``len()`` and iteration then
 answer concrete Python values, so shape arithmetic and branches on shapes run as Python and leave only
-tensor ops in the graph (their results are constants for the traced input size: see
-:func:`shape_dependent_args`). ``bool()``/``int()`` of a tensor's *values* still fails, naming the module and
-source line (that forward is data-dependent).
+tensor ops in the graph (their results are constants for the traced input size). ``bool()``/``int()`` of a
+tensor's *values* still fails, naming the module and source line (that forward is data-dependent).
 
 Prior art: ``torch.fx.experimental.meta_tracer.MetaTracer`` (meta tensors, ``orig_forward`` and
 ``_disable_module_getattr`` for leaves) and transformers' ``HFTracer`` (removed in transformers 5).
@@ -51,7 +50,7 @@ from compscale.trace.tracer import (
     propagate_shapes,
 )
 
-__all__ = ["ConcreteProxy", "ConcreteTracer", "OutputSpec", "shape_dependent_args", "trace_concrete"]
+__all__ = ["ConcreteProxy", "ConcreteTracer", "OutputSpec", "trace_concrete"]
 
 _NO_VALUE = object()  # a node whose value could not be computed (a data-dependent op): it traces symbolically
 _THIS_FILE = os.path.abspath(__file__)
@@ -272,7 +271,7 @@ class ConcreteTracer(CompscaleTracer):
         except Exception as e:  # an op that needs data (nonzero, item) or that fake tensors do not support
             if self.strict:
                 raise TraceError(f"cannot compute {proxy.node.format_node()} on fake tensors at "
-                                 f"{self._where()}: {type(e).__name__}: {e}", "") from e
+                                 f"{self._where()}: {type(e).__name__}: {e}", TRACE_HINT) from e
             self.failures[proxy.node.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             value = _NO_VALUE
         if value is not _NO_VALUE:
@@ -435,7 +434,8 @@ def _main_input_name(model: nn.Module) -> str:
         return name
     params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters)
     if len(params) < 2:
-        raise TraceError(f"{type(model).__name__}.forward takes no input", "")
+        raise TraceError(f"{type(model).__name__}.forward takes no input",
+                         "compscale scales models called with at least one tensor input.")
     return params[1]
 
 
@@ -455,9 +455,9 @@ def trace_concrete(
     """As :func:`compscale.trace.trace`, with :class:`ConcreteTracer`: trace ``model`` (in eval mode) at
     ``input_shape`` and, with ``shapes``, propagate shapes with compscale's ShapeProp (as ``trace`` does).
 
-    The graph is valid for ``input_shape`` only where the forward computed Python values from shapes (see
-    :func:`shape_dependent_args`). ``kwargs`` are forward arguments bound as constants (``return_dict=True``...);
-    ``output`` picks a key of a dict/``ModelOutput`` result.
+    The graph is valid for ``input_shape`` only where the forward computed Python values from shapes.
+    ``kwargs`` are forward arguments bound as constants (``return_dict=True``...); ``output`` picks a key of a
+    dict/``ModelOutput`` result.
     """
     leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
     shape = tuple(input_shape) if input_shape is not None else (1, input_channels_of(model), *input_size)
@@ -489,26 +489,3 @@ def trace_concrete(
     if shapes:
         propagate_shapes(traced)
     return traced
-
-
-def shape_dependent_args(model: nn.Module, shapes: Sequence[Sequence[int]], **options: Any) -> list[str]:
-    """Trace ``model`` at each input shape and list the nodes whose constant arguments differ: shape-derived
-    values the forward computed in Python and the graph holds as constants (TF "SAME" padding amounts...).
-
-    Returns one line per differing node (or one line saying the graphs differ in their ops).
-    """
-    graphs = [trace_concrete(model, s, shapes=False, **options).graph for s in shapes]
-    ops = [[(n.op, n.target) for n in g.nodes] for g in graphs]
-    if any(o != ops[0] for o in ops[1:]):
-        return [f"the graph's ops differ between input shapes {list(map(tuple, shapes))}"]
-    lines = []
-    for nodes in zip(*(g.nodes for g in graphs)):
-        consts = [_constants((n.args, n.kwargs)) for n in nodes]
-        if any(c != consts[0] for c in consts[1:]):
-            lines.append(f"{nodes[0].format_node()}: " + " vs ".join(map(str, consts)))
-    return lines
-
-
-def _constants(a: Any) -> Any:
-    """``a`` with nodes replaced by their names (so that only constants compare)."""
-    return fx.node.map_aggregate(a, lambda x: x.name if isinstance(x, fx.Node) else x)
