@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import torch.fx as fx
 
+from compscale.analyse.probe import probed_rule
 from compscale.analyse.rules import _ATTR_READERS, _ATTR_VIEWS, _MULTI_OUTPUT, Desc, get_function_rule, get_module_rule
 from compscale.errors import UnsupportedOpError
 from compscale.trace import Traced, module_path
@@ -336,13 +337,19 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         module = ctx.traced.module(node)
         rule = get_module_rule(module)
         if rule is None:
-            ctx.unsupported(node, f"no channel rule for module type {type(module).__name__}")
-        desc: Desc | None = rule(ctx, node, module)
+            desc: Desc | None = probed_rule(ctx, node)  # a registered rule always wins over probing
+            if desc is None:
+                ctx.unsupported(node, f"no channel rule for module type {type(module).__name__}")
+        else:
+            desc = rule(ctx, node, module)
     else:
         frule = get_function_rule(node)
         if frule is None:
-            ctx.unsupported(node, f"no channel rule for {node.op} {_target_name(ctx.traced, node)}")
-        desc = frule(ctx, node)
+            desc = probed_rule(ctx, node)
+            if desc is None:
+                ctx.unsupported(node, f"no channel rule for {node.op} {_target_name(ctx.traced, node)}")
+        else:
+            desc = frule(ctx, node)
     if desc is None:  # a view the rule tracks itself (a channel shuffle's grouped view)
         return None
     if node not in ctx.cdim:
