@@ -26,8 +26,8 @@ from compscale.planning.plan import (
     plan_input_size,
     resolve_multipliers,
 )
-from compscale.planning.planner import Planner, no_stage_error
-from compscale.planning.policy import RoundFn, default_independent, derive, resolve_widths
+from compscale.planning.planner import Planner, derive_widths, no_stage_error
+from compscale.planning.policy import RoundFn, default_independent, resolve_widths
 from compscale.planning.rounding import make_divisible
 from compscale.rewrite.depth import deepen
 from compscale.rewrite.init import InitRules
@@ -143,7 +143,7 @@ def scale(
             if any(s.blocks_before != s.blocks_after for s in plan.stages):
                 traced = traced.retrace(work, traced.input_shape)
             cg = analyse_channels(traced)
-            derivations = derive(cg, [b.path for s in find_stages(traced) for b in s.blocks])  # all blocks, not stages=
+            derivations = derive_widths(traced, cg)
             widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations,
                                     seeds=_fixed_widths(cg, fixed))
             apply_widths(work, cg, widths, init)

@@ -18,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch.fx as fx
+from torch import nn
 
 from compscale.analyse.ops import OpKind, is_add, is_residual_add, op_kind
 from compscale.trace import Traced, module_path
@@ -42,6 +44,9 @@ class Block:
             split), ``"projection"`` (adds a transformed input), ``"dense"`` (a layer of a dense block that does the
             concatenating itself: ``entry`` is the concatenation the layer reads, ``exit`` the new channels it
             returns) or ``None``.
+        layers: for a *run* (a unit of a flat container such as torchvision VGG's ``features``: a conv and the
+            layers after it up to the next conv or downsampling), the paths of its layers; ``path`` is the first's.
+            Empty for a module.
     """
 
     path: str
@@ -52,6 +57,17 @@ class Block:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     residual: str | None
+    layers: tuple[str, ...] = ()
+
+    @property
+    def last_path(self) -> str:
+        """The block's path, or a run's last layer's."""
+        return self.layers[-1] if self.layers else self.path
+
+    @property
+    def keeps_shape(self) -> bool:
+        """Stride 1 and in == out: a plain network repeats such a unit whether or not it carries its input."""
+        return self.in_shape == self.out_shape
 
     @property
     def stride(self) -> int:
@@ -83,12 +99,17 @@ class Block:
 
 @dataclasses.dataclass
 class Stage:
-    """Consecutive blocks of one type whose blocks after the first are repeats."""
+    """Consecutive blocks of one type whose blocks after the first are repeats.
+
+    In a *plain* network (no block merges its input back: VGG, MobileNetV1, RepVGG), a stage is the run of
+    units of one type at one resolution, and its units after the first need not carry their input.
+    """
 
     index: int
     blocks: list[Block]
     whole_parent: bool = False  # the blocks are all the children of their parent module
     concat: str | None = None  # a dense block's own output: the concatenation of its input and all its layers
+    plain: bool = False  # units of a plain network: a stride-1 unit with in == out is a repeat without a residual
 
     @property
     def exit(self) -> str:
@@ -100,7 +121,8 @@ class Stage:
         """The parent module when the stage is all of it (``layer1``), else the blocks' paths."""
         if self.whole_parent:
             return self.parent
-        return self.blocks[0].path if len(self.blocks) == 1 else f"{self.blocks[0].path}..{self.blocks[-1].path}"
+        first, last = self.blocks[0].path, self.blocks[-1].last_path
+        return first if first == last else f"{first}..{last}"
 
     @property
     def parent(self) -> str:
@@ -126,7 +148,8 @@ class Stage:
     @property
     def repeat(self) -> Block | None:
         """The block new blocks copy: the stage's last block if it is a repeat, else ``None`` (synthesize one)."""
-        return self.blocks[-1] if self.blocks[-1].is_repeat else None
+        last = self.blocks[-1]
+        return last if last.is_repeat or (self.plain and last.keeps_shape) else None
 
 
 def _parent(path: str) -> str:
@@ -152,7 +175,7 @@ class StageTable:
     def __str__(self) -> str:
         rows = [("stage", "blocks", "block type", "in -> out ch", "stride", "first .. last")]
         for s in self.stages:
-            first, last = s.blocks[0].path, s.blocks[-1].path
+            first, last = s.blocks[0].path, s.blocks[-1].last_path
             rows.append((s.name, str(len(s.blocks)), s.blocks[0].type_name, f"{s.in_channels:>5} -> {s.out_channels}",
                          str(s.stride), first if first == last else f"{first} .. {last}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -192,10 +215,13 @@ def find_blocks(traced: Traced) -> list[Block]:
         parts = path.split(".") if path else []
         for k in range(1, len(parts) + (0 if n.op == "call_module" else 1)):
             spans.setdefault(".".join(parts[:k]), []).append(i)
+    pos = {n: i for i, n in enumerate(nodes)}
     blocks = []
     for path, idx in spans.items():
         first, last = idx[0], idx[-1]
-        if len(idx) < 2 or last - first + 1 != len(idx) or first - 1 not in cuts or last not in cuts:
+        if len(idx) < 2 or last - first + 1 != len(idx):
+            continue
+        if not (first - 1 in cuts and last in cuts) and not _bypassed(nodes, pos, first, last):
             continue
         entry, exit_ = nodes[first - 1], nodes[last]
         if not (traced.has_shape(entry) and traced.has_shape(exit_)):
@@ -205,6 +231,21 @@ def find_blocks(traced: Traced) -> list[Block]:
         blocks.append(Block(path, type(module).__name__, type(module), entry.name, exit_.name,
                             tuple(traced.shape(entry)), tuple(traced.shape(exit_)), _residual(traced, region, entry)))
     return blocks
+
+
+def _bypassed(nodes: Sequence[fx.Node], pos: dict[fx.Node, int], first: int, last: int) -> bool:
+    """Whether ``nodes[first:last + 1]`` reads only the node before it and hands on only its last node, while
+    other values pass around it: the half of a cross-stage-partial split that skips the stage's blocks
+    (``xs, xb = x.split(...); xb = self.blocks(xb); cat([xs, xb])``), or the input a residual adds back later."""
+    if first < 1:
+        return False
+    for n in nodes[first:last + 1]:
+        if any(a.op not in ("get_attr", "placeholder") and not first - 1 <= pos.get(a, -1) <= last
+               for a in n.all_input_nodes):
+            return False
+        if n is not nodes[last] and any(u.op != "output" and pos.get(u, len(nodes)) > last for u in n.users):
+            return False
+    return True
 
 
 def _data_nodes(traced: Traced) -> list[fx.Node]:
@@ -279,6 +320,8 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     all_blocks = find_blocks(traced)
     block_types = {b.module_type for b in all_blocks
                    if (b.is_repeat or b.grows) and _innermost_residual(b, all_blocks)}
+    if not block_types:
+        return _plain_stages(traced, all_blocks, stages)
     candidates = [b for b in _outermost([b for b in all_blocks if b.module_type in block_types])
                   if _wanted(b.path, stages)]
     result: list[Stage] = []
@@ -303,6 +346,89 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     for s in result:
         s.whole_parent = _is_whole_parent(traced, s)
     return StageTable(result, all_blocks)
+
+
+def _plain_stages(traced: Traced, blocks: list[Block], stages: StageFilter | None) -> StageTable:
+    """The stages of a network none of whose blocks merges its input back (VGG, MobileNetV1, RepVGG, LCNet).
+
+    Its units are the modules of a type that its containers hold several of (:func:`_module_units`), else the
+    runs of layers of a flat container (:func:`_flat_units`). Consecutive units of one type and one parent
+    form a stage while the resolution stays: each unit after the first has stride 1.
+    """
+    module_units = _module_units(traced, blocks)
+    units = [u for u in module_units or _flat_units(traced, blocks) if _wanted(u.path, stages)]
+    result: list[Stage] = []
+    for u in units:
+        cur = result[-1] if result else None
+        if (cur is not None and cur.blocks[-1].exit == u.entry and u.module_type is cur.blocks[0].module_type
+                and _parent(u.path) == cur.parent and u.in_shape[2:] == u.out_shape[2:]):
+            cur.blocks.append(u)
+        else:
+            result.append(Stage(len(result), [u], plain=True))
+    for s in result:
+        s.whole_parent = _is_whole_parent(traced, s)
+    return StageTable(result, blocks if module_units else [*blocks, *units])
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _module_units(traced: Traced, blocks: Sequence[Block]) -> list[Block]:
+    """The outermost blocks, held in containers, of a type with a convolution that containers hold several of
+    (timm's ``DepthwiseSeparableConv`` in MobileNetV1, ``RepVggBlock`` with its identity-BN and 1x1 branches).
+
+    A block alone of its type (a stem, a head) is not a unit; neither is a container itself.
+    """
+    def is_candidate(b: Block) -> bool:
+        module = traced.root.get_submodule(b.path)
+        parent = traced.root.get_submodule(_parent(b.path)) if "." in b.path else None
+        return (len(b.in_shape) >= 3 and not isinstance(module, _CONTAINERS) and isinstance(parent, _CONTAINERS)
+                and any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()))
+
+    candidates = [b for b in blocks if is_candidate(b)]
+    counts = Counter(b.module_type for b in candidates)
+    return _outermost([b for b in candidates if counts[b.module_type] >= 2])
+
+
+def _flat_units(traced: Traced, blocks: Sequence[Block]) -> list[Block]:
+    """The runs of layers of flat containers (torchvision VGG's ``features``): a run starts at a convolution and
+    takes the layers after it that keep the resolution; a layer that downsamples (a pooling) belongs to no run."""
+    units: list[Block] = []
+    for block in blocks:
+        container = traced.root.get_submodule(block.path)
+        if not isinstance(container, nn.Sequential) or any(True for m in container.children()
+                                                           if next(m.children(), None) is not None):
+            continue
+        units += _runs(traced, block)
+    return units
+
+
+def _runs(traced: Traced, block: Block) -> list[Block]:
+    nodes = _data_nodes(traced)
+    names = [n.name for n in nodes]
+    region = nodes[names.index(block.entry) + 1: names.index(block.exit) + 1]
+    if any(n.op != "call_module" or len(n.all_input_nodes) != 1 for n in region):
+        return []  # not a plain chain of layers
+    runs: list[list[fx.Node]] = []
+    prev = nodes[names.index(block.entry)]
+    for n in region:
+        if n.all_input_nodes[0] is not prev or not traced.has_shape(n):
+            return []
+        if isinstance(traced.module(n), nn.modules.conv._ConvNd):
+            runs.append([n])
+        elif tuple(traced.shape(n))[2:] != tuple(traced.shape(prev))[2:]:
+            runs.append([])  # a downsampling layer ends the run
+        elif runs and runs[-1]:
+            runs[-1].append(n)
+        prev = n
+    units = []
+    for run in (r for r in runs if r):
+        entry = run[0].all_input_nodes[0]
+        types = "-".join(type(traced.module(n)).__name__ for n in run)
+        paths = tuple(str(n.target) for n in run)
+        units.append(Block(paths[0], types, type(traced.module(run[0])), entry.name, run[-1].name,
+                           tuple(traced.shape(entry)), tuple(traced.shape(run[-1])), None, paths))
+    return units
 
 
 def _is_whole_parent(traced: Traced, stage: Stage) -> bool:

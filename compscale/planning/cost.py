@@ -48,7 +48,8 @@ class _Layer:
 class CostModel:
     """MACs and parameters of the probe network at any widths, stage depths and input size."""
 
-    def __init__(self, traced: Traced, cg: ChannelGraph, extra_blocks: Mapping[int, str]) -> None:
+    def __init__(self, traced: Traced, cg: ChannelGraph, extra_blocks: Mapping[int, Sequence[str]]) -> None:
+        """``extra_blocks``: per stage, the paths of the block (or the layers of the run) the probe added to it."""
         self.traced = traced
         self.extra_blocks = dict(extra_blocks)
         self.channel_dims = cg.channel_dims
@@ -59,8 +60,8 @@ class CostModel:
 
     def multiplicity(self, path: str, extra: Mapping[int, int]) -> int:
         """How many times a layer of the probe appears in a network with ``extra[s]`` blocks added to stage s."""
-        for stage, prefix in self.extra_blocks.items():
-            if path.startswith(prefix + "."):
+        for stage, paths in self.extra_blocks.items():
+            if any(path == p or path.startswith(p + ".") for p in paths):
                 return extra.get(stage, 0)
         return 1
 

@@ -39,7 +39,7 @@ from compscale.planning.rounding import make_divisible
 from compscale.trace import trace
 from compscale.trace.tracer import Traced, check_module, meta_copy
 
-__all__ = ["Planner", "meta_copy", "no_stage_error", "plan"]
+__all__ = ["Planner", "derive_widths", "meta_copy", "no_stage_error", "plan"]
 
 
 @dataclasses.dataclass
@@ -119,9 +119,9 @@ class Planner:
             adapt_inputs(root, base, base.input_shape, None, warn=False, keep_ratio=transition_ratios(base, self.table))
         traced = base.retrace(root, base.input_shape)
         cg = analyse_channels(traced)
-        derivations = derive(cg, [b.path for s in find_stages(traced) for b in s.blocks])
+        derivations = derive_widths(traced, cg)
         repeated = {s.index for s in self.table if not s.grows}
-        cost = CostModel(traced, cg, {s: paths[0] for s, paths in added.items() if s in repeated})
+        cost = CostModel(traced, cg, {s: tuple(paths) for s, paths in added.items() if s in repeated})
         self._probes[dense] = _Probe(traced, cg, derivations, cost)
         return self._probes[dense]
 
@@ -192,6 +192,23 @@ class Planner:
 
 
 _DIMENSIONS = ("phi", "depth", "width", "resolution")
+
+
+def derive_widths(traced: Traced, cg: ChannelGraph) -> dict[int, Derivation]:
+    """How each channel group's width follows from others (:func:`~compscale.planning.policy.derive`), given the
+    network's blocks (all of them, whatever ``stages=`` picks).
+
+    A unit of a plain stage hands its output to the next unit as a stage width, which the published plain
+    families round on its own (timm's MobileNetV1 at ``channel_multiplier=1.2``: 128 -> 152, not 2 x 80).
+    """
+    table = find_stages(traced)
+    derivations = derive(cg, [b.path for s in table for b in s.blocks])
+    for stage in (s for s in table if s.plain):
+        for block in stage.blocks:
+            for g in cg.node_groups.get(block.exit, ()):
+                if derivations[g].rule == "expansion":
+                    derivations[g] = Derivation("independent")
+    return derivations
 
 
 def no_stage_error(name: str, table: StageTable) -> NoStageError:

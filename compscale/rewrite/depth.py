@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from compscale.analyse.stages import Stage, StageTable
+from compscale.analyse.stages import Block, Stage, StageTable
 from compscale.errors import RewriteError
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
@@ -62,11 +62,13 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
                     "keep the stage's blocks in an nn.Sequential, or use a depth multiplier >= 1.",
                 )
             keep = max(1, len(stage.blocks) + extra)
-            remove_children(parent, [b.path.rpartition(".")[2] for b in stage.blocks[keep:]])
+            remove_children(parent, [p.rpartition(".")[2] for b in stage.blocks[keep:] for p in b.layers or [b.path]])
             continue
         new = _new_blocks(root, traced, table, stage, extra, rules)
+        if stage.blocks[-1].layers:  # runs of a flat container: their layers go in one after another
+            new = [layer for run in new for layer in run.children()]
         if in_container:
-            insert_after(parent, stage.blocks[-1].path.rpartition(".")[2], new)
+            insert_after(parent, stage.blocks[-1].last_path.rpartition(".")[2], new)
             if isinstance(parent, nn.ModuleDict):
                 _check_called(parent, stage, new, traced)
         else:
@@ -87,10 +89,17 @@ def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage
     if stage.grows:
         return [fresh_copy(m, rules) for m in synthesize_dense(traced, stage, extra, rules)]
     if stage.repeat is not None:
-        template = root.get_submodule(stage.repeat.path)
+        template = _unit(root, stage.repeat)
         return [fresh_copy(template, rules) for _ in range(extra)]
     first = synthesize_repeat(traced, stage, table.blocks, rules)  # unchanged layers still hold copied weights
     return [fresh_copy(first, rules) for _ in range(extra)]
+
+
+def _unit(root: nn.Module, block: Block) -> nn.Module:
+    """The block's module, or a run's layers in an ``nn.Sequential`` (to copy them as one)."""
+    if block.layers:
+        return nn.Sequential(*(root.get_submodule(p) for p in block.layers))
+    return root.get_submodule(block.path)
 
 
 def _check_called(parent: nn.Module, stage: Stage, new: Sequence[nn.Module], traced: Traced) -> None:

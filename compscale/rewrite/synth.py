@@ -65,18 +65,31 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
     Where the model has a residual block of the same class to learn from, the repeat is an instance of that
     class (:func:`own_class_repeat`); otherwise a ``GraphModule`` of the block's rewritten subgraph.
     """
-    block = stage.blocks[0]
-    own = own_class_repeat(traced, block, blocks, rules)
+    block = stage.blocks[-1]  # a one-block stage's, or a plain stage's last unit that widens (ReXNet)
+    if block.layers:
+        return _run_repeat(traced, block, rules)
+    own = own_class_repeat(traced, block, blocks, rules, plain=stage.plain)
     if own is not None:
         return own
     gm = _rewidened(traced, block, block.out_shape[1], rules)
     _unstride(gm)
-    _make_identity_residual(gm, block, traced, blocks)
+    if not stage.plain:
+        _make_identity_residual(gm, block, traced, blocks)
     return _finish(traced, gm, block, block.out_shape)
 
 
+def _run_repeat(traced: Traced, block: Block, rules: InitRules | None) -> nn.Module:
+    """The repeat of a run of layers (VGG's first conv of a stage, with its norm and activation): the same layers
+    reading the run's output width, with stride 1, in an ``nn.Sequential`` whose children the caller inserts."""
+    run = nn.Sequential(*(traced.root.get_submodule(p) for p in block.layers))
+    new = _rewidened_copy(traced, run, block, rules)
+    _unstride(new)
+    _check_maps(traced, new, block, block.out_shape, block.out_shape)
+    return new
+
+
 def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
-                     rules: InitRules | None) -> nn.Module | None:
+                     rules: InitRules | None, plain: bool = False) -> nn.Module | None:
     """The repeat of ``block`` as an instance of its own class, or ``None`` when none can be made.
 
     A copy of the block is re-widthed to map its output width to itself and loses its strides. Its residual is
@@ -84,8 +97,13 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
     submodule) where the two differ are tried, one at a time, then all together, and a candidate is kept when a
     trace shows that it adds its input back and maps the stage's output shape to itself (``use_res_connect`` in
     torchvision's ``MBConv``, ``has_skip`` in timm's, ``apply_dropout`` in Hugging Face's EfficientNet).
+
+    In a ``plain`` network the peer is a stride-1 unit with in == out, residual or not, else the block itself
+    (its constructor arguments are updated for the new input width), and the candidate must map the stage's
+    output shape to itself, adding its input back only if the block or the peer does.
     """
-    peer = next((b for b in blocks if b.module_type is block.module_type and b.is_repeat), None)
+    peer = next((b for b in blocks if b.module_type is block.module_type
+                 and (b.is_repeat or (plain and b.keeps_shape))), block if plain else None)
     if peer is None:
         return None
     template = traced.root.get_submodule(block.path)
@@ -102,12 +120,13 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
     shape = block.out_shape
     subsets: list[list[tuple[str, str, bool]]] = [[f] for f in flags] + ([flags] if len(flags) > 1 else [])
     for variant in variants:
-        none: list[list[tuple[str, str, bool]]] = [[]] if variant is recorded else []
+        none: list[list[tuple[str, str, bool]]] = [[]] if variant is recorded or plain else []
         for subset in none + subsets:
             candidate = copy.deepcopy(variant)
             for path, name, value in subset:
                 setattr(candidate.get_submodule(path) if path else candidate, name, value)
-            if _adds_its_input(traced, candidate, shape):
+            if _adds_its_input(traced, candidate, shape, need_residual=not plain or bool(
+                    {block.residual, peer.residual} & {"identity", "concat"})):
                 return candidate
     return None
 
@@ -181,7 +200,7 @@ def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: In
     return new
 
 
-def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...]) -> bool:
+def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...], need_residual: bool = True) -> bool:
     """Whether ``block`` maps ``shape`` to itself and adds its input back (a trace proves it)."""
     try:
         check = traced.retrace(block, shape)
@@ -189,6 +208,8 @@ def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...]) ->
         return False
     if tuple(check.shape(check.output_node)) != tuple(shape):
         return False
+    if not need_residual:
+        return True
     x = next(n for n in check.graph.nodes if n.op == "placeholder")
     return any(is_residual_add(n) and x in n.args[:2] for n in check.graph.nodes)
 
@@ -251,7 +272,7 @@ def _finish(traced: Traced, gm: fx.GraphModule, block: Block, out_shape: tuple[i
     return gm
 
 
-def _check_maps(traced: Traced, gm: fx.GraphModule, block: Block, in_shape: tuple[int, ...],
+def _check_maps(traced: Traced, gm: nn.Module, block: Block, in_shape: tuple[int, ...],
                 out_shape: tuple[int, ...]) -> None:
     """Raise ``RewriteError`` unless ``gm``, made from ``block``, maps ``in_shape`` to ``out_shape``."""
     check = traced.retrace(gm, in_shape)
