@@ -117,6 +117,9 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
     recorded = copy.deepcopy(base)
     if _record_new_args(recorded, traced.root.get_submodule(peer.path), block.in_shape[1], block.out_shape[1]):
         variants.append(recorded)
+    if plain and block.residual == "projection":  # a repeat has no projection shortcut (``downsample=None``)
+        variants += [_without(v, name, empty) for v in list(variants) for name in _shortcut_children(traced, block)
+                     for empty in (None, nn.Identity())]
     shape = block.out_shape
     subsets: list[list[tuple[str, str, bool]]] = [[f] for f in flags] + ([flags] if len(flags) > 1 else [])
     for variant in variants:
@@ -126,9 +129,41 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
             for path, name, value in subset:
                 setattr(candidate.get_submodule(path) if path else candidate, name, value)
             if _adds_its_input(traced, candidate, shape, need_residual=not plain or bool(
-                    {block.residual, peer.residual} & {"identity", "concat"})):
+                    {block.residual, peer.residual} & {"identity", "concat", "projection"})):
                 return candidate
     return None
+
+
+def _without(block: nn.Module, name: str, empty: nn.Module | None) -> nn.Module:
+    """A copy of ``block`` whose child ``name`` is ``empty`` (``None``, or an ``nn.Identity``)."""
+    new = copy.deepcopy(block)
+    setattr(new, name, empty)
+    return new
+
+
+def _shortcut_children(traced: Traced, block: Block) -> list[str]:
+    """The children of ``block`` on the shortcut of its last residual add: its projection (``downsample``)."""
+    nodes = list(traced.graph.nodes)
+    names = [n.name for n in nodes]
+    entry = nodes[names.index(block.entry)]
+    region = nodes[names.index(block.entry) + 1: names.index(block.exit) + 1]
+    adds = [n for n in region if is_residual_add(n)]
+    if not adds:
+        return []
+    operands = [a for a in adds[-1].args[:2] if isinstance(a, fx.Node)]
+    shortcut = min(operands, key=lambda a: _distance(a, entry))
+    children: list[str] = []
+    inside, stack = set(region), [shortcut]
+    while stack:
+        n = stack.pop()
+        if n not in inside:
+            continue
+        if n.op == "call_module" and str(n.target).startswith(block.path + "."):
+            child = str(n.target)[len(block.path) + 1:].split(".")[0]
+            if child not in children:
+                children.append(child)
+        stack.extend(n.all_input_nodes)
+    return children
 
 
 def _record_new_args(block: nn.Module, peer: nn.Module, old_in: int, new_in: int) -> bool:
