@@ -28,6 +28,7 @@ from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.ops import is_add, is_residual_add
 from compscale.analyse.stages import Block, Stage
 from compscale.errors import RewriteError
+from compscale.layers import resize
 from compscale.planning.policy import resolve_widths
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules
@@ -116,10 +117,9 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
     variants = [base]
     recorded = copy.deepcopy(base)
     if _record_new_args(recorded, traced.root.get_submodule(peer.path), block.in_shape[1], block.out_shape[1]):
-        variants.append(recorded)
-    if plain and block.residual == "projection":  # a repeat has no projection shortcut (``downsample=None``)
-        variants += [_without(v, name, empty) for v in list(variants) for name in _shortcut_children(traced, block)
-                     for empty in (None, nn.Identity())]
+        variants.insert(0 if plain else 1, recorded)  # a plain unit has no flags to try: its arguments first
+    if plain:
+        variants = _plain_variants(traced, block, peer, variants)
     shape = block.out_shape
     subsets: list[list[tuple[str, str, bool]]] = [[f] for f in flags] + ([flags] if len(flags) > 1 else [])
     for variant in variants:
@@ -129,9 +129,41 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
             for path, name, value in subset:
                 setattr(candidate.get_submodule(path) if path else candidate, name, value)
             if _adds_its_input(traced, candidate, shape, need_residual=not plain or bool(
-                    {block.residual, peer.residual} & {"identity", "concat", "projection"})):
+                    {block.residual, peer.residual} & {"identity", "concat"})):
                 return candidate
     return None
+
+
+def _plain_variants(traced: Traced, block: Block, peer: Block, variants: list[nn.Module]) -> list[nn.Module]:
+    """The candidates for a plain unit's repeat, most specific first: given the norm layers a stride-1 peer has
+    (RepVGG's identity BatchNorm), then without the projection shortcut (ResNeSt's ``downsample``), then as is."""
+    filled = [f for v in variants if (f := _with_peer_children(v, traced, peer, block)) is not None]
+    dropped = [] if block.residual != "projection" else [
+        _without(v, name, empty) for v in variants for name in _shortcut_children(traced, block)
+        for empty in (None, nn.Identity())]
+    return [*filled, *dropped, *variants]
+
+
+_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # norms with their activation, as timm's BatchNormAct2d
+
+
+def _with_peer_children(block: nn.Module, traced: Traced, peer: Block, source: Block) -> nn.Module | None:
+    """A copy of ``block`` given the norm layers its peer has where it has ``None`` (RepVGG's identity BatchNorm,
+    which only stride-1 blocks with in == out carry), resized to the block's width; ``None`` if there is none."""
+    theirs = traced.root.get_submodule(peer.path)
+    missing = [name for name, child in theirs._modules.items()
+               if block._modules.get(name, getattr(block, name, 0)) is None and isinstance(child, _LAYERS)]
+    if not missing:
+        return None
+    new = copy.deepcopy(block)
+    width = source.out_shape[1]
+    for name in missing:
+        child = theirs._modules[name]
+        assert child is not None
+        if name in vars(new):  # a plain attribute set to None before the module existed
+            delattr(new, name)
+        setattr(new, name, resize(copy.deepcopy(child), width, width))
+    return new
 
 
 def _without(block: nn.Module, name: str, empty: nn.Module | None) -> nn.Module:
