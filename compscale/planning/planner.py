@@ -217,9 +217,11 @@ def no_stage_error(name: str, table: StageTable) -> NoStageError:
     looked = f"; its blocks ({', '.join(repr(p) for p in seen)}, ...) do not" if seen else ""
     return NoStageError(
         f"{name} has no stage to deepen: no block of its graph merges its own input back into its output "
-        f"(a residual add, or a concat of a dense layer or channel split, with stride 1){looked}",
-        "compscale repeats blocks that carry their input through; scale width and resolution only (depth=1), "
-        "or restrict depth scaling to such blocks with `stages=`.",
+        f"(a residual add, or a concat of a dense layer or channel split, with stride 1), no container holds "
+        f"several blocks of one type, and no flat nn.Sequential holds runs of convolutions{looked}",
+        "compscale repeats blocks that carry their input through, or the units of a plain network kept in "
+        "containers (nn.Sequential, nn.ModuleList); keep the units so, scale width and resolution only (depth=1), "
+        "or restrict depth scaling to some blocks with `stages=`.",
     )
 
 
