@@ -194,7 +194,7 @@ def test_a_subclass_per_channel_parameter_follows_the_width() -> None:
 
 
 class Res2Block(nn.Module):
-    """Res2Net's block: the split sizes are numbers (``self.width``), so that width cannot change."""
+    """Res2Net's block: the split sizes are a number the block keeps (``self.width``); it follows the width."""
 
     def __init__(self, c: int, width: int = 8, scale: int = 4) -> None:
         super().__init__()
@@ -224,10 +224,11 @@ class Res2Net(nn.Module):
         return self.fc(self.layer1(self.stem(x)).mean((2, 3)))
 
 
-def test_split_by_numbers_keeps_the_split_width_and_widens_the_rest() -> None:
+def test_split_by_numbers_follows_the_width_through_the_attribute_holding_them() -> None:
     scaled = compscale.scale(Res2Net(), width=1.5, depth=1.5, input_size=32)
     assert scaled.stem.out_channels == 48 and len(scaled.layer1) == 3
-    assert scaled.layer1[2].conv1.out_channels == 32 and scaled.layer1[2].convs[0].out_channels == 8
-    fixed = [g for g in scaled.scaling.groups if g.before == g.after == 32 and "layer1.0.conv1" in g.members]
-    assert fixed, "the split group keeps its 32 channels"
+    block = scaled.layer1[2]
+    assert block.conv1.out_channels == 48 and block.width == 12  # 4 pieces of 48 / 4: self.width follows
+    assert [c.out_channels for c in block.convs] == [12, 12, 16]  # the last conv's output meets no piece
+    assert block.conv3.in_channels == 3 * 12 + 16
     assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -16,18 +16,33 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any, NoReturn
 
 import torch.fx as fx
+from torch import nn
 
 from compscale.analyse.probe import probed_rule
-from compscale.analyse.rules import _ATTR_READERS, _ATTR_VIEWS, _MULTI_OUTPUT, Desc, get_function_rule, get_module_rule
+from compscale.analyse.rules import (
+    _ATTR_READERS,
+    _ATTR_VIEWS,
+    _MULTI_OUTPUT,
+    Desc,
+    GroupedView,
+    get_function_rule,
+    get_module_rule,
+)
 from compscale.errors import UnsupportedOpError
 from compscale.trace import Traced, module_path
 
-__all__ = ["ChannelGraph", "ChannelGroup", "LayerChannels", "RuleContext", "analyse_channels", "spatial_dims"]
+__all__ = [
+    "ChannelGraph", "ChannelGroup", "LayerChannels", "Part", "RuleContext", "SizeLiteral", "analyse_channels",
+    "spatial_dims",
+]
 
 _RULE_HINT = (
     "tell compscale how it maps channels: `compscale.register_channel_rule({target}, rule)` with a rule from "
@@ -71,6 +86,32 @@ class LayerChannels:
     pooled: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Group ``piece`` is piece ``index`` of group ``whole``, cut as ``sizes`` cut the analysed width (MixConv's
+    ``torch.split(x, self.splits)``): the whole is the unit that is rounded, the pieces follow it."""
+
+    piece: int
+    whole: int
+    index: int
+    sizes: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeLiteral:
+    """A channel count the model keeps in a module attribute and hands to an op as a number: split sizes
+    (Res2Net's ``self.width``, MixConv's ``self.splits``), a slice bound (GhostNet's ``self.out_chs``).
+
+    ``entries`` gives, per number (one for an ``int`` attribute), the ``(group, factor)`` pairs whose new widths
+    sum to its new value; :func:`compscale.rewrite.width.apply_widths` writes it.
+    """
+
+    path: str
+    attr: str
+    entries: tuple[tuple[tuple[int, int], ...], ...]
+    is_list: bool
+
+
 @dataclasses.dataclass
 class ChannelGraph:
     """The result of :func:`analyse_channels`."""
@@ -84,11 +125,16 @@ class ChannelGraph:
     params: dict[str, tuple[int, tuple[int, ...]]] = dataclasses.field(default_factory=dict)
     channel_dims: dict[str, int] = dataclasses.field(default_factory=dict)
     shape_owners: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    parts: list[Part] = dataclasses.field(default_factory=list)
+    sums: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    literals: list[SizeLiteral] = dataclasses.field(default_factory=list)
     """``params``: tensor attributes used in ``forward`` (a layer scale), by qualified name: the dimension
     that runs over channels and its groups. ``channel_dims``: the channel dimension of each node whose
     channels are not dimension 1 (a channels-last tensor after ``permute(0, 2, 3, 1)``). ``shape_owners``:
     modules that pass their own weight to ``F.layer_norm`` (a hand-written LayerNorm): their attribute
-    holding the normalized shape follows these groups."""
+    holding the normalized shape follows these groups. ``parts``: pieces of a group split by the model's own sizes
+    (MixConv). ``sums``: a group that is the concatenation of others (a conv output that ``x[:, :c]`` and
+    ``x[:, c:]`` cut in two: DPN, ReXNet). ``literals``: numbers the model keeps that follow the width."""
 
     def group_of(self, path: str, role: str = "out") -> ChannelGroup:
         """The group of a layer's output (``role="out"``), or of a norm/depthwise layer's channels."""
@@ -152,7 +198,11 @@ class RuleContext:
         self.pooled: set[str] = set()
         self.ties: list[tuple[int, int, Fraction]] = []
         self.multi: dict[fx.Node, list[Desc]] = {}  # ops returning several tensors (chunk, split)
-        self.grouped: dict[fx.Node, tuple[Desc, int, bool]] = {}  # (N, g, C/g, H, W) views: source, g, transposed
+        self.grouped: dict[fx.Node, GroupedView] = {}  # (N, g, C/g, H, W) views of channels (shuffles, branches)
+        self.parts: list[tuple[int, int, int, tuple[int, ...]]] = []  # (piece, whole, index, sizes) spaces
+        self.sums: dict[int, Desc] = {}  # a space cut in pieces -> the pieces
+        self.literals: list[tuple[str, str, tuple[Desc, ...], bool]] = []  # (module, attribute, entries, is list)
+        self.pieces: dict[str, tuple[Desc, list[Desc]]] = {}  # module -> what it split by a list of sizes, pieces
         self.current: fx.Node | None = None  # the node whose rule runs
         self.cdim: dict[fx.Node, int] = {}  # channel dimension where a rule set it (else 1 or the input's)
         self.attrs: dict[fx.Node, fx.Node] = {}  # tensor attributes and views of them -> the get_attr node
@@ -161,13 +211,38 @@ class RuleContext:
 
     # queries
     def is_tensor(self, arg: Any) -> bool:
-        return isinstance(arg, fx.Node) and arg in self.descs
+        return isinstance(arg, fx.Node) and (arg in self.descs or arg in self.grouped)
 
     def desc(self, node: Any) -> Desc:
+        if isinstance(node, fx.Node) and node in self.grouped and node not in self.descs:
+            self._branches(node)
         if not self.is_tensor(node):
             assert self.current is not None and isinstance(node, fx.Node), node
             self.unsupported(self.current, f"it reads {node.name}, a tensor whose channels compscale did not follow")
         return self.descs[node]
+
+    def _branches(self, node: fx.Node) -> None:
+        """Use a grouped view ``(N, k, C, *spatial)`` as a tensor of ``k`` branches over one space of ``C`` channels
+        in dimension 2 (SK's and ResNeSt's attention over branches): the source's ``k * C`` follows ``C``."""
+        view = self.grouped[node]
+        assert self.current is not None
+        if view.order != tuple(range(len(view.factors))) or len(view.factors) != 2:
+            self.unsupported(self.current, f"it reads {node.name}, a view of channels as {view.factors} whose axes "
+                             "are swapped or more than two", "compscale follows (N, k, C, ...) views of (N, k*C, ...) "
+                             "tensors and channel shuffles; register a rule for the module doing this.")
+        k, c = view.factors
+        if len(view.desc) == 1:
+            branch = self.new_space(node, c)
+            self.tie(view.desc, branch, k)  # the k*C layer follows C, the width that meets the rest of the block
+        elif len(view.desc) == k:  # k concatenated parts, one per branch
+            for part in view.desc[1:]:
+                self.union(view.desc[:1], (part,), node)
+            branch = view.desc[:1]
+        else:
+            self.unsupported(self.current, f"it reads {node.name}, {len(view.desc)} concatenated parts viewed as {k} "
+                             "branches")
+        self.descs[node] = branch
+        self.cdim[node] = 2
 
     def input_node(self, node: fx.Node) -> fx.Node:
         arg = node.args[0] if node.args else next(iter(node.kwargs.values()))
@@ -182,6 +257,8 @@ class RuleContext:
 
     def channel_dim(self, node: fx.Node) -> int:
         """The dimension of ``node``'s tensor that runs over channels: 1, or where a ``permute`` moved it."""
+        if node in self.grouped and node not in self.descs:
+            self._branches(node)
         return self.cdim.get(node, 1)
 
     def channels(self, node: fx.Node) -> int:
@@ -213,11 +290,84 @@ class RuleContext:
             self.fixed[s] = fixed_reason
         return ((s, 1),)
 
-    def union(self, a: Desc, b: Desc, node: fx.Node) -> None:
+    def union(self, a: Desc, b: Desc, node: fx.Node) -> Desc:
+        """Make ``a`` and ``b`` one set of channels; returns their common descriptor.
+
+        Two concatenations of different pieces with the same width (ReXNet's ``x[:, :c] + shortcut`` where the
+        shortcut is itself a concat) are first cut at each other's boundaries (see :meth:`cut`).
+        """
+        a, b = self.refine(a), self.refine(b)
         if len(a) != len(b) or any(fa != fb for (_, fa), (_, fb) in zip(a, b)):
-            self.unsupported(node, "it joins tensors whose channels are concatenated differently")
+            if self.width(a) == self.width(b) and all(f == 1 for _, f in a + b):
+                for offset in _bounds(self, a) | _bounds(self, b):
+                    a, b = self.cut(a, offset, node), self.cut(b, offset, node)
+            if len(a) != len(b) or any(fa != fb for (_, fa), (_, fb) in zip(a, b)):
+                self.unsupported(node, "it joins tensors whose channels are concatenated differently")
         for (sa, _), (sb, _) in zip(a, b):
             self.uf.union(sa, sb)
+        return a
+
+    def refine(self, desc: Desc) -> Desc:
+        """``desc`` with every space that was cut (:meth:`cut`) replaced by its pieces."""
+        if not self.sums:
+            return desc
+        cuts = {self.uf.find(k): v for k, v in self.sums.items()}
+        out: list[tuple[int, int]] = []
+        for s, f in desc:
+            pieces = cuts.get(self.uf.find(s)) if f == 1 else None
+            out.extend(self.refine(pieces) if pieces is not None else ((s, f),))
+        return tuple(out)
+
+    def cut(self, desc: Desc, offset: int, node: fx.Node) -> Desc:
+        """``desc`` with the space that holds channel ``offset`` inside it cut there into two new spaces.
+
+        The cut space becomes the sum of its pieces (``x[:, :c]`` / ``x[:, c:]`` of DPN's conv output: the
+        residual width and the dense width, rounded each on their own; the conv's output is their sum).
+        """
+        desc, start = self.refine(desc), 0
+        for i, (s, f) in enumerate(desc):
+            size = self.uf.size[s] * f
+            if start < offset < start + size:
+                if f != 1:
+                    self.unsupported(node, "it cuts a flattened channel space")
+                pieces = self.new_space(node, offset - start) + self.new_space(node, start + size - offset)
+                self.sums[s] = pieces
+                return desc[:i] + pieces + desc[i + 1:]
+            start += size
+        return desc
+
+    def part(self, piece: Desc, whole: Desc, index: int, sizes: Sequence[int]) -> None:
+        """``piece`` is piece ``index`` of ``whole`` when the model cuts it in ``sizes`` (MixConv's split)."""
+        self.parts.append((piece[0][0], whole[0][0], index, tuple(sizes)))
+
+    def follow_literal(self, node: fx.Node, values: Sequence[tuple[Any, tuple[Desc, ...]]], what: str) -> bool:
+        """Find the attribute of ``node``'s module that holds a number the model passes to ``node`` (split sizes,
+        a slice bound), so that the width pass updates it; returns ``False`` (after a warning) when there is none
+        or several.
+
+        Args:
+            node: the op that reads the number.
+            values: candidate ``(value, entries)``: the attribute's value (an ``int`` or a list of them) and, per
+                number, the channels whose new width it becomes (SK's split size ``self.in_channels // 2`` is
+                found as the source's width ``self.in_channels``).
+            what: the op, for the warning.
+        """
+        path = module_path(node)
+        module = self.traced.root.get_submodule(path) if path else self.traced.root
+        found = [(name, entries, isinstance(v, (list, tuple))) for value, entries in values
+                 for name, v in _plain_attrs(module) if _same_number(v, value)]
+        if len(found) > 1:
+            found = [f for f in found if _forward_reads(module, f[0])] or found
+        if len(found) != 1:
+            warnings.warn(
+                f"compscale: {what} at {node.name} (in {path or type(module).__name__!r}) takes the number(s) "
+                f"{values[0][0]}, which {'no attribute' if not found else 'several attributes'} of the module "
+                f"holds{': ' + ', '.join(f[0] for f in found) if found else ''}; the channels they cut keep their "
+                f"width, so MACs grow less than the multiplier asks", stacklevel=2)
+            return False
+        name, entries, is_list = found[0]
+        self.literals.append((path, name, entries, is_list))
+        return True
 
     def member(self, desc: Desc, path: str, role: str) -> None:
         for s, _ in desc:
@@ -274,6 +424,40 @@ class RuleContext:
             f"{why}",
             hint or _RULE_HINT.format(target=target),
         )
+
+
+def _bounds(ctx: RuleContext, desc: Desc) -> set[int]:
+    """Offsets where the segments of ``desc`` meet."""
+    out: set[int] = set()
+    start = 0
+    for s, f in desc[:-1]:
+        start += ctx.uf.size[s] * f
+        out.add(start)
+    return out
+
+
+def _plain_attrs(module: nn.Module) -> list[tuple[str, Any]]:
+    """``module``'s own numbers and lists of numbers (bools excepted), as ``vars`` holds them."""
+    def number(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return [(k, v) for k, v in vars(module).items() if not k.startswith("_") and (
+        number(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(number(x) for x in v)))]
+
+
+def _same_number(attr: Any, value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return isinstance(attr, (list, tuple)) and list(attr) == list(value)
+    return not isinstance(attr, (list, tuple)) and attr == value
+
+
+def _forward_reads(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s ``forward`` source mentions ``self.<name>`` (to tell apart attributes of one value)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return re.search(rf"\bself\.{re.escape(name)}\b", source) is not None
 
 
 def spatial_dims(shape: Sequence[int], cdim: int) -> tuple[int, ...]:
@@ -372,7 +556,7 @@ def _is_attr_view(ctx: RuleContext, node: fx.Node) -> bool:
 
 def _inherit_channel_dim(ctx: RuleContext, node: fx.Node) -> None:
     """A node keeps the channel dimension of its first tensor input when it keeps its number of dimensions."""
-    src = next((a for a in node.all_input_nodes if ctx.is_tensor(a)), None)
+    src = next((a for a in node.all_input_nodes if a in ctx.descs), None)
     if src is not None and ctx.channel_dim(src) != 1 and len(ctx.shape(src)) == len(ctx.shape(node)):
         ctx.cdim[node] = ctx.channel_dim(src)
 
@@ -407,4 +591,16 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
     params = {t: (dim, tuple(gid(s) for s, _ in d)) for t, (dim, d) in ctx.params.items()}
     channel_dims = {n.name: c for n, c in ctx.cdim.items() if c != 1}
     shape_owners = {path: tuple(gid(s) for s, _ in d) for path, d in ctx.shape_owners.items()}
-    return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners)
+    parts = [Part(gid(p), gid(w), i, sizes) for p, w, i, sizes in ctx.parts]
+    sums: dict[int, tuple[int, ...]] = {}
+    for s, pieces in ctx.sums.items():
+        groups_of = tuple(gid(p) for p, _ in ctx.refine(pieces))
+        if sums.setdefault(gid(s), groups_of) != groups_of:
+            members = ", ".join(p for p, _ in groups[gid(s)].members[:3])
+            raise UnsupportedOpError(f"the channels of {members or 'a tensor'} are cut in pieces in two different "
+                                     "ways", "cut a tensor's channels at one place, or register a rule for the "
+                                     "module that cuts them.")
+    literals = [SizeLiteral(path, name, tuple(tuple((gid(s), f) for s, f in e) for e in entries), is_list)
+                for path, name, entries, is_list in ctx.literals]
+    return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners,
+                        parts, sums, literals)

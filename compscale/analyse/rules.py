@@ -16,9 +16,9 @@ import contextlib
 import contextvars
 import operator
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -37,6 +37,7 @@ __all__ = [
     "ChannelRules",
     "Desc",
     "FunctionRule",
+    "GroupedView",
     "ModuleRule",
     "active_rules",
     "as_rules",
@@ -51,6 +52,21 @@ __all__ = [
 ]
 
 Desc = tuple[tuple[int, int], ...]
+
+
+class GroupedView(NamedTuple):
+    """A view of ``desc``'s channels as several dims, ``(N, *factors, *spatial)`` (``prod(factors)`` = channels),
+    whose axes are in ``order`` (a channel shuffle transposes two; ResNeSt's radix softmax a unit one)."""
+
+    desc: Desc
+    factors: tuple[int, ...]
+    order: tuple[int, ...]
+
+    def shuffled(self) -> bool:
+        """Whether the axes of size above 1 are out of their original order (the view permutes channels)."""
+        long = [i for i in self.order if self.factors[i] != 1]
+        return long != sorted(long)
+
 ModuleRule = Callable[["RuleContext", "fx.Node", nn.Module], Desc]
 FunctionRule = Callable[["RuleContext", "fx.Node"], "Desc | None"]
 
@@ -349,10 +365,11 @@ def _permute(ctx: RuleContext, node: fx.Node) -> Desc | None:
         ctx.unsupported(node, f"a permute by {dims_arg!r}")
     dims = [d % ndim for d in dims_arg if isinstance(d, int)]
     if src_node in ctx.grouped:
-        if dims != [0, 2, 1, *range(3, ndim)]:
-            ctx.unsupported(node, "a permute of a grouped channel view other than swapping its two channel axes")
-        desc, g, transposed = ctx.grouped[src_node]
-        ctx.grouped[node] = (desc, g, not transposed)
+        view = ctx.grouped[src_node]
+        k = len(view.factors)
+        if dims[0] != 0 or sorted(dims[1:k + 1]) != list(range(1, k + 1)) or dims[k + 1:] != list(range(k + 1, ndim)):
+            ctx.unsupported(node, "a permute that mixes the axes of a grouped channel view with others")
+        ctx.grouped[node] = view._replace(order=tuple(view.order[d - 1] for d in dims[1:k + 1]))
         return None
     if dims[0] != 0:
         ctx.unsupported(node, "a permute that moves the batch dimension")
@@ -365,9 +382,9 @@ def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src, out = ctx.shape(src_node), ctx.shape(node)
     if src_node in ctx.grouped:
         return _ungroup(ctx, node, src_node)
-    if (len(out) == len(src) + 1 and out[0] == src[0] and out[1] > 1 and out[1] * out[2] == src[1]
-            and out[3:] == src[2:]):
-        ctx.grouped[node] = (ctx.desc(src_node), out[1], False)  # (N, g, C/g, H, W): a shuffle begins
+    factors = _channel_factors(src, out) if ctx.channel_dim(src_node) == 1 else None
+    if factors is not None:  # (N, g, C/g, H, W): a shuffle begins, or k branches (SK, ResNeSt)
+        ctx.grouped[node] = GroupedView(ctx.desc(src_node), factors, tuple(range(len(factors))))
         return None
     unit_dims = _unit_dims_moved(src, out, ctx.channel_dim(src_node))
     if ctx.channel_dim(src_node) != 1:
@@ -396,11 +413,34 @@ def _unit_dims_moved(src: tuple[int, ...], out: tuple[int, ...], cdim: int) -> i
     return out_long[src_long.index(cdim)]
 
 
+def _channel_factors(src: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The dims ``out`` splits ``src``'s channels (dim 1) into, when a reshape only does that (unit spatial dims
+    may come and go): ``(N, 128, 1, 1) -> (N, 1, 2, 64)`` gives ``(1, 2, 64)``; ``None`` for any other reshape."""
+    if len(src) < 2 or len(out) < 3 or out[0] != src[0]:
+        return None
+    product = 1
+    for i in range(1, len(out)):
+        product *= out[i]
+        if product == src[1]:
+            factors = tuple(out[1:i + 1])
+            if sum(f > 1 for f in factors) < 2 or [d for d in out[i + 1:] if d != 1] != [d for d in src[2:] if d != 1]:
+                return None
+            return factors
+        if product > src[1]:
+            return None
+    return None
+
+
 def _ungroup(ctx: RuleContext, node: fx.Node, src_node: fx.Node) -> Desc:
     """Back from (N, g, C/g, H, W) to (N, C, H, W): a channel shuffle if the view was transposed."""
-    desc, g, transposed = ctx.grouped[src_node]
-    if tuple(ctx.shape(node))[1] != ctx.width(desc):
+    view = ctx.grouped[src_node]
+    desc, transposed = view.desc, view.shuffled()
+    if tuple(ctx.shape(node))[1] != ctx.width(desc) or _channel_factors(ctx.shape(node), ctx.shape(src_node)) is None:
         ctx.unsupported(node, "a grouped channel view that does not come back to its channels")
+    long = [f for f in view.factors if f != 1]
+    if transposed and len(long) != 2:
+        ctx.unsupported(node, f"a permutation of channels viewed as {view.factors}")
+    g = long[0] if long else 1
     if not transposed or len(desc) == 1:
         ctx.divisor(desc, g, f"{node.name} (channel shuffle in {g} groups)")
         return desc  # channels permuted within one group: its width stays one width
@@ -415,11 +455,16 @@ def _ungroup(ctx: RuleContext, node: fx.Node, src_node: fx.Node) -> Desc:
 
 def _transpose(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src_node = ctx.input_node(node)
-    dims = {d for d in node.args[1:3] if isinstance(d, int)}
-    if src_node in ctx.grouped and dims == {1, 2}:
-        desc, g, transposed = ctx.grouped[src_node]
-        ctx.grouped[node] = (desc, g, not transposed)
-        return None
+    dims = [d for d in node.args[1:3] if isinstance(d, int)]
+    if src_node in ctx.grouped and len(dims) == 2:
+        view = ctx.grouped[src_node]
+        ndim = len(ctx.shape(src_node))
+        a, b = sorted(d % ndim for d in dims)
+        if 1 <= a < b <= len(view.factors):
+            order = list(view.order)
+            order[a - 1], order[b - 1] = order[b - 1], order[a - 1]
+            ctx.grouped[node] = view._replace(order=tuple(order))
+            return None
     ctx.unsupported(node, "a transpose that moves the channel dimension")
 
 
@@ -432,10 +477,13 @@ def _contiguous(ctx: RuleContext, node: fx.Node) -> Desc | None:
 
 
 def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
-    """``chunk``/``split`` along channels into equal parts: each part is a space of 1/k of the source's width.
+    """``chunk``/``split`` along channels.
 
-    ``split`` by sizes given as numbers keeps the source's width (the numbers would not change with it);
-    sizes computed from the tensor's shape follow it, as ``chunk`` does.
+    Into equal parts (``chunk``, ``split`` by one size): each part is a space of 1/k of the source's width.
+    Undoing a concat: each part is one of its segments. By a list of unequal sizes (MixConv's
+    ``split(x, self.splits)``): each part is a piece of the source, cut as the sizes cut it (see
+    :class:`compscale.analyse.channels.Part`). Sizes the model keeps as numbers follow the width: the attribute
+    holding them (Res2Net's ``self.width``) is updated by the width pass; without one the source keeps its width.
     """
     src_node = ctx.input_node(node)
     shape = ctx.shape(src_node)
@@ -446,24 +494,45 @@ def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
     if not isinstance(dim, int) or dim % len(shape) != c:
         ctx.multi[node] = [ctx.desc(src_node)] * len(sizes)  # a split over batch or space keeps channels
         return None
-    src = ctx.desc(src_node)
+    src = ctx.refine(ctx.desc(src_node))
     size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
                                                                           node.kwargs.get("split_size"))
-    if node.target in ("split", torch.split) and not isinstance(size_arg, fx.Node) and not (
-            isinstance(size_arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in size_arg)):
-        # sizes written as numbers (Res2Net's split(x, self.width)) do not follow a new width: keep it
-        ctx.pin(src, f"split into pieces of {size_arg} channels at {node.name}")
+    literal = node.target in ("split", torch.split) and not isinstance(size_arg, fx.Node) and not (
+        isinstance(size_arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in size_arg))
     if len(src) == len(sizes) and all(ctx.width((seg,)) == n for seg, n in zip(src, sizes)):
-        ctx.multi[node] = [(seg,) for seg in src]  # undoing a concat: each part is one of its segments
+        pieces: list[Desc] = [(seg,) for seg in src]  # undoing a concat: each part is one of its segments
+        if literal:
+            _follow_split(ctx, node, size_arg, pieces, src)
+        ctx.multi[node] = pieces
         return None
-    if len(src) != 1 or len(set(sizes)) != 1:
+    if len(src) != 1:
+        ctx.unsupported(node, f"a split of {ctx.width(src)} channels in {len(src)} concatenated parts into {sizes}")
+    if literal and isinstance(size_arg, (list, tuple)):  # MixConv: the pieces follow the whole
+        pieces = [ctx.new_space(node, n) for n in sizes]
+        for i, piece in enumerate(pieces):
+            ctx.part(piece, src, i, sizes)
+        if not _follow_split(ctx, node, size_arg, pieces, src):
+            ctx.pin(src, f"split into {sizes} channels at {node.name}")
+        ctx.pieces[module_path(node)] = (src, pieces)
+        ctx.multi[node] = pieces
+        return None
+    if len(set(sizes)) != 1:
         ctx.unsupported(node, f"a split of {ctx.width(src)} channels into {sizes}")
     k = len(sizes)
     ctx.divisor(src, k, f"{node.name} (split in {k})")
     first = ctx.new_space(node, sizes[0])
     ctx.tie(first, src, Fraction(1, k))
+    if literal and not _follow_split(ctx, node, size_arg, [first] * k, src):
+        ctx.pin(src, f"split into pieces of {size_arg} channels at {node.name}")
     ctx.multi[node] = [first] * k  # equal parts: one width
     return None
+
+
+def _follow_split(ctx: RuleContext, node: fx.Node, size_arg: Any, pieces: Sequence[Desc], src: Desc) -> bool:
+    """Find the attribute holding a split's sizes: the sizes themselves, or (one size) the source's width."""
+    if isinstance(size_arg, (list, tuple)):
+        return ctx.follow_literal(node, [(list(size_arg), tuple(pieces))], "a split")
+    return ctx.follow_literal(node, [(size_arg, (pieces[0],)), (ctx.width(src), (src,))], "a split")
 
 
 def _getitem(ctx: RuleContext, node: fx.Node) -> Desc:
@@ -473,7 +542,50 @@ def _getitem(ctx: RuleContext, node: fx.Node) -> Desc:
     if isinstance(src_node, fx.Node) and isinstance(index, tuple) and _only_new_dims(index):
         ctx.cdim[node] = _moved_channel_dim(index, len(ctx.shape(src_node)), ctx.channel_dim(src_node))
         return ctx.input_desc(node)  # x[:, :, None, None]: a view that only adds size-1 dims
+    if isinstance(src_node, fx.Node) and isinstance(index, tuple):
+        bounds = _channel_slice(ctx, src_node, index)
+        if bounds is not None:
+            return _slice(ctx, node, src_node, *bounds)
     ctx.unsupported(node, "indexing a tensor (slicing channels)")
+
+
+def _channel_slice(ctx: RuleContext, src_node: fx.Node, index: tuple[Any, ...]) -> tuple[Any, Any] | None:
+    """``(start, stop)`` when ``index`` takes a range of channels and everything of the other dims."""
+    c = ctx.channel_dim(src_node)
+    full = slice(None, None, None)
+    if len(index) <= c or not all(i == full for j, i in enumerate(index) if j != c):
+        return None
+    sl = index[c]
+    if not isinstance(sl, slice) or sl.step not in (None, 1):
+        return None
+    return sl.start, sl.stop
+
+
+def _slice(ctx: RuleContext, node: fx.Node, src_node: fx.Node, start: Any, stop: Any) -> Desc:
+    """``x[:, a:b]``: the segments of ``x`` it takes; a bound inside a space cuts that space in two (the space
+    becomes the sum of its pieces, see ``RuleContext.cut``). Bounds the model keeps as numbers follow the width."""
+    if isinstance(start, fx.Node) or isinstance(stop, fx.Node):
+        ctx.unsupported(node, "a slice of channels at a bound computed in forward",
+                        "compscale follows channel slices at numbers the module keeps as attributes "
+                        "(`x[:, :self.out_chs]`); register a rule for the module.")
+    src = ctx.desc(src_node)
+    total = ctx.width(src)
+    a, b = (slice(start, stop).indices(total))[:2]
+    if a >= b:
+        ctx.unsupported(node, f"an empty slice of channels [{start}:{stop}]")
+    for bound in (a, b):
+        src = ctx.cut(src, bound, node)
+    ends, at = [], 0
+    for s, f in src:
+        ends.append(at)
+        at += ctx.uf.size[s] * f
+    taken = tuple(seg for seg, begin in zip(src, ends) if a <= begin < b)
+    for value, bound in ((start, a), (stop, b)):
+        if isinstance(value, int) and 0 < bound:
+            before = tuple(seg for seg, begin in zip(src, ends) if begin < bound)
+            if not ctx.follow_literal(node, [(value, (before,))], "a slice of channels"):
+                ctx.pin(before, f"sliced at channel {value} by {node.name}")
+    return taken
 
 
 def _only_new_dims(index: tuple[Any, ...]) -> bool:
@@ -538,16 +650,65 @@ def _reduction(ctx: RuleContext, node: fx.Node, arg: Any, keepdim: Any) -> Desc:
 
 
 def _cat(ctx: RuleContext, node: fx.Node) -> Desc:
+    """A concat along channels makes a segmented descriptor; along another dim, one set of channels.
+
+    In a module that split its input by a list of sizes (MixConv), a concat of as many single-space pieces is
+    that module's output: one space, the unit that is rounded, whose pieces follow it as the input's did.
+    """
     tensors = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     assert isinstance(tensors, (list, tuple))
     descs = [ctx.desc(t) for t in tensors]
     ndim = len(ctx.shape(node))
     if isinstance(dim, int) and isinstance(tensors[0], fx.Node) and dim % ndim == ctx.channel_dim(tensors[0]):
+        split = ctx.pieces.get(module_path(node))
+        if split is not None and len(split[1]) == len(descs) > 1 and all(len(d) == 1 and d[0][1] == 1 for d in descs):
+            if [ctx.uf.find(d[0][0]) for d in descs] == [ctx.uf.find(p[0][0]) for p in split[1]]:
+                return split[0]  # the pieces put back together (a depthwise MixConv)
+            return _whole(ctx, node, descs)
         return tuple(seg for d in descs for seg in d)
+    desc = descs[0]
     for other in descs[1:]:
-        ctx.union(descs[0], other, node)
-    return descs[0]
+        desc = ctx.union(desc, other, node)
+    return desc
+
+
+def _whole(ctx: RuleContext, node: fx.Node, descs: list[Desc]) -> Desc:
+    """The output of a MixConv: a new space whose pieces are the concatenated outputs."""
+    sizes = [ctx.width(d) for d in descs]
+    whole = ctx.new_space(node, sum(sizes))
+    for i, d in enumerate(descs):
+        ctx.part(d, whole, i, sizes)
+    return whole
+
+
+def _stack(ctx: RuleContext, node: fx.Node) -> Desc:
+    """``torch.stack(branches, dim)``: the branches are one set of channels; a new dim before them moves them."""
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    assert isinstance(tensors, (list, tuple))
+    first = tensors[0]
+    if not isinstance(dim, int) or not isinstance(first, fx.Node) or not all(isinstance(t, fx.Node) for t in tensors) \
+            or not all(ctx.is_tensor(t) for t in tensors):
+        ctx.unsupported(node, "a stack of tensors compscale did not follow")
+    ndim = len(ctx.shape(node))
+    c = ctx.channel_dim(first)
+    if dim % ndim == 0 or any(ctx.channel_dim(t) != c for t in tensors if isinstance(t, fx.Node)):
+        ctx.unsupported(node, "a stack along the batch dimension, or of tensors with channels in different dims")
+    desc = ctx.desc(first)
+    for t in tensors[1:]:
+        desc = ctx.union(desc, ctx.desc(t), node)
+    ctx.cdim[node] = c + 1 if dim % ndim <= c else c
+    return desc
+
+
+def _softmax(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """``softmax`` keeps the channels (over any dim: it rescales, never moves them); a grouped view stays one."""
+    src_node = ctx.input_node(node)
+    if src_node in ctx.grouped and src_node not in ctx.descs:
+        ctx.grouped[node] = ctx.grouped[src_node]
+        return None
+    return ctx.desc(src_node)
 
 
 def _layer_norm_function(ctx: RuleContext, node: fx.Node) -> Desc:
@@ -626,8 +787,11 @@ def _register_builtin() -> None:
     for f in _MULTI_OUTPUT:
         BUILTIN.register(f, _split)
     BUILTIN.register(operator.getitem, _getitem)
-    for f in ("mean", torch.mean, "amax", "sum"):
+    for f in ("mean", torch.mean, "amax", "sum", torch.sum, torch.amax):
         BUILTIN.register(f, _reduce)
+    BUILTIN.register(torch.stack, _stack)
+    for f in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax"):
+        BUILTIN.register(f, _softmax)
     for f in targets(OpKind.CAT):
         BUILTIN.register(f, _cat)
     for f in ("permute", torch.permute):

@@ -10,6 +10,10 @@ here recover those derivations from the channel-group graph (see docs/choosing.m
 * ``expansion``: a group produced inside a block from a group ``H`` with ``base = k * base(H)``, ``k >= 2``
   an integer, stays ``k * new(H)`` (bottleneck output, inverted-residual hidden width). Stems and heads,
   outside every block, are rounded on their own (MobileNetV2's head is ``make_divisible(1280 * w)``).
+* ``sum``: a group the model cuts in pieces (DPN's ``x[:, :c]`` / ``x[:, c:]`` of one conv's output) is the
+  sum of its pieces' widths.
+* ``part``: a piece of a split by the model's list of sizes (MixConv) follows its whole, cut as timm's
+  ``_split_channels`` cuts it (:func:`partition`).
 * ``independent``: everything else: ``round_width(base * w, divisor)`` with ``divisor`` the lcm of 8 and
   the group's grouped-conv / GroupNorm divisors.
 
@@ -19,6 +23,7 @@ Each rule is a small function; :func:`resolve_widths` is the one place that comb
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +33,7 @@ from compscale.analyse.channels import ChannelGraph, ChannelGroup
 from compscale.errors import WidthError
 from compscale.planning.rounding import make_divisible
 
-__all__ = ["Derivation", "RoundFn", "derive", "resolve_widths"]
+__all__ = ["Derivation", "RoundFn", "derive", "partition", "resolve_widths"]
 
 RoundFn = Callable[[float, int], int]
 
@@ -40,6 +45,9 @@ class Derivation:
     rule: str
     parent: int | None = None
     ratio: Fraction = Fraction(1)
+    pieces: tuple[int, ...] = ()
+    """``sum``: the groups whose widths add up to this one. ``part``: ``(index, *sizes)``, piece ``index`` of
+    ``parent`` cut as ``sizes`` cut its analysed width."""
 
 
 def derive(cg: ChannelGraph, blocks: Sequence[str] | None = None) -> dict[int, Derivation]:
@@ -52,10 +60,16 @@ def derive(cg: ChannelGraph, blocks: Sequence[str] | None = None) -> dict[int, D
     """
     squeezes = _squeezes(cg)
     ties = {out: (src, k) for out, src, k in cg.ties}
+    parts = {p.piece: p for p in cg.parts}
     result: dict[int, Derivation] = {}
     for g in cg.groups:
         if g.fixed:
             result[g.id] = Derivation("fixed")
+        elif g.id in cg.sums:
+            result[g.id] = Derivation("sum", pieces=cg.sums[g.id])
+        elif g.id in parts:
+            part = parts[g.id]
+            result[g.id] = Derivation("part", part.whole, pieces=(part.index, *part.sizes))
         elif g.id in ties:
             src, k = ties[g.id]
             result[g.id] = Derivation("tied", src, k)
@@ -86,17 +100,26 @@ def _squeezes(cg: ChannelGraph) -> dict[int, int]:
 
 def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation],
                blocks: Sequence[str] | None) -> Derivation:
-    """Vote over ``g``'s producers: each says "k x my input group" or "independent"; ties go to independent."""
+    """Vote over ``g``'s producers: each says "k x my input group" or "independent"; ties go to independent.
+
+    The producers of ``g``'s pieces (:class:`~compscale.analyse.channels.Part`: a MixConv's convs) vote for
+    ``g``, reading the whole their input is a piece of (timm's MixNet: hidden = ratio x block input).
+    """
     votes: Counter[tuple[int, int] | None] = Counter()
     prefixes = None if blocks is None else tuple(b + "." for b in blocks)
-    for path in g.producers:
+    whole_of = {p.piece: p.whole for p in cg.parts}
+    producers = [*g.producers, *(path for p in cg.parts if p.whole == g.id for path in cg.groups[p.piece].producers)]
+    for path in producers:
         layer = cg.layers[path]
         outside = prefixes is not None and not path.startswith(prefixes)
         if outside or len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
             votes[None] += 1
             continue
-        h = cg.groups[layer.inputs[0][0]]
+        h = cg.groups[whole_of.get(layer.inputs[0][0], layer.inputs[0][0]) if path not in g.producers
+                      else layer.inputs[0][0]]
         k, rem = divmod(g.base, h.base)
+        if known.get(h.id, Derivation("independent")) == Derivation("squeeze", g.id, Fraction(h.base, g.base)):
+            continue  # SE's excitation, from g's own squeeze: no vote (g would follow its squeeze)
         if rem == 0 and k >= 2 and not h.fixed and h.id != g.id:
             votes[(h.id, k)] += 1
         else:
@@ -143,6 +166,10 @@ def resolve_widths(
             w = seeds[gid]
         elif d.rule == "fixed":
             w = g.base
+        elif d.rule == "sum" and not set(d.pieces) & (visiting | {gid}):
+            w = sum(width(p, visiting | {gid}) for p in d.pieces)
+        elif d.rule == "part" and d.parent is not None and d.parent not in visiting:
+            w = partition(width(d.parent, visiting | {gid}), d.pieces[1:])[d.pieces[0]]
         elif d.parent is not None and d.parent not in visiting:
             pw = width(d.parent, visiting | {gid})
             w = max(1, math.floor(pw * d.ratio)) if d.rule == "squeeze" else int(pw * d.ratio)
@@ -157,6 +184,31 @@ def resolve_widths(
         width(g.id)
     _check(cg, widths)
     return widths
+
+
+def partition(total: int, sizes: Sequence[int]) -> list[int]:
+    """Cut ``total`` channels as ``sizes`` cut ``sum(sizes)``.
+
+    Sizes that are equal but for a remainder added to the first (timm's and TF's MixConv ``_split_channels``) are
+    cut the same way again; other sizes keep their proportions (rounded at their cumulative bounds, so that the
+    pieces add up to ``total``).
+
+    Example:
+        >>> partition(100, [22, 21, 21]), partition(48, [16, 48])
+        ([34, 33, 33], [12, 36])
+    """
+    k, base = len(sizes), sum(sizes)
+    equal = [base // k] * k
+    equal[0] += base - sum(equal)
+    if list(sizes) == equal:
+        out = [total // k] * k
+        out[0] += total - sum(out)
+        return out
+    bounds, acc = [0], 0
+    for s in sizes:
+        acc += s
+        bounds.append(round(total * acc / base))
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def divisor_of(g: ChannelGroup, base: int = 8) -> int:

@@ -8,6 +8,7 @@ constructor would (:mod:`compscale.rewrite.init`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -57,4 +58,23 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
                 "compute it in forward from the input (`x.shape[-1:]`).",
             )
         setattr(module, names[0], type(getattr(module, names[0]))([after]))
+    _write_literals(root, cg, widths)
     return changed
+
+
+def _write_literals(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int]) -> None:
+    """Give the numbers a module keeps for its ops (split sizes, slice bounds) their new values."""
+    written: dict[tuple[str, str], Any] = {}
+    for lit in cg.literals:
+        values = [sum(widths[g] * f for g, f in entry) for entry in lit.entries]
+        module = root.get_submodule(lit.path) if lit.path else root
+        old = getattr(module, lit.attr)
+        new = type(old)(values) if lit.is_list else values[0]
+        key = (lit.path, lit.attr)
+        if written.setdefault(key, new) != new:
+            raise RewriteError(
+                f"{lit.path or type(root).__name__}.{lit.attr} is read by two ops that need different values "
+                f"({written[key]} and {new}) at the new width",
+                "keep one attribute per channel count, or register a channel rule for the module.",
+            )
+        setattr(module, lit.attr, new)
