@@ -149,3 +149,21 @@ def test_timm_repvgg_units_keep_their_identity_bn_and_1x1_branches() -> None:
     new = scaled.stages[3][1]
     assert type(new).__name__ == "RepVggBlock" and isinstance(new.identity, nn.BatchNorm2d)
     assert new.conv_1x1 is not None and new.conv_kxk.conv.stride == (1, 1)
+
+
+def test_hugging_face_mobilenetv1_repeats_its_depthwise_pointwise_pairs() -> None:
+    """HF keeps each depthwise and pointwise conv as its own layer of one list: the unit is the pair."""
+    transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
+    model = transformers.MobileNetV1ForImageClassification(transformers.MobileNetV1Config(num_labels=10))
+    scaled = compscale.scale(model, depth=1.4)
+    assert [(s.blocks_before, s.blocks_after) for s in scaled.scaling.stages] == [(1, 2), (2, 3), (2, 3), (6, 9),
+                                                                                  (2, 3)]
+    layers = scaled.mobilenet_v1.layer
+    assert len(layers) == 2 * (2 + 3 + 3 + 9 + 3)
+    depthwise = [c.groups == c.in_channels for c in (layer.convolution for layer in layers)]
+    assert depthwise == [True, False] * 20  # pairs all along, none cut in half
+    # the one-pair first stage gains a 64 -> 64 pair
+    assert [(c.in_channels, c.out_channels, c.stride) for c in (layers[2].convolution, layers[3].convolution)] == [
+        (64, 64, (1, 1)), (64, 64, (1, 1))]
+    with torch.no_grad():
+        assert scaled.eval()(torch.randn(1, 3, 224, 224)).logits.shape == (1, 10)

@@ -366,8 +366,38 @@ def _plain_stages(traced: Traced, blocks: list[Block], stages: StageFilter | Non
         else:
             result.append(Stage(len(result), [u], plain=True))
     for s in result:
+        s.blocks = _periods(traced, s.blocks)
         s.whole_parent = _is_whole_parent(traced, s)
-    return StageTable(result, blocks if module_units else [*blocks, *units])
+    merged = [b for s in result for b in s.blocks if b.layers]
+    return StageTable(result, [*blocks, *merged])
+
+
+def _periods(traced: Traced, units: list[Block]) -> list[Block]:
+    """``units`` taken ``p`` at a time when their layers repeat with period ``p`` > 1, else as they are.
+
+    Hugging Face's MobileNetV1 keeps its depthwise and pointwise convs as separate layers of one list: its unit
+    is the pair, as timm's ``DepthwiseSeparableConv`` is one module. Strides and widths do not count.
+    """
+    sigs = [_signature(traced, u) for u in units]
+    n = len(units)
+    period = next((p for p in range(2, n + 1) if n % p == 0 and len(set(sigs[:p])) > 1
+                   and all(sigs[i] == sigs[i % p] for i in range(n))), 1)
+    if period == 1:
+        return units
+    merged = []
+    for k in range(0, n, period):
+        part = units[k:k + period]
+        paths = tuple(p for u in part for p in (u.layers or (u.path,)))
+        merged.append(Block(part[0].path, "-".join(u.type_name for u in part), part[0].module_type, part[0].entry,
+                            part[-1].exit, part[0].in_shape, part[-1].out_shape, None, paths))
+    return merged
+
+
+def _signature(traced: Traced, unit: Block) -> tuple[object, ...]:
+    """What makes units alike: their types and their convs' kernels and depthwise-ness (not strides, not widths)."""
+    modules = [traced.root.get_submodule(p) for p in unit.layers or (unit.path,)]
+    convs = [m for top in modules for m in top.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    return (unit.type_name, *((c.kernel_size, c.groups > 1 and c.groups == c.in_channels) for c in convs))
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
