@@ -167,3 +167,32 @@ def test_hugging_face_mobilenetv1_repeats_its_depthwise_pointwise_pairs() -> Non
         (64, 64, (1, 1)), (64, 64, (1, 1))]
     with torch.no_grad():
         assert scaled.eval()(torch.randn(1, 3, 224, 224)).logits.shape == (1, 10)
+
+
+def _cbr(cin: int, cout: int, stride: int = 1, depthwise: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3 if depthwise or cin == 3 else 1, stride, 1 if depthwise or cin == 3 else 0,
+                      groups=cin if depthwise else 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def flat_mobilenet_v1() -> nn.Sequential:
+    """MobileNetV1 written as one flat nn.Sequential: a stem conv, then depthwise and pointwise conv runs."""
+    return nn.Sequential(
+        *_cbr(3, 8, 2),
+        *_cbr(8, 8, depthwise=True), *_cbr(8, 16),
+        *_cbr(16, 16, 2, depthwise=True), *_cbr(16, 32), *_cbr(32, 32, depthwise=True), *_cbr(32, 32),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+def test_a_flat_mobilenet_v1_repeats_depthwise_pointwise_pairs_and_leaves_its_stem() -> None:
+    table = find_stages(trace(flat_mobilenet_v1(), (1, 3, 32, 32)))
+    assert [(s.name, len(s.blocks)) for s in table] == [("0..2", 1), ("3..8", 1), ("9..20", 2)]
+    scaled = compscale.scale(flat_mobilenet_v1(), depth=2, input_size=32)
+    convs = [m for m in scaled if isinstance(m, nn.Conv2d)]
+    # stem 3 -> 8 gains a dense 8 -> 8 conv; the pair 8 -> 16 gains a 16 -> 16 pair; the 32-wide stage two pairs
+    assert [(c.in_channels, c.out_channels, c.groups > 1) for c in convs] == [
+        (3, 8, False), (8, 8, False),
+        (8, 8, True), (8, 16, False), (16, 16, True), (16, 16, False),
+        (16, 16, True), (16, 32, False), (32, 32, True), (32, 32, False), (32, 32, True), (32, 32, False),
+        (32, 32, True), (32, 32, False)]
+    assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -352,52 +352,63 @@ def _plain_stages(traced: Traced, blocks: list[Block], stages: StageFilter | Non
     """The stages of a network none of whose blocks merges its input back (VGG, MobileNetV1, RepVGG, LCNet).
 
     Its units are the modules of a type that its containers hold several of (:func:`_module_units`), else the
-    runs of layers of a flat container (:func:`_flat_units`). Consecutive units of one type and one parent
-    form a stage while the resolution stays: each unit after the first has stride 1.
+    runs of layers of a flat container (:func:`_flat_units`); a depthwise-only unit joins the next one.
+    Consecutive units of one type and one parent form a stage while the resolution stays: each unit after the
+    first has stride 1, and runs of a flat container also have the same layers (:func:`_signature`).
     """
     module_units = _module_units(traced, blocks)
-    units = [u for u in module_units or _flat_units(traced, blocks) if _wanted(u.path, stages)]
+    found = module_units or _flat_units(traced, blocks)
+    units = [u for u in _attach_depthwise(traced, found) if _wanted(u.path, stages)]
     result: list[Stage] = []
     for u in units:
         cur = result[-1] if result else None
         if (cur is not None and cur.blocks[-1].exit == u.entry and u.module_type is cur.blocks[0].module_type
-                and _parent(u.path) == cur.parent and u.in_shape[2:] == u.out_shape[2:]):
+                and _parent(u.path) == cur.parent and u.in_shape[2:] == u.out_shape[2:]
+                and (bool(module_units) or _signature(traced, u) == _signature(traced, cur.blocks[-1]))):
             cur.blocks.append(u)
         else:
             result.append(Stage(len(result), [u], plain=True))
     for s in result:
-        s.blocks = _periods(traced, s.blocks)
         s.whole_parent = _is_whole_parent(traced, s)
-    merged = [b for s in result for b in s.blocks if b.layers]
-    return StageTable(result, [*blocks, *merged])
+    return StageTable(result, [*blocks, *(u for u in units if u.layers)])
 
 
-def _periods(traced: Traced, units: list[Block]) -> list[Block]:
-    """``units`` taken ``p`` at a time when their layers repeat with period ``p`` > 1, else as they are.
+def _attach_depthwise(traced: Traced, units: list[Block]) -> list[Block]:
+    """Units whose convolutions are all depthwise joined to the unit after them: a depthwise conv mixes no
+    channels, so it is half a unit (Hugging Face's MobileNetV1 keeps its depthwise and pointwise convs as
+    separate layers of one list; a flat ``nn.Sequential`` has them as separate runs)."""
+    result: list[Block] = []
+    pending: list[Block] = []
+    for u in units:
+        if pending and pending[-1].exit != u.entry:
+            result += pending
+            pending = []
+        pending.append(u)
+        if not _depthwise_only(traced, u):
+            result.append(pending[0] if len(pending) == 1 else _joined(pending))
+            pending = []
+    return result + pending
 
-    Hugging Face's MobileNetV1 keeps its depthwise and pointwise convs as separate layers of one list: its unit
-    is the pair, as timm's ``DepthwiseSeparableConv`` is one module. Strides and widths do not count.
-    """
-    sigs = [_signature(traced, u) for u in units]
-    n = len(units)
-    period = next((p for p in range(2, n + 1) if n % p == 0 and len(set(sigs[:p])) > 1
-                   and all(sigs[i] == sigs[i % p] for i in range(n))), 1)
-    if period == 1:
-        return units
-    merged = []
-    for k in range(0, n, period):
-        part = units[k:k + period]
-        paths = tuple(p for u in part for p in (u.layers or (u.path,)))
-        merged.append(Block(part[0].path, "-".join(u.type_name for u in part), part[0].module_type, part[0].entry,
-                            part[-1].exit, part[0].in_shape, part[-1].out_shape, None, paths))
-    return merged
+
+def _joined(parts: list[Block]) -> Block:
+    paths = tuple(p for u in parts for p in (u.layers or (u.path,)))
+    return Block(parts[0].path, "-".join(u.type_name for u in parts), parts[-1].module_type, parts[0].entry,
+                 parts[-1].exit, parts[0].in_shape, parts[-1].out_shape, None, paths)
 
 
 def _signature(traced: Traced, unit: Block) -> tuple[object, ...]:
-    """What makes units alike: their types and their convs' kernels and depthwise-ness (not strides, not widths)."""
-    modules = [traced.root.get_submodule(p) for p in unit.layers or (unit.path,)]
-    convs = [m for top in modules for m in top.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    return (unit.type_name, *((c.kernel_size, c.groups > 1 and c.groups == c.in_channels) for c in convs))
+    """What makes runs of a flat container alike: their layer types and their convs' kernels and depthwise-ness,
+    not strides or widths (a flat MobileNetV1's stem conv is no depthwise-pointwise pair)."""
+    layers = [traced.root.get_submodule(p) for p in unit.layers or (unit.path,)]
+    return tuple((type(m).__name__, getattr(m, "kernel_size", None),
+                  isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels)
+                 for m in layers)
+
+
+def _depthwise_only(traced: Traced, unit: Block) -> bool:
+    convs = [m for p in unit.layers or (unit.path,) for m in traced.root.get_submodule(p).modules()
+             if isinstance(m, nn.modules.conv._ConvNd)]
+    return bool(convs) and all(c.groups > 1 and c.groups == c.in_channels == c.out_channels for c in convs)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -424,6 +435,11 @@ def _flat_units(traced: Traced, blocks: Sequence[Block]) -> list[Block]:
     """The runs of layers of flat containers (torchvision VGG's ``features``): a run starts at a convolution and
     takes the layers after it that keep the resolution; a layer that downsamples (a pooling) belongs to no run."""
     units: list[Block] = []
+    nodes = _data_nodes(traced)
+    if isinstance(traced.root, nn.Sequential) and len(nodes) > 1 and traced.has_shape(nodes[-1]):
+        whole = Block("", type(traced.root).__name__, type(traced.root), nodes[0].name, nodes[-1].name,
+                      tuple(traced.shape(nodes[0])), tuple(traced.shape(nodes[-1])), None)
+        blocks = [whole, *blocks]  # the model itself is the flat container
     for block in blocks:
         container = traced.root.get_submodule(block.path)
         if not isinstance(container, nn.Sequential) or any(True for m in container.children()
