@@ -233,7 +233,11 @@ class RuleContext:
         k, c = view.factors
         if len(view.desc) == 1:
             branch = self.new_space(node, c)
-            self.tie(view.desc, branch, k)  # the k*C layer follows C, the width that meets the rest of the block
+            if self.is_tied(view.desc):  # the k*C layer already follows another: C follows it
+                self.divisor(view.desc, k, f"{node.name} ({k} branches)")
+                self.tie(branch, view.desc, Fraction(1, k))
+            else:  # the k*C layer follows C, the width that meets the rest of the block
+                self.tie(view.desc, branch, k)
         elif len(view.desc) == k:  # k concatenated parts, one per branch
             for part in view.desc[1:]:
                 self.union(view.desc[:1], (part,), node)
@@ -298,6 +302,14 @@ class RuleContext:
         """
         a, b = self.refine(a), self.refine(b)
         if len(a) != len(b) or any(fa != fb for (_, fa), (_, fb) in zip(a, b)):
+            copies = a if len(b) == 1 else b if len(a) == 1 else ()
+            roots = {self.uf.find(s) for s, _ in copies}
+            if len(roots) == 1 and not self.is_tied(copies) and self.width(a) == self.width(b) and all(
+                    f == 1 for _, f in a + b):  # GhostNet: cat([x1, cheap(x1)]) + shortcut: x1 is half the shortcut
+                whole = b if copies is a else a
+                self.divisor(whole, len(copies), f"{node.name} ({len(copies)} copies of one width)")
+                self.tie(copies[:1], whole, Fraction(1, len(copies)))
+                return copies
             if self.width(a) == self.width(b) and all(f == 1 for _, f in a + b):
                 for offset in _bounds(self, a) | _bounds(self, b):
                     a, b = self.cut(a, offset, node), self.cut(b, offset, node)
@@ -394,6 +406,11 @@ class RuleContext:
     def tie(self, out: Desc, src: Desc, factor: Fraction | int) -> None:
         """``out``'s width is ``factor`` times ``src``'s (a depthwise multiplier, a channel split, a shuffle)."""
         self.ties.append((out[0][0], src[0][0], Fraction(factor)))
+
+    def is_tied(self, desc: Desc) -> bool:
+        """Whether ``desc``'s first space already follows another by a tie."""
+        root = self.uf.find(desc[0][0])
+        return any(self.uf.find(out) == root for out, _, _ in self.ties)
 
     def param(self, attr: fx.Node, desc: Desc, dim: int) -> None:
         """Tensor attribute ``attr`` (a layer scale) runs over the channels ``desc`` along its dimension ``dim``."""
