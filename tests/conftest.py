@@ -16,7 +16,8 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 
 
 def leaf_layers(model: nn.Module) -> dict[str, tuple]:
-    """Every parameterised leaf layer: name -> (type, weight shape, stride, padding, groups, has bias)."""
+    """Every parameterised leaf layer: name -> (type, weight shape, stride, padding, groups, has bias, its repr:
+    the sizes it states, which must agree with its weights)."""
     out = {}
     for name, m in model.named_modules():
         if next(m.children(), None) is not None or not any(True for _ in m.parameters(recurse=False)):
@@ -29,6 +30,7 @@ def leaf_layers(model: nn.Module) -> dict[str, tuple]:
             getattr(m, "padding", None),
             getattr(m, "groups", None),
             getattr(m, "bias", None) is not None,
+            m.extra_repr(),
         )
     return out
 

@@ -198,6 +198,9 @@ def _shortcut_children(traced: Traced, block: Block) -> list[str]:
     return children
 
 
+_SIZED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
 def _record_new_args(block: nn.Module, peer: nn.Module, old_in: int, new_in: int) -> bool:
     """Update the constructor arguments a block keeps as plain attributes (or in a namedtuple of them, as
     efficientnet-pytorch's ``_block_args``): its input width ``old_in`` becomes ``new_in``, and each ``stride``
@@ -209,6 +212,8 @@ def _record_new_args(block: nn.Module, peer: nn.Module, old_in: int, new_in: int
     changed = False
     peers = dict(peer.named_modules())
     for path, m in block.named_modules():
+        if isinstance(m, _SIZED) or type(m).__module__.startswith("torch."):
+            continue  # a layer's own sizes are the width pass's: ``conv1.out_channels == old_in`` is no argument
         other = vars(peers[path]) if path in peers else {}
         for name, value in list(vars(m).items()):
             new = _updated_arg(name, value, other.get(name), old_in, new_in)
@@ -260,11 +265,21 @@ def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: In
     if len(entry) != 1:
         raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
     width = block.out_shape[1]
-    seeds = {entry[0]: width}
+    apply_widths(new, cg, resolve_widths(cg, lambda g, d: g.base, seeds=_repeat_seeds(cg, entry[0], exits, width)),
+                 rules)
+    return new
+
+
+def _repeat_seeds(cg: ChannelGraph, entry: int, exits: Sequence[int], width: int) -> dict[int, int]:
+    """Widths that make a block map ``width`` channels to ``width``: its input group, and its output's group, or
+    the group whose pieces its output is (ReXNet adds its input to the first ``in`` channels of a wider conv
+    output and passes the rest on: as a repeat the rest is empty and the conv's output is the input's width)."""
+    seeds = {entry: width}
     if len(exits) == 1 and cg.groups[exits[0]].base == width:
         seeds[exits[0]] = width
-    apply_widths(new, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds), rules)
-    return new
+    elif len(exits) > 1 and sum(cg.groups[g].base for g in exits) == width:
+        seeds.update({whole: width for whole, pieces in cg.sums.items() if set(pieces) == set(exits)})
+    return seeds
 
 
 def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...], need_residual: bool = True) -> bool:
@@ -322,9 +337,8 @@ def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules 
     itself (a plain conv block ``160 -> 960`` repeats as ``960 -> 960``, not ``960 -> 6 x 960``).
     """
     gm, cg, entry_group, exit_groups = _block_channels(traced, block)
-    seeds = {entry_group: in_channels}
-    if len(exit_groups) == 1 and cg.groups[exit_groups[0]].base == block.out_shape[1]:
-        seeds[exit_groups[0]] = in_channels
+    seeds = _repeat_seeds(cg, entry_group, exit_groups, block.out_shape[1])
+    seeds = {g: in_channels for g in seeds}
     apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds), rules)
     return gm
 
