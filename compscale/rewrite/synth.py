@@ -120,10 +120,12 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
         variants.insert(0 if plain else 1, recorded)  # a plain unit has no flags to try: its arguments first
     if plain:
         variants = _plain_variants(traced, block, peer, variants)
+    elif block.residual == "projection":  # GhostNet's strided blocks: the shortcut becomes the identity
+        variants += _dropped_shortcut(traced, block, variants)
     shape = block.out_shape
     subsets: list[list[tuple[str, str, bool]]] = [[f] for f in flags] + ([flags] if len(flags) > 1 else [])
     for variant in variants:
-        none: list[list[tuple[str, str, bool]]] = [[]] if variant is recorded or plain else []
+        none: list[list[tuple[str, str, bool]]] = [[]] if variant is not base or plain else []
         for subset in none + subsets:
             candidate = copy.deepcopy(variant)
             for path, name, value in subset:
@@ -138,10 +140,14 @@ def _plain_variants(traced: Traced, block: Block, peer: Block, variants: list[nn
     """The candidates for a plain unit's repeat, most specific first: given the norm layers a stride-1 peer has
     (RepVGG's identity BatchNorm), then without the projection shortcut (ResNeSt's ``downsample``), then as is."""
     filled = [f for v in variants if (f := _with_peer_children(v, traced, peer, block)) is not None]
-    dropped = [] if block.residual != "projection" else [
-        _without(v, name, empty) for v in variants for name in _shortcut_children(traced, block)
-        for empty in (None, nn.Identity())]
+    dropped = _dropped_shortcut(traced, block, variants) if block.residual == "projection" else []
     return [*filled, *dropped, *variants]
+
+
+def _dropped_shortcut(traced: Traced, block: Block, variants: list[nn.Module]) -> list[nn.Module]:
+    """The variants with each child on the projection shortcut set to ``None`` or to an ``nn.Identity``."""
+    return [_without(v, name, empty) for v in variants for name in _shortcut_children(traced, block)
+            for empty in (None, nn.Identity())]
 
 
 _LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # norms with their activation, as timm's BatchNormAct2d
@@ -278,7 +284,11 @@ def _repeat_seeds(cg: ChannelGraph, entry: int, exits: Sequence[int], width: int
     if len(exits) == 1 and cg.groups[exits[0]].base == width:
         seeds[exits[0]] = width
     elif len(exits) > 1 and sum(cg.groups[g].base for g in exits) == width:
-        seeds.update({whole: width for whole, pieces in cg.sums.items() if set(pieces) == set(exits)})
+        wholes = {whole for whole, pieces in cg.sums.items() if set(pieces) == set(exits)}
+        if wholes:
+            seeds.update({whole: width for whole in wholes})
+        elif entry not in exits:  # the output's pieces keep their widths (the two halves of GhostNet's module)
+            seeds.update({g: cg.groups[g].base for g in exits})
     return seeds
 
 
@@ -293,7 +303,15 @@ def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...], ne
     if not need_residual:
         return True
     x = next(n for n in check.graph.nodes if n.op == "placeholder")
-    return any(is_residual_add(n) and x in n.args[:2] for n in check.graph.nodes)
+    return any(is_residual_add(n) and x in [_through_identity(check, a) for a in n.args[:2]]
+               for n in check.graph.nodes)
+
+
+def _through_identity(traced: Traced, arg: Any) -> Any:
+    """``arg``, or what it passes on unchanged when it is a call of an ``nn.Identity`` (an emptied shortcut)."""
+    while isinstance(arg, fx.Node) and arg.op == "call_module" and isinstance(traced.module(arg), nn.Identity):
+        arg = arg.args[0]
+    return arg
 
 
 def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules | None) -> list[nn.Module]:
@@ -337,8 +355,7 @@ def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules 
     itself (a plain conv block ``160 -> 960`` repeats as ``960 -> 960``, not ``960 -> 6 x 960``).
     """
     gm, cg, entry_group, exit_groups = _block_channels(traced, block)
-    seeds = _repeat_seeds(cg, entry_group, exit_groups, block.out_shape[1])
-    seeds = {g: in_channels for g in seeds}
+    seeds = _repeat_seeds(cg, entry_group, exit_groups, in_channels)
     apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds), rules)
     return gm
 
