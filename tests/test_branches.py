@@ -125,7 +125,7 @@ class LiteralSplit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pieces = torch.split(self.conv1(x), self.width, 1)
-        return self.conv3(torch.cat([conv(p) for conv, p in zip(self.convs, pieces)], 1)) + x
+        return self.conv3(torch.cat([conv(pieces[i]) for i, conv in enumerate(self.convs)], 1)) + x
 
 
 def test_a_literal_split_size_follows_the_width() -> None:
@@ -278,6 +278,16 @@ def test_a_slice_inside_one_conv_output_makes_it_the_sum_of_its_pieces() -> None
     assert [b.num_1x1_c for b in scaled.blocks] == [res, res]
     assert [b.conv.out_channels for b in scaled.blocks] == [res + inc1, res + inc2]
     assert scaled.fc.in_features == res + dense + inc1 + inc2
+    assert _run(scaled).shape == (2, 10)
+
+
+def test_numbers_written_in_a_graph_module_s_code_follow_the_width() -> None:
+    """A GraphModule (a block compscale synthesized, a model traced by hand) has the numbers in its code."""
+    traced = torch.fx.symbolic_trace(_Net(48, [DualPath(48, 32, 16), DualPath(64, 32, 8)], 72))
+    scaled = compscale.scale(traced, width=1.5, input_size=32)
+    assert isinstance(scaled, torch.fx.GraphModule)
+    assert scaled.code.count("slice(None, 48, None)") == 4 and scaled.code.count("slice(48, None, None)") == 4
+    assert scaled.get_submodule("blocks.1.conv").out_channels == 48 + make_divisible(8 * 1.5)
     assert _run(scaled).shape == (2, 10)
 
 

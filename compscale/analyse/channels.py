@@ -103,13 +103,17 @@ class SizeLiteral:
     (Res2Net's ``self.width``, MixConv's ``self.splits``), a slice bound (GhostNet's ``self.out_chs``).
 
     ``entries`` gives, per number (one for an ``int`` attribute), the ``(group, factor)`` pairs whose new widths
-    sum to its new value; :func:`compscale.rewrite.width.apply_widths` writes it.
+    sum to its new value; :func:`compscale.rewrite.width.apply_widths` writes it. In a ``GraphModule`` (a block
+    compscale synthesized, a model traced by the user) the number is written in the code: ``attr`` is then the
+    name of the graph node whose arguments hold ``value``.
     """
 
     path: str
     attr: str
     entries: tuple[tuple[tuple[int, int], ...], ...]
     is_list: bool
+    in_graph: bool = False
+    value: Any = None
 
 
 @dataclasses.dataclass
@@ -201,7 +205,8 @@ class RuleContext:
         self.grouped: dict[fx.Node, GroupedView] = {}  # (N, g, C/g, H, W) views of channels (shuffles, branches)
         self.parts: list[tuple[int, int, int, tuple[int, ...]]] = []  # (piece, whole, index, sizes) spaces
         self.sums: dict[int, Desc] = {}  # a space cut in pieces -> the pieces
-        self.literals: list[tuple[str, str, tuple[Desc, ...], bool]] = []  # (module, attribute, entries, is list)
+        self.literals: list[tuple[str, str, tuple[Desc, ...], bool, Any]] = []  # module, attribute, entries,
+        # is a list, and the value itself for a number written in a GraphModule's code (attribute: the node)
         self.pieces: dict[str, tuple[Desc, list[Desc]]] = {}  # module -> what it split by a list of sizes, pieces
         self.current: fx.Node | None = None  # the node whose rule runs
         self.cdim: dict[fx.Node, int] = {}  # channel dimension where a rule set it (else 1 or the input's)
@@ -370,6 +375,13 @@ class RuleContext:
                  for name, v in _plain_attrs(module) if _same_number(v, value)]
         if len(found) > 1:
             found = [f for f in found if _forward_reads(module, f[0])] or found
+        if not found and isinstance(module, fx.GraphModule):  # the number is in the code: the node holding it
+            same = [n for n in module.graph.nodes if _call_key(n) == _call_key(node)]
+            twins = [n for n in self.traced.graph.nodes if module_path(n) == path and _call_key(n) == _call_key(node)]
+            if len(same) == len(twins):  # the k-th such call traced is the k-th in the code
+                self.literals.append((path, same[twins.index(node)].name, values[0][1],
+                                      isinstance(values[0][0], list), values[0][0]))
+                return True
         if len(found) != 1:
             warnings.warn(
                 f"compscale: {what} at {node.name} (in {path or type(module).__name__!r}) takes the number(s) "
@@ -378,7 +390,7 @@ class RuleContext:
                 f"width, so MACs grow less than the multiplier asks", stacklevel=2)
             return False
         name, entries, is_list = found[0]
-        self.literals.append((path, name, entries, is_list))
+        self.literals.append((path, name, entries, is_list, None))
         return True
 
     def member(self, desc: Desc, path: str, role: str) -> None:
@@ -443,6 +455,21 @@ class RuleContext:
         )
 
 
+def _fix_followers(groups: list[ChannelGroup], ties: list[tuple[int, int, Fraction]], parts: list[Part],
+                   sums: dict[int, tuple[int, ...]]) -> None:
+    """A group that follows others (a tie, a piece of a whole, a sum of pieces) and is fixed (a pinned split, the
+    model's output) fixes what it follows, so that the relation still holds at the new widths."""
+    follows = [(out, src) for out, src, _ in ties] + [(p.piece, p.whole) for p in parts]
+    follows += [(whole, piece) for whole, pieces in sums.items() for piece in pieces]
+    changed = True
+    while changed:
+        changed = False
+        for a, b in follows:
+            if groups[a].fixed and not groups[b].fixed:
+                groups[b].fixed = f"follows group {a}, {groups[a].fixed}"
+                changed = True
+
+
 def _bounds(ctx: RuleContext, desc: Desc) -> set[int]:
     """Offsets where the segments of ``desc`` meet."""
     out: set[int] = set()
@@ -460,6 +487,14 @@ def _plain_attrs(module: nn.Module) -> list[tuple[str, Any]]:
 
     return [(k, v) for k, v in vars(module).items() if not k.startswith("_") and (
         number(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(number(x) for x in v)))]
+
+
+def _call_key(node: fx.Node) -> Any:
+    """What a call writes in the code besides its tensor arguments: the op, the target and the constants."""
+    def constants(arg: Any) -> Any:
+        return repr(fx.node.map_arg(arg, lambda _: "<node>"))
+
+    return node.op, node.target, constants(node.args), constants(node.kwargs)
 
 
 def _same_number(attr: Any, value: Any) -> bool:
@@ -617,7 +652,8 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
             raise UnsupportedOpError(f"the channels of {members or 'a tensor'} are cut in pieces in two different "
                                      "ways", "cut a tensor's channels at one place, or register a rule for the "
                                      "module that cuts them.")
-    literals = [SizeLiteral(path, name, tuple(tuple((gid(s), f) for s, f in e) for e in entries), is_list)
-                for path, name, entries, is_list in ctx.literals]
+    literals = [SizeLiteral(path, name, tuple(tuple((gid(s), f) for s, f in e) for e in entries), is_list,
+                            value is not None, value) for path, name, entries, is_list, value in ctx.literals]
+    _fix_followers(groups, ties, parts, sums)
     return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners,
                         parts, sums, literals)

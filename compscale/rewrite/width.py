@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch.fx as fx
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph
@@ -65,9 +66,15 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
 def _write_literals(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int]) -> None:
     """Give the numbers a module keeps for its ops (split sizes, slice bounds) their new values."""
     written: dict[tuple[str, str], Any] = {}
+    graphs = set()
     for lit in cg.literals:
         values = [sum(widths[g] * f for g, f in entry) for entry in lit.entries]
         module = root.get_submodule(lit.path) if lit.path else root
+        if lit.in_graph:
+            assert isinstance(module, fx.GraphModule)
+            _write_in_graph(module, lit.attr, lit.value, values if lit.is_list else values[0])
+            graphs.add(module)
+            continue
         old = getattr(module, lit.attr)
         new = type(old)(values) if lit.is_list else values[0]
         key = (lit.path, lit.attr)
@@ -78,3 +85,27 @@ def _write_literals(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int]
                 "keep one attribute per channel count, or register a channel rule for the module.",
             )
         setattr(module, lit.attr, new)
+    for gm in graphs:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _write_in_graph(gm: fx.GraphModule, name: str, old: Any, new: Any) -> None:
+    """Replace the number ``old`` (or list of numbers) that node ``name`` of ``gm`` passes to its op by ``new``.
+
+    Only split sizes and slice bounds are rewritten (the numbers in a ``slice``, or a size argument), never a
+    ``dim``: the analysis found ``old`` there.
+    """
+    node = next(n for n in gm.graph.nodes if n.name == name)
+
+    def swap(arg: Any) -> Any:
+        if isinstance(arg, slice):
+            return slice(*(new if v == old and isinstance(v, int) else v for v in (arg.start, arg.stop, arg.step)))
+        if isinstance(arg, (list, tuple)) and not isinstance(old, list):
+            return type(arg)(swap(a) for a in arg)
+        if isinstance(old, list) and isinstance(arg, (list, tuple)) and list(arg) == old:
+            return type(arg)(new)
+        return new if type(arg) is int and arg == old and not isinstance(old, list) else arg
+
+    node.args = (node.args[0], *(swap(a) for a in node.args[1:]))
+    node.kwargs = {k: (v if k == "dim" else swap(v)) for k, v in node.kwargs.items()}
