@@ -52,3 +52,32 @@ def test_timm_phi_1_runs_at_its_new_size_and_costs_the_compound_ratio(name: str)
     assert 0.8 * 1.92 <= ratio <= 1.5 * 1.92, ratio
     with torch.no_grad():
         assert scaled.eval()(torch.randn(1, 3, *size)).shape == (1, 1000)
+
+
+BEYOND_THE_RESIDUAL_BLOCK = [
+    pytest.param("lcnet_050", id="lcnet_050"),  # plain: depthwise-separable units, no residual
+    pytest.param("mixnet_s", id="mixnet_s"),  # mixed-kernel convs on channel splits, concatenated, under SE
+    *(pytest.param(name, id=name, marks=pytest.mark.slow) for name in (
+        "skresnet18",  # torch.stack of branches, softmax across them
+        "resnest14d",  # split attention over radix groups; one projection block per stage
+        "ghostnet_100",  # slices x[:, :c] of concatenations
+        "rexnet_100",  # a residual onto the first channels only; widths grow block by block
+        "cspresnet50",  # cross-stage partial: half the channels bypass the stage's blocks
+        "repvgg_a0",  # plain: stride-1 blocks whose skip is a BatchNorm, beside a 1x1 branch
+    )),
+]
+
+
+@pytest.mark.parametrize("name", BEYOND_THE_RESIDUAL_BLOCK)
+def test_timm_beyond_the_residual_block_scales_at_phi_1(name: str) -> None:
+    model = timm.create_model(name).eval()
+    scaled = compscale.scale(model, phi=1)
+    plan = scaled.scaling
+    assert type(scaled) is type(model)
+    assert not [path for path, m in scaled.named_modules() if isinstance(m, torch.fx.GraphModule)]  # own classes
+    assert sum(s.blocks_after for s in plan.stages) > sum(s.blocks_before for s in plan.stages)  # deeper
+    assert any(g.after > g.before for g in plan.groups)  # wider
+    ratio = compscale.profile(scaled, plan.input_size).macs / compscale.profile(model, 224).macs
+    assert 0.8 * 1.92 <= ratio <= 1.5 * 1.92, ratio
+    with torch.no_grad():
+        assert scaled(torch.randn(1, 3, *plan.input_size)).shape == (1, 1000)

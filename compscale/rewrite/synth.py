@@ -104,11 +104,13 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
     output shape to itself, adding its input back only if the block or the peer does.
     """
     peer = next((b for b in blocks if b.module_type is block.module_type
-                 and (b.is_repeat or (plain and b.keeps_shape))), block if plain else None)
-    if peer is None:
-        return None
+                 and (b.is_repeat or (plain and b.keeps_shape))), None)
     template = traced.root.get_submodule(block.path)
-    flags = _differing_flags(template, traced.root.get_submodule(peer.path))
+    if peer is None:  # no residual block of its class: switch on a residual flag of its own (timm's has_skip)
+        peer = block
+        flags = [] if plain else _false_flags(template)
+    else:
+        flags = _differing_flags(template, traced.root.get_submodule(peer.path))
     try:
         base = _rewidened_copy(traced, template, block, rules)
     except Exception:
@@ -242,6 +244,13 @@ def _updated_arg(name: str, value: Any, peer_value: Any, old_in: int, new_in: in
     if isinstance(value, int) and value == old_in and old_in != new_in:
         return new_in
     return value
+
+
+def _false_flags(block: nn.Module) -> list[tuple[str, str, bool]]:
+    """``(submodule path, attribute, True)`` for every boolean attribute that is ``False`` in the block's own
+    (not torch's) modules: one of them may switch its residual on."""
+    return [(path, name, True) for path, m in block.named_modules() if not type(m).__module__.startswith("torch.")
+            for name, value in vars(m).items() if value is False and name != "training" and not name.startswith("_")]
 
 
 def _differing_flags(mine: nn.Module, peer: nn.Module) -> list[tuple[str, str, bool]]:
@@ -386,7 +395,8 @@ def _unstride(gm: nn.Module) -> None:
     for m in gm.modules():
         stride = getattr(m, "stride", None)
         if isinstance(m, (nn.modules.conv._ConvNd, nn.MaxPool2d, nn.AvgPool2d)) and stride not in (1, None):
-            m.stride = (1,) * len(stride) if isinstance(stride, tuple) else 1
+            # efficientnet-pytorch keeps a list ([2, 2]) that its static padding zips over
+            m.stride = type(stride)([1] * len(stride)) if isinstance(stride, (tuple, list)) else 1  # type: ignore[assignment]
 
 
 def _make_identity_residual(gm: fx.GraphModule, block: Block, traced: Traced, blocks: Sequence[Block]) -> None:
