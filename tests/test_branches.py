@@ -136,6 +136,27 @@ def test_a_literal_split_size_follows_the_width() -> None:
     assert _run(scaled).shape == (2, 10)
 
 
+class UndoConcat(nn.Module):
+    """A concat split back into its parts by sizes the module keeps."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, 16, 1), nn.Conv2d(c, 8, 1)
+        self.c, self.d = nn.Conv2d(16, c, 1), nn.Conv2d(8, c, 1)
+        self.sizes = [16, 8]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = torch.split(torch.cat([self.a(x), self.b(x)], 1), self.sizes, 1)
+        return self.c(p) + self.d(q) + x
+
+
+def test_split_sizes_undoing_a_concat_follow_its_parts() -> None:
+    scaled = compscale.scale(_Net(32, [UndoConcat(32)], 32), width=1.5, input_size=32)
+    block = scaled.blocks[0]
+    assert block.sizes == [block.a.out_channels, block.b.out_channels] == [24, 16]
+    assert _run(scaled).shape == (2, 10)
+
+
 class Unowned(nn.Module):
     """Split sizes written in forward: no attribute to update."""
 

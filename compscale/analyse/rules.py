@@ -501,8 +501,8 @@ def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
         isinstance(size_arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in size_arg))
     if len(src) == len(sizes) and all(ctx.width((seg,)) == n for seg, n in zip(src, sizes)):
         pieces: list[Desc] = [(seg,) for seg in src]  # undoing a concat: each part is one of its segments
-        if literal:
-            _follow_split(ctx, node, size_arg, pieces, src)
+        if literal and not _follow_split(ctx, node, size_arg, pieces, src):
+            ctx.pin(src, f"split into {sizes} channels at {node.name}")
         ctx.multi[node] = pieces
         return None
     if len(src) != 1:
