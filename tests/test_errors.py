@@ -85,9 +85,26 @@ def _plain_net() -> nn.Module:
     )
 
 
+class _ByName(nn.Module):
+    """Layers called by name, outside any container: no unit to repeat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3, stride=2), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv2(self.conv1(x).relu()).mean((2, 3)))
+
+
 def test_no_stage_to_deepen_is_an_error_with_a_hint() -> None:
-    with pytest.raises(compscale.NoStageError, match=r"Sequential has no stage to deepen(.|\n)*Hint: .*depth=1"):
-        compscale.scale(_plain_net(), depth=2)
+    with pytest.raises(compscale.NoStageError, match=r"_ByName has no stage to deepen(.|\n)*Hint: .*depth=1"):
+        compscale.scale(_ByName(), depth=2)
+
+
+def test_a_flat_sequential_deepens_its_conv_runs() -> None:
+    scaled = compscale.scale(_plain_net(), depth=2)  # two one-run stages (16 channels, then 32 at stride 2)
+    convs = [(m.in_channels, m.out_channels, m.stride) for m in scaled if isinstance(m, nn.Conv2d)]
+    assert convs == [(3, 16, (1, 1)), (16, 16, (1, 1)), (16, 32, (2, 2)), (32, 32, (1, 1))]
 
 
 def test_a_model_without_stages_still_widens() -> None:
