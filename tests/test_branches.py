@@ -302,6 +302,18 @@ def test_a_slice_inside_one_conv_output_makes_it_the_sum_of_its_pieces() -> None
     assert _run(scaled).shape == (2, 10)
 
 
+def test_a_seeded_sum_gives_the_change_to_its_last_piece() -> None:
+    from compscale.analyse import analyse_channels
+    from compscale.planning.policy import resolve_widths
+    from compscale.trace import trace
+
+    cg = analyse_channels(trace(_Net(48, [DualPath(48, 32, 16)], 64), (1, 3, 16, 16)))
+    stem = cg.group_of("stem")
+    res, dense = cg.sums[stem.id]
+    widths = resolve_widths(cg, lambda g, d: g.base, seeds={stem.id: 100})  # a wider input, as a dense stage's
+    assert (widths[res], widths[dense]) == (32, 68)
+
+
 def test_numbers_written_in_a_graph_module_s_code_follow_the_width() -> None:
     """A GraphModule (a block compscale synthesized, a model traced by hand) has the numbers in its code."""
     traced = torch.fx.symbolic_trace(_Net(48, [DualPath(48, 32, 16), DualPath(64, 32, 8)], 72))

@@ -41,7 +41,7 @@ from compscale.trace import Traced, module_path
 
 __all__ = [
     "ChannelGraph", "ChannelGroup", "LayerChannels", "Part", "RuleContext", "SizeLiteral", "analyse_channels",
-    "spatial_dims",
+    "attributes_holding", "spatial_dims",
 ]
 
 _RULE_HINT = (
@@ -371,8 +371,8 @@ class RuleContext:
         """
         path = module_path(node)
         module = self.traced.root.get_submodule(path) if path else self.traced.root
-        found = [(name, entries, isinstance(v, (list, tuple))) for value, entries in values
-                 for name, v in _plain_attrs(module) if _same_number(v, value)]
+        found = [(name, entries, isinstance(value, (list, tuple))) for value, entries in values
+                 for name in attributes_holding(module, value)]
         if len(found) > 1:
             found = [f for f in found if _forward_reads(module, f[0])] or found
         if not found and isinstance(module, fx.GraphModule):  # the number is in the code: the node holding it
@@ -480,13 +480,15 @@ def _bounds(ctx: RuleContext, desc: Desc) -> set[int]:
     return out
 
 
-def _plain_attrs(module: nn.Module) -> list[tuple[str, Any]]:
-    """``module``'s own numbers and lists of numbers (bools excepted), as ``vars`` holds them."""
-    def number(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+def attributes_holding(module: nn.Module, value: int | Sequence[int], narrow: bool = False) -> list[str]:
+    """The names of ``module``'s own attributes (as ``vars`` holds them) equal to the number or list ``value``.
 
-    return [(k, v) for k, v in vars(module).items() if not k.startswith("_") and (
-        number(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(number(x) for x in v)))]
+    With ``narrow``, several are narrowed to those ``forward``'s source reads (``self.<name>``) when any is.
+    """
+    names = [k for k, v in vars(module).items() if not k.startswith("_") and _same_number(v, value)]
+    if narrow and len(names) > 1:
+        names = [k for k in names if _forward_reads(module, k)] or names
+    return names
 
 
 def _call_key(node: fx.Node) -> Any:
@@ -498,9 +500,12 @@ def _call_key(node: fx.Node) -> Any:
 
 
 def _same_number(attr: Any, value: Any) -> bool:
+    def number(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     if isinstance(value, (list, tuple)):
-        return isinstance(attr, (list, tuple)) and list(attr) == list(value)
-    return not isinstance(attr, (list, tuple)) and attr == value
+        return isinstance(attr, (list, tuple)) and all(number(a) for a in attr) and list(attr) == list(value)
+    return number(attr) and attr == value
 
 
 def _forward_reads(module: nn.Module, name: str) -> bool:

@@ -180,6 +180,11 @@ def resolve_widths(
         widths[gid] = w
         return w
 
+    for gid, w in seeds.items():  # a seeded sum (a dense block's wider input): its last piece takes the change
+        d = derivations[gid]
+        if d.rule == "sum" and d.pieces and d.pieces[-1] not in seeds:
+            rest = sum(width(p, frozenset({gid})) for p in d.pieces[:-1])
+            widths[d.pieces[-1]] = w - rest
     for g in cg.groups:
         width(g.id)
     _check(cg, widths)

@@ -13,7 +13,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from compscale.analyse.channels import ChannelGraph
+from compscale.analyse.channels import ChannelGraph, SizeLiteral, attributes_holding
 from compscale.errors import RewriteError
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import channels, resize, resize_param, set_submodule
@@ -65,29 +65,43 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
 
 def _write_literals(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int]) -> None:
     """Give the numbers a module keeps for its ops (split sizes, slice bounds) their new values."""
-    written: dict[tuple[str, str], Any] = {}
-    graphs = set()
-    for lit in cg.literals:
+    targets = [_literal_target(root, lit) for lit in cg.literals]  # found before any is written
+    written: dict[tuple[int, str], Any] = {}
+    graphs: dict[int, fx.GraphModule] = {}
+    for lit, (module, attr) in zip(cg.literals, targets):
         values = [sum(widths[g] * f for g, f in entry) for entry in lit.entries]
-        module = root.get_submodule(lit.path) if lit.path else root
-        if lit.in_graph:
-            assert isinstance(module, fx.GraphModule)
+        if isinstance(module, fx.GraphModule) and lit.in_graph:
             _write_in_graph(module, lit.attr, lit.value, values if lit.is_list else values[0])
-            graphs.add(module)
+            graphs[id(module)] = module
             continue
-        old = getattr(module, lit.attr)
+        old = getattr(module, attr)
         new = type(old)(values) if lit.is_list else values[0]
-        key = (lit.path, lit.attr)
-        if written.setdefault(key, new) != new:
+        if written.setdefault((id(module), attr), new) != new:
             raise RewriteError(
-                f"{lit.path or type(root).__name__}.{lit.attr} is read by two ops that need different values "
-                f"({written[key]} and {new}) at the new width",
+                f"{lit.path or type(root).__name__}.{attr} is read by two ops that need different values "
+                f"({written[(id(module), attr)]} and {new}) at the new width",
                 "keep one attribute per channel count, or register a channel rule for the module.",
             )
-        setattr(module, lit.attr, new)
-    for gm in graphs:
+        setattr(module, attr, new)
+    for gm in graphs.values():
         gm.graph.lint()
         gm.recompile()
+
+
+def _literal_target(root: nn.Module, lit: SizeLiteral) -> tuple[nn.Module, str]:
+    """The module holding ``lit`` and its attribute (for a number in a GraphModule's code: the node's name)."""
+    module = root.get_submodule(lit.path) if lit.path else root
+    if not lit.in_graph or isinstance(module, fx.GraphModule):
+        return module, lit.attr
+    # analysed in a GraphModule of the module's code (a block extracted to be repeated): the module's attribute
+    names = attributes_holding(module, lit.value, narrow=True)
+    if len(names) != 1:
+        raise RewriteError(
+            f"{lit.path or type(root).__name__} passes the number {lit.value} to an op whose channels change width, "
+            f"and {'no' if not names else 'more than one'} attribute of it holds that number ({names or 'none'})",
+            "keep the number in one attribute of the module (as Res2Net's `self.width`), or compute it in forward "
+            "from the input's shape.")
+    return module, names[0]
 
 
 def _write_in_graph(gm: fx.GraphModule, name: str, old: Any, new: Any) -> None:
