@@ -27,7 +27,8 @@ def test_vgg11_stages_are_its_conv_runs_between_poolings() -> None:
     assert all(s.plain for s in table)
 
 
-@pytest.mark.parametrize(("depth", "reference"), [(1.5, vgg16_bn), (2, vgg19_bn)])
+@pytest.mark.parametrize(("depth", "reference"), [(1.5, vgg16_bn),
+                                                  pytest.param(2, vgg19_bn, marks=pytest.mark.slow)])
 def test_vgg11_deepened_is_the_vgg_papers_own_deeper_net(depth: float, reference: type[nn.Module]) -> None:
     scaled = compscale.scale(vgg11_bn(), depth=depth)
     assert type(scaled).__name__ == "VGG"

@@ -56,8 +56,8 @@ def test_timm_phi_1_runs_at_its_new_size_and_costs_the_compound_ratio(name: str)
 
 BEYOND_THE_RESIDUAL_BLOCK = [
     pytest.param("lcnet_050", id="lcnet_050"),  # plain: depthwise-separable units, no residual
-    pytest.param("mixnet_s", id="mixnet_s"),  # mixed-kernel convs on channel splits, concatenated, under SE
     *(pytest.param(name, id=name, marks=pytest.mark.slow) for name in (
+        "mixnet_s",  # mixed-kernel convs on channel splits, concatenated, under SE
         "skresnet18",  # torch.stack of branches, softmax across them
         "resnest14d",  # split attention over radix groups; one projection block per stage
         "ghostnet_100",  # slices x[:, :c] of concatenations
