@@ -118,8 +118,6 @@ def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation
         h = cg.groups[whole_of.get(layer.inputs[0][0], layer.inputs[0][0]) if path not in g.producers
                       else layer.inputs[0][0]]
         k, rem = divmod(g.base, h.base)
-        if known.get(h.id, Derivation("independent")) == Derivation("squeeze", g.id, Fraction(h.base, g.base)):
-            continue  # SE's excitation, from g's own squeeze: no vote (g would follow its squeeze)
         if rem == 0 and k >= 2 and not h.fixed and h.id != g.id:
             votes[(h.id, k)] += 1
         else:
