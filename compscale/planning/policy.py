@@ -182,7 +182,8 @@ def resolve_widths(
         d = derivations[gid]
         if d.rule == "sum" and d.pieces and d.pieces[-1] not in seeds:
             rest = sum(width(p, frozenset({gid})) for p in d.pieces[:-1])
-            widths[d.pieces[-1]] = w - rest
+            if w - rest >= 1:  # else the pieces keep their own widths (a repeat whose last piece empties)
+                widths[d.pieces[-1]] = w - rest
     for g in cg.groups:
         width(g.id)
     _check(cg, widths)
