@@ -178,3 +178,46 @@ def test_dense_stage_deepens_until_it_costs_depth_times_as_much() -> None:
     assert_same_architecture(scaled, _DenseNet(11), input_size=32)  # the final norm and fc take 64 + 11 * 32
     assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert compscale.plan(_DenseNet(6), depth=2, input_size=32).stages[0].blocks_after == 11
+
+
+class _NoisyInTraining(nn.Module):
+    """A block whose forward adds noise only while training, with no residual flag to switch on."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if self.training:
+            y = y + 0.1 * torch.randn_like(y)
+        return y.relu()
+
+
+class _Res(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn(self.conv(x)).relu()
+
+
+class _LoneNoisyStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stage1 = nn.Sequential(_NoisyInTraining(8, 16))
+        self.stage2 = nn.Sequential(_Res(16), _Res(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+
+
+def test_a_repeat_that_would_freeze_a_training_branch_is_an_error() -> None:
+    """A graph copy of the lone block would keep its eval-mode ops only: a typed error, not a silent difference."""
+    with pytest.raises(compscale.RewriteError, match=r"stage1\.0(.|\n)*training(.|\n)*Hint: .*stages="):
+        compscale.scale(_LoneNoisyStage(), depth=2, input_size=32)
+    scaled = compscale.scale(_LoneNoisyStage(), depth=2, input_size=32, stages=["stage2"])
+    assert len(scaled.stage1) == 1 and len(scaled.stage2) == 4

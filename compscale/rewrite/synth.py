@@ -30,7 +30,7 @@ from compscale.analyse.stages import Block, Stage
 from compscale.errors import RewriteError
 from compscale.layers import resize
 from compscale.planning.policy import resolve_widths
-from compscale.registry import drop_path_attr
+from compscale.registry import drop_path_attr, drop_path_types
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths
 from compscale.trace import Traced
@@ -72,11 +72,42 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
     own = own_class_repeat(traced, block, blocks, rules, plain=stage.plain)
     if own is not None:
         return own
+    if _mode_dependent(traced, block):
+        raise RewriteError(
+            f"cannot synthesize a repeat of {block.path}: {block.type_name}.forward takes other ops in training "
+            "than in eval mode, and a repeat made from its graph would keep only the eval-mode ones",
+            "give its class a residual flag (a stride-1, in == out instance of it), or leave this stage out "
+            "with `stages=`.",
+        )
     gm = _rewidened(traced, block, block.out_shape[1], rules)
     _unstride(gm)
     if not stage.plain:
         _make_identity_residual(gm, block, traced, blocks)
     return _finish(traced, gm, block, block.out_shape)
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _mode_dependent(traced: Traced, block: Block) -> bool:
+    """Whether the block's ``forward`` records other ops in training mode than in eval mode (``if self.training:``):
+    a ``GraphModule`` of its eval-mode graph would silently drop them. ``False`` when it cannot be traced alone."""
+    module = copy.deepcopy(traced.root.get_submodule(block.path))
+    graphs = []
+    for mode in (True, False):
+        module.train(mode)
+        try:
+            graph = _LeafTracer((*traced.leaf_modules, *drop_path_types())).trace(module)
+        except Exception:
+            return False
+        graphs.append([(n.op, str(n.target), len(n.args)) for n in graph.nodes])
+    return graphs[0] != graphs[1]
 
 
 def _run_repeat(traced: Traced, block: Block, rules: InitRules | None) -> nn.Module:
