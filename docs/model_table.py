@@ -34,6 +34,7 @@ MODELS = {
         "skresnet18", "resnest14d", "mobilenetv2_100", "mobilenetv3_large_100", "mobilenetv4_conv_small",
         "efficientnet_b0", "tf_efficientnet_b0", "mnasnet_100", "fbnetc_100", "mixnet_s", "ghostnet_100",
         "rexnet_100", "lcnet_050", "regnety_002", "convnext_atto", "densenet121", "cspresnet50", "repvgg_a0",
+        "mobilenetv1_100", "dpn68",
     ],
 }
 TITLES = {"torchvision": "torchvision models beyond ResNets and MobileNets",

@@ -64,8 +64,19 @@ BEYOND_THE_RESIDUAL_BLOCK = [
         "rexnet_100",  # a residual onto the first channels only; widths grow block by block
         "cspresnet50",  # cross-stage partial: half the channels bypass the stage's blocks
         "repvgg_a0",  # plain: stride-1 blocks whose skip is a BatchNorm, beside a 1x1 branch
+        "dpn68",  # dual path: a residual and a growing dense part; slices of concatenations
     )),
 ]
+
+
+def test_timm_dpn68_stages_open_with_a_projection_and_grow() -> None:
+    """DPN's stages are its k_sec = (3, 4, 12, 3): a strided projection block, then blocks that each add channels."""
+    from compscale.analyse.stages import find_stages
+    from compscale.trace import trace
+
+    table = find_stages(trace(timm.create_model("dpn68"), (1, 3, 224, 224)))
+    assert [len(s.blocks) for s in table] == [3, 4, 12, 3]
+    assert all(s.grows and s.blocks[0].residual == "projection" for s in table)
 
 
 @pytest.mark.parametrize("name", BEYOND_THE_RESIDUAL_BLOCK)

@@ -142,8 +142,9 @@ class Stage:
 
     @property
     def grows(self) -> bool:
-        """A dense block: each block adds channels, so every new block is synthesized for its own input width."""
-        return all(b.grows for b in self.blocks)
+        """A dense block: each block adds channels, so every new block is synthesized for its own input width.
+        Its first block may be a projection that opens it (DPN's strided block)."""
+        return all(b.grows for b in self.blocks[1:]) and (self.blocks[0].grows or len(self.blocks) > 1)
 
     @property
     def repeat(self) -> Block | None:
@@ -327,7 +328,8 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     result: list[Stage] = []
     for b in candidates:
         cur = result[-1] if result else None
-        joins = (cur is not None and (b.is_repeat or (b.grows and cur.grows)) and cur.blocks[-1].exit == b.entry
+        joins = (cur is not None and (b.is_repeat or (b.grows and (cur.grows or _opens(cur))))
+                 and cur.blocks[-1].exit == b.entry
                  and b.module_type is cur.blocks[0].module_type and _parent(b.path) == cur.parent)
         if joins and cur is not None:
             cur.blocks.append(b)
@@ -475,6 +477,11 @@ def _runs(traced: Traced, block: Block) -> list[Block]:
         units.append(Block(paths[0], types, type(traced.module(run[0])), entry.name, run[-1].name,
                            tuple(traced.shape(entry)), tuple(traced.shape(run[-1])), None, paths))
     return units
+
+
+def _opens(stage: Stage) -> bool:
+    """A stage of one projection block, which growing blocks of its type may follow (DPN's first block of a stage)."""
+    return len(stage.blocks) == 1 and stage.blocks[0].residual == "projection"
 
 
 def _is_whole_parent(traced: Traced, stage: Stage) -> bool:
