@@ -197,3 +197,11 @@ def test_a_flat_mobilenet_v1_repeats_depthwise_pointwise_pairs_and_leaves_its_st
         (16, 16, True), (16, 32, False), (32, 32, True), (32, 32, False), (32, 32, True), (32, 32, False),
         (32, 32, True), (32, 32, False)]
     assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_plan_costs_a_flat_nets_new_runs_exactly() -> None:
+    """compscale.plan counts each new run's layers (a probe adds one run per stage) as the built model has them."""
+    for phi in (1, 2):
+        plan = compscale.plan(flat_mobilenet_v1(), phi=phi, input_size=32)
+        scaled = compscale.scale(flat_mobilenet_v1(), phi=phi, input_size=32)
+        assert plan.macs == compscale.profile(scaled, scaled.scaling.input_size).macs
