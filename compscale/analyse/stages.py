@@ -428,7 +428,10 @@ def _module_units(traced: Traced, blocks: Sequence[Block]) -> list[Block]:
         return (len(b.in_shape) >= 3 and not isinstance(module, _CONTAINERS) and isinstance(parent, _CONTAINERS)
                 and any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()))
 
-    candidates = [b for b in blocks if is_candidate(b)]
+    def holds_residual(b: Block) -> bool:  # a module with residual blocks inside is no plain unit
+        return any(o.path.startswith(b.path + ".") and o.residual in ("identity", "concat") for o in blocks)
+
+    candidates = [b for b in blocks if is_candidate(b) and not holds_residual(b)]
     counts = Counter(b.module_type for b in candidates)
     return _outermost([b for b in candidates if counts[b.module_type] >= 2])
 
@@ -597,8 +600,12 @@ def _cat_inputs(node: fx.Node) -> list[fx.Node] | None:
 
 
 def _innermost_residual(block: Block, blocks: Sequence[Block]) -> bool:
-    """True unless a smaller residual block sits inside ``block`` (then that one is the repeat unit)."""
-    return not any(o.path.startswith(block.path + ".") and o.residual for o in blocks)
+    """True unless a smaller repeatable residual block sits inside ``block`` (then that one is the repeat unit).
+
+    A smaller block that adds a transformed input to itself but repeats nothing (ConvNeXt-V2's GRN,
+    ``gamma * (x * n) + beta + x``, which the layer's own residual input bypasses) does not count.
+    """
+    return not any(o.path.startswith(block.path + ".") and o.residual and (o.is_repeat or o.grows) for o in blocks)
 
 
 def _outermost(blocks: list[Block]) -> list[Block]:
