@@ -179,8 +179,8 @@ def _plain_variants(traced: Traced, block: Block, peer: Block, variants: list[nn
 
 def _dropped_shortcut(traced: Traced, block: Block, variants: list[nn.Module]) -> list[nn.Module]:
     """The variants with each child on the projection shortcut set to ``None`` or to an ``nn.Identity``."""
-    return [_without(v, name, empty) for v in variants for name in _shortcut_children(traced, block)
-            for empty in (None, nn.Identity())]
+    children = _shortcut_children(traced, block)
+    return [_without(v, name, empty) for v in variants for name in children for empty in (None, nn.Identity())]
 
 
 _LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # norms with their activation, as timm's BatchNormAct2d
@@ -224,11 +224,12 @@ def _shortcut_children(traced: Traced, block: Block) -> list[str]:
     operands = [a for a in adds[-1].args[:2] if isinstance(a, fx.Node)]
     shortcut = min(operands, key=lambda a: _distance(a, entry))
     children: list[str] = []
-    inside, stack = set(region), [shortcut]
+    inside, stack, seen = set(region), [shortcut], set()
     while stack:
         n = stack.pop()
-        if n not in inside:
+        if n not in inside or n in seen:
             continue
+        seen.add(n)
         if n.op == "call_module" and str(n.target).startswith(block.path + "."):
             child = str(n.target)[len(block.path) + 1:].split(".")[0]
             if child not in children:
