@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -32,10 +33,12 @@ from compscale.planning.rounding import make_divisible
 from compscale.rewrite.depth import deepen
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.padding import follow_same_padding
+from compscale.rewrite.preserve import Growth, cancel_new_channels
 from compscale.rewrite.resolution import adapt_inputs
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
 from compscale.trace.tracer import Traced, check_module
+from compscale.verify.function import output_error
 
 __all__ = ["scale"]
 
@@ -64,6 +67,9 @@ def scale(
     vary: str = "phi",
     max_params: int | None = None,
     rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
+    init: str = "fresh",
+    noise: float = 0.0,
+    seed: int = 0,
 ) -> nn.Module:
     """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
 
@@ -95,6 +101,16 @@ def scale(
             fits in half the free memory of the model's device.
         rules: channel rules for this call only (``{MyGate: compscale.analyse.rules.elementwise}``), on top of
             those in force (see :func:`compscale.channel_rules`).
+        init: ``"fresh"``: resized layers and new blocks are drawn anew as the model's constructor draws them
+            (a network to train from scratch). ``"preserve"``: grow the given (trained) model so that, in eval mode
+            at its base input size, it computes the same function: Net2Net widening (new channels copy channels of
+            their group, their readers divide by the copies), new residual blocks whose branch starts at zero, new
+            plain units as identity convs, new dense layers cancelled in their readers. What cannot be grown
+            exactly is named in one warning and in ``result.scaling.inexact``; ``result.scaling.init_error`` is the
+            measured output difference (relative to the output's largest value).
+        noise: with ``init="preserve"``, the std of noise added to the incoming weights of copied channels,
+            relative to each layer's weight std (Net2Net's symmetry breaking; 0 keeps the function exact).
+        seed: with ``init="preserve"``, seeds which channels the new ones copy (and the noise).
 
     Raises:
         TypeError, ValueError: a bad multiplier, or a ``model`` that is not an ``nn.Module``.
@@ -108,6 +124,7 @@ def scale(
         [6, 8, 12, 6]
     """
     check_module(model, "scale")
+    growth = _growth(init, noise, seed)
     input_shape, input_size, extra_inputs = resolve_inputs(example_inputs, input_size)
     with channel_rules(rules):
         planner: Planner | None = None
@@ -136,9 +153,9 @@ def scale(
                         "stages": stages if stages is None or callable(stages) else list(stages),
                         "round_width": round_width, "leaf_modules": tuple(leaf_modules),
                         "autowrap_functions": tuple(autowrap_functions), "rules": as_rules(rules)}
-        init = InitRules(model)
+        init_rules = InitRules(model)
         table = find_stages(traced, stages)
-        work, plan.stages = _scale_depth(work, traced, table, mult.depth, init)
+        work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth)
         if mult.width != 1.0:
             if any(s.blocks_before != s.blocks_after for s in plan.stages):
                 traced = traced.retrace(work, traced.input_shape)
@@ -146,14 +163,20 @@ def scale(
             derivations = derive_widths(traced, cg)
             widths = resolve_widths(cg, default_independent(mult.width, round_width), derivations=derivations,
                                     seeds=_fixed_widths(cg, fixed))
-            apply_widths(work, cg, widths, init)
+            apply_widths(work, cg, widths, init_rules, growth)
             plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
                            for g in cg.groups]
+        if growth is not None:
+            plan.init, plan.init_error = "preserve", output_error(model, work, traced.input_shape, extra_inputs)
         if plan.input_size != base:
             follow_same_padding(work, traced, (*traced.input_shape[:2], *plan.input_size))
-            adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), init)
+            adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), init_rules,
+                         notes=growth.inexact if growth is not None else None)
         _verify(work, traced, plan)
-        _unfreeze_new(work, kept)
+        _unfreeze_new(work, kept | (growth.grown if growth is not None else set()))
+        if growth is not None:
+            plan.inexact = dict(growth.inexact)
+            _warn_inexact(type(model).__name__, plan, noise)
         work.scaling = plan  # type: ignore[assignment]
         log.info("scaled %s:\n%s", type(model).__name__, plan)
         return work
@@ -177,6 +200,43 @@ def resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None, input_size: 
     if input_size is not None and as_size(input_size, len(shape) - 2) != shape[2:]:
         raise ValueError(f"input_size={input_size!r} disagrees with the example input's shape {shape}; give one")
     return (1, *shape[1:]), shape[2:], tuple(example_inputs[1:])
+
+
+def _growth(init: str, noise: float, seed: int) -> Growth | None:
+    """The ``init="preserve"`` state, or ``None`` for ``init="fresh"``; bad arguments raise."""
+    if not isinstance(init, str):
+        raise TypeError(f"init must be 'fresh' or 'preserve', not {type(init).__name__}")
+    if init not in ("fresh", "preserve"):
+        raise ValueError(f"init must be 'fresh' or 'preserve', not {init!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)):
+        raise TypeError(f"noise must be a number, not {type(noise).__name__}")
+    if not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, not {noise}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+    if noise and init != "preserve":
+        raise ValueError("noise= breaks the symmetry of copied channels: it goes with init='preserve'")
+    return Growth(float(noise), seed) if init == "preserve" else None
+
+
+def _warn_inexact(name: str, plan: ScalingPlan, noise: float) -> None:
+    """One warning naming what ``init="preserve"`` could not grow exactly, or a measured difference it cannot
+    explain."""
+    err = plan.init_error if plan.init_error is not None else 0.0
+    if plan.inexact:
+        items = [f"{path} ({why})" for path, why in plan.inexact.items()]
+        warnings.warn(
+            f"compscale: init='preserve' grew {name} exactly except {len(items)} layers or blocks, so its outputs "
+            f"differ by {err:.3g} of their largest value: {'; '.join(items[:6])}{'; ...' if len(items) > 6 else ''}; "
+            "they are listed in result.scaling.inexact",
+            stacklevel=3,
+        )
+    elif err > 1e-4 and not noise:
+        warnings.warn(
+            f"compscale: init='preserve' grew {name}, but its outputs differ by {err:.3g} of their largest value and "
+            "compscale cannot tell which layer is to blame; please report this with the model",
+            stacklevel=3,
+        )
 
 
 def _check_size(model: nn.Module, mult: Multipliers, max_params: int | None, planner: Planner | None,
@@ -232,14 +292,19 @@ def _unfreeze_new(work: nn.Module, kept: set[int]) -> None:
 
 
 def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
-                 rules: InitRules) -> tuple[nn.Module, list[StagePlan]]:
+                 rules: InitRules, growth: Growth | None) -> tuple[nn.Module, list[StagePlan]]:
     counts = stage_counts(table, d, dense_costs(traced, table))
     if d != 1.0 and not len(table):
         raise no_stage_error(type(work).__name__, table)
-    work, added = deepen(work, traced, table, counts, rules) if d != 1.0 else (work, {})
+    work, added = deepen(work, traced, table, counts, rules, growth) if d != 1.0 else (work, {})
     if any(s.grows and counts[s.index] != len(s.blocks) for s in table):  # dense blocks feed more channels on
-        adapt_inputs(work, traced, traced.input_shape, rules, warn=False,
-                     keep_ratio=transition_ratios(traced, table))
+        before = dict(work.named_modules())
+        changed = adapt_inputs(work, traced, traced.input_shape, rules, warn=False,
+                               keep_ratio=transition_ratios(traced, table))
+        if growth is not None:  # the new dense layers' channels are cancelled where the old layers read them
+            new_layers = [p for s in table if s.grows for p in added.get(s.index, ())]
+            cancel_new_channels(work, analyse_channels(traced.retrace(work, traced.input_shape)), before, changed,
+                                new_layers, growth)
     return work, [StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride,
                       tuple(added.get(s.index, ()))) for s in table]
 

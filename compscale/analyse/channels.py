@@ -132,6 +132,7 @@ class ChannelGraph:
     parts: list[Part] = dataclasses.field(default_factory=list)
     sums: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     literals: list[SizeLiteral] = dataclasses.field(default_factory=list)
+    interleaved: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     """``params``: tensor attributes used in ``forward`` (a layer scale), by qualified name: the dimension
     that runs over channels and its groups. ``channel_dims``: the channel dimension of each node whose
     channels are not dimension 1 (a channels-last tensor after ``permute(0, 2, 3, 1)``). ``shape_owners``:
@@ -201,6 +202,7 @@ class RuleContext:
         self.layers: dict[str, tuple[Desc, Desc]] = {}
         self.pooled: set[str] = set()
         self.ties: list[tuple[int, int, Fraction]] = []
+        self.interleaved: set[tuple[int, int]] = set()  # ties whose copies alternate (c * k + j), not follow in blocks
         self.multi: dict[fx.Node, list[Desc]] = {}  # ops returning several tensors (chunk, split)
         self.grouped: dict[fx.Node, GroupedView] = {}  # (N, g, C/g, H, W) views of channels (shuffles, branches)
         self.parts: list[tuple[int, int, int, tuple[int, ...]]] = []  # (piece, whole, index, sizes) spaces
@@ -415,9 +417,15 @@ class RuleContext:
         for s, _ in desc:
             self.divisors.append((s, d, why))
 
-    def tie(self, out: Desc, src: Desc, factor: Fraction | int) -> None:
-        """``out``'s width is ``factor`` times ``src``'s (a depthwise multiplier, a channel split, a shuffle)."""
+    def tie(self, out: Desc, src: Desc, factor: Fraction | int, interleaved: bool = False) -> None:
+        """``out``'s width is ``factor`` times ``src``'s (a depthwise multiplier, a channel split, a shuffle).
+
+        The wider of the two holds the other's channels ``k`` times over: as ``k`` blocks one after another (a split,
+        branches), or ``interleaved`` (channel ``c * k + j``: a depthwise multiplier, a shuffle of ``k`` parts).
+        """
         self.ties.append((out[0][0], src[0][0], Fraction(factor)))
+        if interleaved:
+            self.interleaved.add((out[0][0], src[0][0]))
 
     def is_tied(self, desc: Desc) -> bool:
         """Whether ``desc``'s first space already follows another by a tie."""
@@ -661,4 +669,4 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
                             value is not None, value) for path, name, entries, is_list, value in ctx.literals]
     _fix_followers(groups, ties, parts, sums)
     return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners,
-                        parts, sums, literals)
+                        parts, sums, literals, {(gid(a), gid(b)) for a, b in ctx.interleaved})

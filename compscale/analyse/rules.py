@@ -251,7 +251,7 @@ def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
         for desc in (src, out):
             ctx.divisor(desc, g, f"{path} (groups={g})")
         if g == module.in_channels:  # depthwise with a channel multiplier
-            ctx.tie(out, src, module.out_channels // g)
+            ctx.tie(out, src, module.out_channels // g, interleaved=True)
     return out
 
 
@@ -449,7 +449,7 @@ def _ungroup(ctx: RuleContext, node: fx.Node, src_node: fx.Node) -> Desc:
     for part in desc[1:]:  # a shuffle interleaves the parts: they must keep one width
         ctx.union(desc[:1], (part,), node)
     out = ctx.new_space(node, ctx.width(desc))
-    ctx.tie(out, desc[:1], g)
+    ctx.tie(out, desc[:1], g, interleaved=True)
     return out
 
 

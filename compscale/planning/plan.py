@@ -63,6 +63,9 @@ class ScalingPlan:
     params: int | None = None
     base_macs: int | None = None
     base_params: int | None = None
+    init: str = "fresh"  # how resized layers and new blocks were initialised: "fresh" or "preserve"
+    init_error: float | None = None  # init="preserve": measured output difference / the output's largest value
+    inexact: dict[str, str] = dataclasses.field(default_factory=dict)  # init="preserve": what is not exact, why
 
     @property
     def depth(self) -> float:
@@ -98,6 +101,10 @@ class ScalingPlan:
             f"{phi}depth x{m.depth:.4g}, width x{m.width:.4g}, resolution x{m.resolution:.4g}",
             f"input size {format_size(self.base_input_size)} -> {format_size(self.input_size)}",
         ]
+        if self.init == "preserve":
+            err = f", outputs within {self.init_error:.2g} of the base's" if self.init_error is not None else ""
+            lines.append(f"init: preserve (grown from the base's weights{err}; "
+                         f"{len(self.inexact)} layers or blocks not exact)")
         if self.macs is not None and self.base_macs and self.params is not None and self.base_params:
             lines.append(f"MACs {self.base_macs / 1e9:.3f} G -> {self.macs / 1e9:.3f} G "
                          f"(x{self.macs / self.base_macs:.2f}), params {self.base_params / 1e6:.2f} M -> "

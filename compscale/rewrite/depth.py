@@ -18,6 +18,7 @@ from compscale.errors import RewriteError
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import insert_after, move_after, next_name, remove_children
+from compscale.rewrite.preserve import Growth
 from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced, trace
 
@@ -34,13 +35,14 @@ def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
 
 
 def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[int, int],
-           rules: InitRules | None) -> tuple[nn.Module, dict[int, list[str]]]:
+           rules: InitRules | None, growth: Growth | None = None) -> tuple[nn.Module, dict[int, list[str]]]:
     """Give stage ``i`` of ``table`` ``counts[i]`` blocks; returns the (new) root and the new paths per stage.
 
     ``root`` is the model being rewritten (``traced`` was traced from it). Blocks kept in an ``nn.Sequential``
     or ``nn.ModuleList`` are inserted there and ``root`` keeps its class; blocks that ``forward`` calls one by
     one (``x = self.block2(x)``) are inserted in the graph, and the root becomes a ``GraphModule``. Stages are
     handled last to first so that renumbering a flat container never moves a stage not yet handled.
+    With ``growth`` (``init="preserve"``), each new block starts as the identity (:func:`start_as_identity`).
     """
     drop_rates = _drop_rates(root)
     block_types = {b.module_type for s in table.stages for b in s.blocks}
@@ -62,9 +64,13 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
                     "keep the stage's blocks in an nn.Sequential, or use a depth multiplier >= 1.",
                 )
             keep = max(1, len(stage.blocks) + extra)
+            if growth is not None:
+                growth.note(stage.name, f"{len(stage.blocks) - keep} blocks removed (depth < 1)")
             remove_children(parent, [p.rpartition(".")[2] for b in stage.blocks[keep:] for p in b.layers or [b.path]])
             continue
         new = _new_blocks(root, traced, table, stage, extra, rules)
+        if growth is not None:
+            start_as_identity(new, stage, growth)
         if stage.blocks[-1].layers:  # runs of a flat container: their layers go in one after another
             new = [layer for run in new for layer in run.children()]
         if in_container:
@@ -93,6 +99,21 @@ def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage
         return [fresh_copy(template, rules) for _ in range(extra)]
     first = synthesize_repeat(traced, stage, table.blocks, rules)  # unchanged layers still hold copied weights
     return [fresh_copy(first, rules) for _ in range(extra)]
+
+
+def start_as_identity(blocks: Sequence[nn.Module], stage: Stage, growth: Growth) -> None:
+    """Make each new block of ``stage`` compute the identity at first: a residual block's branch outputs zero, a
+    plain unit is an identity conv (where its activation allows). A dense stage's new layers are cancelled in
+    their readers instead, once the layers after the stage have grown (``compscale.api``)."""
+    if stage.grows:
+        return
+    in_shape = stage.blocks[-1].out_shape
+    for i, block in enumerate(blocks):
+        name = f"{stage.name} (new block {i + 1})"
+        if stage.plain:
+            growth.identity_unit(block, in_shape, name)
+        else:
+            growth.zero_branch(block, in_shape, name)
 
 
 def _unit(root: nn.Module, block: Block) -> nn.Module:

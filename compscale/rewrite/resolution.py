@@ -26,7 +26,7 @@ __all__ = ["adapt_inputs"]
 
 def adapt_inputs(
     root: nn.Module, traced: Traced, input_shape: Sequence[int], rules: InitRules | None, warn: bool = True,
-    keep_ratio: Mapping[str, Fraction] | None = None,
+    keep_ratio: Mapping[str, Fraction] | None = None, notes: dict[str, str] | None = None,
 ) -> list[str]:
     """Resize the layers of ``root`` fed a different number of channels at ``input_shape``.
 
@@ -34,6 +34,8 @@ def adapt_inputs(
     block that grew (its transition, final norm and classifier). A layer keeps its outputs, except a norm (they
     follow its input) and a conv or linear of ``keep_ratio`` (path -> out / in: a DenseNet transition's
     compression), whose new outputs feed the layers after it in turn. Returns the paths of the layers changed.
+    Given ``notes`` (``init="preserve"``'s record of what is not exact), a rebuilt head is noted there instead of
+    warned about.
     """
     probe = traced.retrace_graph(root, input_shape)
     try:
@@ -52,7 +54,10 @@ def adapt_inputs(
         new = resize(old, features, out)
         reinit(new, rules, template=old)
         set_submodule(root, path, new)
-        if warn:
+        if warn and notes is not None:
+            notes.setdefault(path, f"takes {features} features at input {tuple(input_shape[2:])} instead of "
+                                   f"{before}: fresh weights")
+        elif warn:
             warnings.warn(
                 f"compscale: {path} takes {features} features at input {tuple(input_shape[2:])} instead of "
                 f"{before}; it was rebuilt with fresh weights",

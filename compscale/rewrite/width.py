@@ -2,7 +2,8 @@
 
 It takes the channel graph and a new width per group (the plan's decision) and never sees the
 multiplier. Unchanged layers keep their weights; changed ones are freshly initialised as the model's
-constructor would (:mod:`compscale.rewrite.init`).
+constructor would (:mod:`compscale.rewrite.init`), or, given a :class:`~compscale.rewrite.preserve.Growth`, grown
+from their trained values so that the network computes what it did (Net2Net, :mod:`compscale.rewrite.preserve`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from compscale.analyse.channels import ChannelGraph, SizeLiteral, attributes_hol
 from compscale.errors import RewriteError
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import channels, resize, resize_param, set_submodule
+from compscale.rewrite.preserve import Growth, layer_maps, source_maps, transplant, transplant_param
 
 __all__ = ["apply_widths"]
 
 
-def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], rules: InitRules | None) -> list[str]:
-    """Resize the layers of ``root`` to ``widths`` (group id -> channels); returns the paths changed."""
+def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], rules: InitRules | None,
+                 growth: Growth | None = None) -> list[str]:
+    """Resize the layers of ``root`` to ``widths`` (group id -> channels); returns the paths changed.
+
+    With ``growth``, the resized layers copy their trained values along each group's source map.
+    """
+    maps = _growth_maps(root, cg, widths, growth) if growth is not None else {}
     changes: dict[str, tuple[int, int, bool]] = {}
     for path, layer in cg.layers.items():
         new_in = sum(widths[g] * f for g, f in layer.inputs)
@@ -40,10 +47,18 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
             continue
         new = resize(module, new_in, new_out, depthwise)
         reinit(new, rules, template=module)
+        if growth is not None:
+            transplant(new, module, *maps[path], growth, path)
         set_submodule(root, path, new)
         changed.append(path)
     for target, (dim, gs) in cg.params.items():
+        owner_path, _, name = target.rpartition(".")
+        owner = root.get_submodule(owner_path) if owner_path else root
+        old = getattr(owner, name)
         if resize_param(root, target, dim, sum(widths[g] for g in gs)):
+            if growth is not None:
+                transplant_param(getattr(owner, name), old, dim, maps[target][0])
+                growth.grown.add(id(getattr(owner, name)))
             changed.append(target)
     for path, gs in cg.shape_owners.items():  # a hand-written LayerNorm's normalized_shape = (channels,)
         module = root.get_submodule(path) if path else root
@@ -61,6 +76,17 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
         setattr(module, names[0], type(getattr(module, names[0]))([after]))
     _write_literals(root, cg, widths)
     return changed
+
+
+def _growth_maps(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], growth: Growth,
+                 ) -> dict[str, tuple[Any, Any]]:
+    """Each layer's ``(out_map, in_map)``; a group that shrinks is noted (its layers keep their first channels)."""
+    old = {g.id: g.base for g in cg.groups}
+    for g in cg.groups:
+        if widths[g.id] < g.base:
+            growth.note(g.members[0][0] if g.members else f"group {g.id}",
+                        f"narrower ({g.base} -> {widths[g.id]} channels): keeps its first channels")
+    return layer_maps(cg, source_maps(root, cg, old, widths, growth), old)
 
 
 def _write_literals(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int]) -> None:
