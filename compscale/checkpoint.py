@@ -1,7 +1,8 @@
 """Save a scaled model as what rebuilds it: the base model's name, the multipliers, the weights.
 
 ``load`` rebuilds the architecture with :func:`compscale.scale` on a fresh base model and loads the
-weights, so a checkpoint survives code changes that ``torch.save(model)`` (a pickle of classes) would not.
+weights (a model grown with ``init="preserve"`` has the same architecture as a fresh one; its ``scaling.init`` is
+restored), so a checkpoint survives code changes that ``torch.save(model)`` (a pickle of classes) would not.
 
 Example:
     >>> scaled = compscale.scale(torchvision.models.resnet18(), phi=1)   # doctest: +SKIP
@@ -45,7 +46,7 @@ def scale_options(scaled: nn.Module) -> dict[str, Any]:
         )
     return {"depth": m.depth, "width": m.width, "resolution": m.resolution, "input_size": list(plan.base_input_size),
             "resolution_divisor": opts.get("resolution_divisor", 8), "fixed": opts.get("fixed", []),
-            "stages": opts.get("stages")}
+            "stages": opts.get("stages"), "init": plan.init}
 
 
 def save(scaled: nn.Module, path: str | os.PathLike[str], model: str, **extra: Any) -> None:
@@ -61,6 +62,9 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device | None =
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CompscaleError(f"{path} is not a compscale checkpoint", "write one with compscale.checkpoint.save.")
-    scaled = scale(load_model(ckpt["model"]), **ckpt["scale"])
+    options = dict(ckpt["scale"])
+    init = options.pop("init", "fresh")  # the weights come from the checkpoint: the architecture is built fresh
+    scaled = scale(load_model(ckpt["model"]), **options)
     scaled.load_state_dict(ckpt["state_dict"])
+    scaled.scaling.init = init  # type: ignore[union-attr]
     return scaled

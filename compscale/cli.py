@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
                         "multiplier alone, the others as given or 1)")
     s.add_argument("--fixed", type=_paths, default=[], metavar="PATHS",
                    help="comma-separated layers whose output width must not change (e.g. fc,layer4.2.conv3)")
+    s.add_argument("--init", choices=("fresh", "preserve"), default="fresh",
+                   help="preserve: grow the model's weights so that it computes what it did (Net2Net), e.g. a trained "
+                        "model from module:callable; fresh (default): new layers drawn as its constructor would")
     s.add_argument("--save", default=None, metavar="PATH",
                    help="save weights and what rebuilds them (reload with compscale.checkpoint.load(PATH))")
     _add_common(s)
@@ -317,6 +320,8 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["fixed"] = args.fixed
     if args.target_macs is not None:
         kwargs.update(target_macs=args.target_macs, vary=args.vary or "phi")
+    if args.init != "fresh":
+        kwargs["init"] = args.init
     return kwargs
 
 
@@ -366,6 +371,8 @@ def _report(name: str, plan: ScalingPlan, before: Profile, after: Profile, targe
         "stages": [{"name": s.name, "blocks": [s.blocks_before, s.blocks_after]} for s in plan.stages],
         "groups_changed": sum(g.before != g.after for g in plan.groups),
     }
+    if plan.init == "preserve":
+        report["init"] = {"init": plan.init, "output_error": plan.init_error, "inexact": plan.inexact}
     if target is not None:
         report["target_macs"] = int(target)
         report["target_miss"] = round(after.macs / target - 1, 4)  # relative: 0.011 is 1.1% above the target

@@ -133,13 +133,16 @@ class ChannelGraph:
     sums: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     literals: list[SizeLiteral] = dataclasses.field(default_factory=list)
     interleaved: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    sliding: list[str] = dataclasses.field(default_factory=list)
     """``params``: tensor attributes used in ``forward`` (a layer scale), by qualified name: the dimension
     that runs over channels and its groups. ``channel_dims``: the channel dimension of each node whose
     channels are not dimension 1 (a channels-last tensor after ``permute(0, 2, 3, 1)``). ``shape_owners``:
     modules that pass their own weight to ``F.layer_norm`` (a hand-written LayerNorm): their attribute
     holding the normalized shape follows these groups. ``parts``: pieces of a group split by the model's own sizes
     (MixConv). ``sums``: a group that is the concatenation of others (a conv output that ``x[:, :c]`` and
-    ``x[:, c:]`` cut in two: DPN, ReXNet). ``literals``: numbers the model keeps that follow the width."""
+    ``x[:, c:]`` cut in two: DPN, ReXNet). ``literals``: numbers the model keeps that follow the width.
+    ``interleaved``: the ``(out, src)`` ties whose wider side alternates the other's channels (a depthwise multiplier,
+    a shuffle) rather than repeating them in blocks. ``sliding``: layers that slide along the channels (ECA)."""
 
     def group_of(self, path: str, role: str = "out") -> ChannelGroup:
         """The group of a layer's output (``role="out"``), or of a norm/depthwise layer's channels."""
@@ -203,6 +206,7 @@ class RuleContext:
         self.pooled: set[str] = set()
         self.ties: list[tuple[int, int, Fraction]] = []
         self.interleaved: set[tuple[int, int]] = set()  # ties whose copies alternate (c * k + j), not follow in blocks
+        self.sliding: list[str] = []  # layers sliding along the channels (ECA's Conv1d): they mix neighbours
         self.multi: dict[fx.Node, list[Desc]] = {}  # ops returning several tensors (chunk, split)
         self.grouped: dict[fx.Node, GroupedView] = {}  # (N, g, C/g, H, W) views of channels (shuffles, branches)
         self.parts: list[tuple[int, int, int, tuple[int, ...]]] = []  # (piece, whole, index, sizes) spaces
@@ -669,4 +673,4 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
                             value is not None, value) for path, name, entries, is_list, value in ctx.literals]
     _fix_followers(groups, ties, parts, sums)
     return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners,
-                        parts, sums, literals, {(gid(a), gid(b)) for a, b in ctx.interleaved})
+                        parts, sums, literals, {(gid(a), gid(b)) for a, b in ctx.interleaved}, ctx.sliding)

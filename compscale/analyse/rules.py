@@ -236,6 +236,7 @@ def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
         # a conv sliding along the channels (ECA's Conv1d over (N, 1, C)): its weights do not depend on them
         if ctx.shape(node)[ctx.channel_dim(src_node)] != ctx.channels(src_node):
             ctx.unsupported(node, "a convolution along the channels that changes their number")
+        ctx.sliding.append(str(node.target))
         return ctx.desc(src_node)
     ctx.channels_first(node, type(module).__name__)
     src = ctx.input_desc(node)

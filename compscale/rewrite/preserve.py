@@ -82,6 +82,13 @@ class Growth:
     def identity_unit(self, unit: nn.Module, in_shape: Sequence[int], name: str) -> None:
         """Make a new plain unit (conv-norm-activation, depthwise + pointwise) the identity: Dirac convs, identity
         norms; where the unit sums branches (RepVGG), only one branch is kept. Checked on a non-negative input."""
+        x = _probe_input(unit, in_shape, self.generator, nonneg_normal=False)
+        try:
+            if _zero_branch(unit, x, fallback=False):  # a unit that adds its input back (ResNeSt's, in a plain net)
+                return
+        except Exception:
+            self.note(name, "a new unit that could not be run alone: it was left as drawn")
+            return
         layers: list[nn.Module] = [m for m in unit.modules() if isinstance(m, _LAYERS)]
         norms: list[nn.Module] = [m for m in unit.modules() if isinstance(m, _NORMS)]
         for layer in layers:
@@ -90,26 +97,19 @@ class Growth:
                 return
         for norm in norms:
             _identity_norm(norm)
-        x = _probe_input(unit, in_shape, self.generator, nonneg_normal=False)
-        try:
+        if _is_identity(unit, x):
+            return
+        for keep in norms:  # branches summed (RepVGG): keep one path
+            saved = {id(m): [t.clone() for t in _tensors(m)] for m in norms if m is not keep}
+            for m in norms:
+                if m is not keep:
+                    _zero(_tensors(m))
             if _is_identity(unit, x):
                 return
-            for keep in norms:  # branches summed: keep one path
-                saved = {id(m): [t.clone() for t in _tensors(m)] for m in norms if m is not keep}
-                for m in norms:
-                    if m is not keep:
-                        _zero(_tensors(m))
-                if _is_identity(unit, x):
-                    return
-                for m in norms:
-                    if m is not keep:
-                        for t, s in zip(_tensors(m), saved[id(m)]):
-                            t.copy_(s)
-            if _zero_branch(unit, x, fallback=False):  # a unit that adds its input back after all
-                return
-        except Exception:
-            self.note(name, "a new unit that could not be run alone: it was made identity unchecked")
-            return
+            for m in norms:
+                if m is not keep:
+                    for t, s in zip(_tensors(m), saved[id(m)]):
+                        t.copy_(s)
         self.note(name, "a new unit whose activation is not the identity on its input: it starts as identity convs "
                         "and norms, close to but not exactly the identity")
 
@@ -129,7 +129,10 @@ def source_maps(root: nn.Module, cg: ChannelGraph, old: Mapping[int, int], new: 
     channels get no source (their readers zero them) instead of a copy; groups in ``cancelled`` have none at all.
     """
     blocks = _blocks(root, cg)
-    derive = _derivations(cg)
+    relations = _relations(cg)
+    derive: dict[int, tuple[str, list[int]]] = {}
+    for whole, kind, sources in relations:
+        derive.setdefault(whole, (kind, sources))
     gone = set(cancelled)
     maps: dict[int, torch.Tensor] = {}
 
@@ -140,12 +143,22 @@ def source_maps(root: nn.Module, cg: ChannelGraph, old: Mapping[int, int], new: 
             return cancel_map(old[g], new[g])
         return _spread(old[g], new[g], blocks.get(g, 1), growth.generator)
 
+    pieces_of: dict[int, list[tuple[int, str, list[int], int]]] = {}  # a group -> the relations it is a piece in
+    for whole, kind, sources in relations:
+        for i, s in enumerate(sources):
+            pieces_of.setdefault(s, []).append((whole, kind, sources, i))
+
     def get(g: int, visiting: frozenset[int]) -> torch.Tensor:
         if g in maps:
             return maps[g]
         m = None
+        for whole, kind, sources, i in pieces_of.get(g, ()):  # a piece of a whole already mapped (a split's half)
+            if whole in maps and g not in gone:
+                m = _extract(kind, maps[whole], i, [old[s] for s in sources], [new[s] for s in sources])
+                if m is not None:
+                    break
         how = derive.get(g)
-        if how is not None and g not in gone and not any(s in visiting for s in how[1]):
+        if m is None and how is not None and g not in gone and not any(s in visiting for s in how[1]):
             kind, sources = how
             parts = [get(s, visiting | {g}) for s in sources]
             m = _combine(kind, parts, [old[s] for s in sources])
@@ -203,23 +216,40 @@ def _combine(kind: str, parts: list[torch.Tensor], olds: list[int]) -> torch.Ten
     return torch.where(base >= 0, base * k + c % k, -1)
 
 
-def _derivations(cg: ChannelGraph) -> dict[int, tuple[str, list[int]]]:
-    """Groups whose map follows others': a sum of pieces, a whole cut in parts, the wider side of a tie."""
-    how: dict[int, tuple[str, list[int]]] = {}
-    for s, pieces in cg.sums.items():
-        how.setdefault(s, ("concat", list(pieces)))
+def _extract(kind: str, whole: torch.Tensor, i: int, olds: list[int], news: list[int]) -> torch.Tensor | None:
+    """Piece ``i``'s map out of its whole's (the inverse of :func:`_combine`), or ``None`` if the whole's map does
+    not hold the piece's channels where the piece's map would put them."""
+    if kind == "concat":
+        start, offset = sum(news[:i]), sum(olds[:i])
+        m = whole[start:start + news[i]]
+        m = torch.where(m >= 0, m - offset, -1)
+    elif kind.startswith("blocks"):
+        m = whole[:news[0]]
+    else:
+        k = int(kind.split(":")[1])
+        m = torch.where(whole[0::k] >= 0, whole[0::k] // k, -1)
+    if len(m) != news[i] or ((m >= olds[i]) | (m < -1)).any():
+        return None
+    if kind != "concat" and not torch.equal(_combine(kind, [m], olds), whole):
+        return None  # the whole's copies are not k blocks (or k interleaved copies) of one map
+    return m
+
+
+def _relations(cg: ChannelGraph) -> list[tuple[int, str, list[int]]]:
+    """``(whole, kind, pieces)``: a group that is others put together (see :func:`_combine`): a sum of pieces, a
+    whole cut in parts, the wider side of a tie. A group may be the whole of several (both halves of one split)."""
+    found: list[tuple[int, str, list[int]]] = [(s, "concat", list(pieces)) for s, pieces in cg.sums.items()]
     wholes: dict[int, dict[int, int]] = {}
     for p in cg.parts:
         wholes.setdefault(p.whole, {})[p.index] = p.piece
-    for whole, by_index in wholes.items():
-        how.setdefault(whole, ("concat", [by_index[i] for i in sorted(by_index)]))
+    found += [(whole, "concat", [by_index[i] for i in sorted(by_index)]) for whole, by_index in wholes.items()]
     for out, src, factor in cg.ties:
         if factor == 1 or (factor > 1 and factor.denominator != 1) or (factor < 1 and factor.numerator != 1):
             continue
         big, small, k = (out, src, int(factor)) if factor > 1 else (src, out, int(1 / factor))
         kind = "interleave" if (out, src) in cg.interleaved else "blocks"
-        how.setdefault(big, (f"{kind}:{k}", [small]))
-    return how
+        found.append((big, f"{kind}:{k}", [small]))
+    return found
 
 
 def _blocks(root: nn.Module, cg: ChannelGraph) -> dict[int, int]:

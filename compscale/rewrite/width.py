@@ -82,6 +82,8 @@ def _growth_maps(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], g
                  ) -> dict[str, tuple[Any, Any]]:
     """Each layer's ``(out_map, in_map)``; a group that shrinks is noted (its layers keep their first channels)."""
     old = {g.id: g.base for g in cg.groups}
+    for path in cg.sliding:
+        growth.note(path, "slides along the channels (ECA): copied channels change the neighbours it mixes")
     for g in cg.groups:
         if widths[g.id] < g.base:
             growth.note(g.members[0][0] if g.members else f"group {g.id}",
