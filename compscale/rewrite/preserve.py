@@ -19,6 +19,7 @@ on its input, a shrunken layer) gets its closest form and is noted in :attr:`Gro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -76,7 +77,7 @@ class Growth:
             return
         if not found:
             self.note(name, "a new block that no zeroed layer makes the identity (an activation after its residual "
-                            "add is not identity on its input): its last norm was zeroed")
+                            "add, a channel shuffle): its last norm was zeroed")
 
     @torch.no_grad()
     def identity_unit(self, unit: nn.Module, in_shape: Sequence[int], name: str) -> None:
@@ -143,6 +144,10 @@ def source_maps(root: nn.Module, cg: ChannelGraph, old: Mapping[int, int], new: 
             return cancel_map(old[g], new[g])
         return _spread(old[g], new[g], blocks.get(g, 1), growth.generator)
 
+    cuts: dict[int, list[list[int]]] = {}
+    for whole, kind, sources in relations:
+        if kind == "concat" and len(sources) > 1:
+            cuts.setdefault(whole, []).append(sources)
     pieces_of: dict[int, list[tuple[int, str, list[int], int]]] = {}  # a group -> the relations it is a piece in
     for whole, kind, sources in relations:
         for i, s in enumerate(sources):
@@ -152,12 +157,22 @@ def source_maps(root: nn.Module, cg: ChannelGraph, old: Mapping[int, int], new: 
         if g in maps:
             return maps[g]
         m = None
+        clash = False
         for whole, kind, sources, i in pieces_of.get(g, ()):  # a piece of a whole already mapped (a split's half)
+            if whole not in maps and whole not in visiting and len(cuts.get(whole, ())) > 1:
+                get(whole, visiting | {g})  # a whole cut several ways is mapped first, its pieces follow
             if whole in maps and g not in gone:
                 m = _extract(kind, maps[whole], i, [old[s] for s in sources], [new[s] for s in sources])
                 if m is not None:
                     break
+                clash = True
+        if clash and m is None and not cancel:
+            members = [p for p, _ in cg.groups[g].members] or [p for p, _ in cg.groups[whole].members]
+            growth.note(members[0] if members else f"channel group {g}",
+                        "its copies cannot follow two ways of cutting one tensor (a split after a channel shuffle)")
         how = derive.get(g)
+        if m is None and g not in gone and not cancel and len(cuts.get(g, ())) > 1:
+            m = _refined(cuts[g], old, new, growth.generator)  # cut two ways (MixConv's pw and dw splits)
         if m is None and how is not None and g not in gone and not any(s in visiting for s in how[1]):
             kind, sources = how
             parts = [get(s, visiting | {g}) for s in sources]
@@ -216,6 +231,28 @@ def _combine(kind: str, parts: list[torch.Tensor], olds: list[int]) -> torch.Ten
     return torch.where(base >= 0, base * k + c % k, -1)
 
 
+def _refined(cuts: list[list[int]], old: Mapping[int, int], new: Mapping[int, int],
+             generator: torch.Generator) -> torch.Tensor | None:
+    """The map of a tensor cut into pieces at several places: copies stay inside the cells between all the cuts, so
+    that every piece's channels keep their own sources. ``None`` if the cuts do not grow consistently."""
+    bounds: dict[int, int] = {}
+    for pieces in cuts:
+        o = n = 0
+        for p in pieces:
+            o, n = o + old[p], n + new[p]
+            if bounds.setdefault(o, n) != n:
+                return None
+    edges = sorted(bounds.items())
+    if any(b[1] < a[1] for a, b in itertools.pairwise(edges)):
+        return None
+    out, prev = [], (0, 0)
+    for o, n in edges:
+        cell = _spread(o - prev[0], n - prev[1], 1, generator)
+        out.append(torch.where(cell >= 0, cell + prev[0], -1))
+        prev = (o, n)
+    return torch.cat(out)
+
+
 def _extract(kind: str, whole: torch.Tensor, i: int, olds: list[int], news: list[int]) -> torch.Tensor | None:
     """Piece ``i``'s map out of its whole's (the inverse of :func:`_combine`), or ``None`` if the whole's map does
     not hold the piece's channels where the piece's map would put them."""
@@ -239,10 +276,12 @@ def _relations(cg: ChannelGraph) -> list[tuple[int, str, list[int]]]:
     """``(whole, kind, pieces)``: a group that is others put together (see :func:`_combine`): a sum of pieces, a
     whole cut in parts, the wider side of a tie. A group may be the whole of several (both halves of one split)."""
     found: list[tuple[int, str, list[int]]] = [(s, "concat", list(pieces)) for s, pieces in cg.sums.items()]
-    wholes: dict[int, dict[int, int]] = {}
+    cut: list[tuple[int, list[int]]] = []  # one split's pieces come in a row, from index 0
     for p in cg.parts:
-        wholes.setdefault(p.whole, {})[p.index] = p.piece
-    found += [(whole, "concat", [by_index[i] for i in sorted(by_index)]) for whole, by_index in wholes.items()]
+        if p.index == 0 or not cut or cut[-1][0] != p.whole:
+            cut.append((p.whole, []))
+        cut[-1][1].append(p.piece)
+    found += [(whole, "concat", pieces) for whole, pieces in cut]
     for out, src, factor in cg.ties:
         if factor == 1 or (factor > 1 and factor.denominator != 1) or (factor < 1 and factor.numerator != 1):
             continue
