@@ -146,6 +146,8 @@ def scale(
             leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
         work = copy.deepcopy(model)
         kept = {id(p) for p in work.parameters()}
+        if growth is not None:
+            growth.kept = kept
         traced = trace(work, input_shape, input_size=base, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, extra_inputs=extra_inputs)
         plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, resolution_divisor))

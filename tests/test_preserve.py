@@ -51,7 +51,7 @@ def grow(model: nn.Module, **kwargs: Any) -> nn.Module:
 
 TORCHVISION = [
     pytest.param("resnet18", {"width": 1.5}, id="resnet18-width1.5"),
-    pytest.param("mobilenet_v2", {"phi": 2}, id="mobilenet_v2-phi2"),
+    pytest.param("mobilenet_v2", {"phi": 2}, id="mobilenet_v2-phi2", marks=pytest.mark.slow),
     pytest.param("resnet50", {"phi": 1}, id="resnet50-phi1", marks=pytest.mark.slow),
     pytest.param("resnet50", {"depth": 2}, id="resnet50-depth2", marks=pytest.mark.slow),
     pytest.param("mobilenet_v3_large", {"phi": 1}, id="mobilenet_v3_large-phi1", marks=pytest.mark.slow),
@@ -182,6 +182,7 @@ def test_plain_unit_with_an_activation_that_is_not_identity_is_named() -> None:
     assert len(grown.scaling.inexact) == 4 and all("new block" in p for p in grown.scaling.inexact)  # 2 per stage
 
 
+@pytest.mark.slow
 def test_timm_model_grows_to_the_same_function() -> None:
     timm = pytest.importorskip("timm")
     base = trained_like(timm.create_model("mixnet_s"))  # MixConv: channel groups split by the model's own sizes

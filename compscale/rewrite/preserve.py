@@ -46,13 +46,15 @@ class Growth:
         noise: relative std of the noise added to the incoming weights of copied channels (0: exact copies).
         seed: seeds the choice of source channels (and the noise).
         inexact: path -> why, for every layer or block that does not compute exactly what it did.
-        grown: ids of the parameters that carry trained values (grown layers keep their ``requires_grad``).
+        grown: ids of the parameters grown from the model's own (``kept``: its parameters' ids); they keep their
+            ``requires_grad``, where a new block's are made trainable.
     """
 
     noise: float = 0.0
     seed: int = 0
     inexact: dict[str, str] = dataclasses.field(default_factory=dict)
     grown: set[int] = dataclasses.field(default_factory=set)
+    kept: set[int] = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -353,7 +355,8 @@ def transplant(new: nn.Module, old: nn.Module, out_map: torch.Tensor, in_map: to
         _transplant_layer(new, old, out_map, in_map, growth)
     elif isinstance(new, _NORMS):
         _transplant_norm(new, old, out_map, growth, path)
-    growth.grown.update(id(p) for p in new.parameters(recurse=False))
+    if any(id(p) in growth.kept for p in old.parameters(recurse=False)):  # grown from the model's own layer
+        growth.grown.update(id(p) for p in new.parameters(recurse=False))
 
 
 def transplant_param(new: torch.Tensor, old: torch.Tensor, dim: int, m: torch.Tensor) -> None:

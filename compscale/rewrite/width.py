@@ -58,7 +58,8 @@ def apply_widths(root: nn.Module, cg: ChannelGraph, widths: Mapping[int, int], r
         if resize_param(root, target, dim, sum(widths[g] for g in gs)):
             if growth is not None:
                 transplant_param(getattr(owner, name), old, dim, maps[target][0])
-                growth.grown.add(id(getattr(owner, name)))
+                if id(old) in growth.kept:
+                    growth.grown.add(id(getattr(owner, name)))
             changed.append(target)
     for path, gs in cg.shape_owners.items():  # a hand-written LayerNorm's normalized_shape = (channels,)
         module = root.get_submodule(path) if path else root
