@@ -90,6 +90,16 @@ def test_a_users_own_constructor(mynets: Path, capsys: pytest.CaptureFixture[str
     assert json.loads(out)["stages"] == [{"name": "1..2", "blocks": [2, 4]}]
 
 
+def test_init_preserve_reports_the_measured_difference(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["scale", "recipes.models:tiny_resnet", "--phi", "1", "--input-size", "32", "--init", "preserve"]
+    code, out, _ = run([*argv, "--json"], capsys)
+    assert code == 0
+    init = json.loads(out)["init"]
+    assert init["init"] == "preserve" and init["output_error"] < 1e-4 and init["inexact"] == {}
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "init: preserve" in out
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["scale", "resnet18", "--phi", "x"], "not a number"),
     (["scale", "resnet18", "--phi", "nan"], "not a finite number"),
