@@ -18,7 +18,7 @@ from compscale.errors import RewriteError
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import insert_after, move_after, next_name, remove_children
-from compscale.rewrite.preserve import Growth
+from compscale.rewrite.preserve import Growth, probe_input, zero_layer
 from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced, trace
 
@@ -70,7 +70,7 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
             continue
         new = _new_blocks(root, traced, table, stage, extra, rules)
         if growth is not None:
-            start_as_identity(new, stage, growth)
+            start_as_identity(new, stage, growth, _unit(root, stage.blocks[-1]))
         if stage.blocks[-1].layers:  # runs of a flat container: their layers go in one after another
             new = [layer for run in new for layer in run.children()]
         if in_container:
@@ -101,19 +101,24 @@ def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage
     return [fresh_copy(first, rules) for _ in range(extra)]
 
 
-def start_as_identity(blocks: Sequence[nn.Module], stage: Stage, growth: Growth) -> None:
+def start_as_identity(blocks: Sequence[nn.Module], stage: Stage, growth: Growth, last: nn.Module) -> None:
     """Make each new block of ``stage`` compute the identity at first: a residual block's branch outputs zero, a
-    plain unit is an identity conv (where its activation allows). A dense stage's new layers are cancelled in
-    their readers instead, once the layers after the stage have grown (``compscale.api``)."""
-    if stage.grows:
+    plain unit is an identity conv (where its activation allows), checked on what ``last`` (the stage's last
+    block, which feeds them) outputs. A dense stage's new layers output zero from their last conv, and their
+    channels are cancelled in their readers once the layers after the stage have grown (``compscale.api``)."""
+    if stage.grows:  # the new channels are cancelled in their readers; a residual half (DPN's) must add zero
+        for block in blocks:
+            layers = [m for m in block.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            if layers:
+                zero_layer(layers[-1])
         return
-    in_shape = stage.blocks[-1].out_shape
+    x = probe_input(last, stage.blocks[-1].in_shape, stage.blocks[-1].out_shape, growth.generator)
     for i, block in enumerate(blocks):
         name = f"{stage.name} (new block {i + 1})"
         if stage.plain:
-            growth.identity_unit(block, in_shape, name)
+            growth.identity_unit(block, x, name)
         else:
-            growth.zero_branch(block, in_shape, name)
+            growth.zero_branch(block, x, name)
 
 
 def _unit(root: nn.Module, block: Block) -> nn.Module:

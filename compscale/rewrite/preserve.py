@@ -31,7 +31,10 @@ from compscale.analyse.channels import ChannelGraph
 from compscale.layers import channels
 from compscale.trace.tracer import eval_mode
 
-__all__ = ["Growth", "cancel_map", "cancel_new_channels", "layer_maps", "source_maps", "transplant", "transplant_param"]
+__all__ = [
+    "Growth", "cancel_map", "cancel_new_channels", "layer_maps", "probe_input", "source_maps", "transplant",
+    "transplant_param", "zero_layer",
+]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -64,10 +67,10 @@ class Growth:
 
     # -- depth -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def zero_branch(self, block: nn.Module, in_shape: Sequence[int], name: str) -> None:
+    def zero_branch(self, block: nn.Module, x: torch.Tensor, name: str) -> None:
         """Make a new residual ``block`` the identity: zero its branch's last norm (weight and bias), else the
-        last conv/linear or a layer-scale parameter, whichever makes ``block(x) == x`` on a non-negative ``x``."""
-        x = _probe_input(block, in_shape, self.generator, nonneg_normal=True)
+        last conv/linear or a layer-scale parameter, whichever makes ``block(x) == x`` on ``x``, an input like the
+        ones it will be fed (:func:`probe_input`)."""
         try:
             found = _zero_branch(block, x)
         except Exception:  # the block needs other inputs (a mask): zero its last norm unchecked
@@ -82,10 +85,10 @@ class Growth:
                             "add, a channel shuffle): its last norm was zeroed")
 
     @torch.no_grad()
-    def identity_unit(self, unit: nn.Module, in_shape: Sequence[int], name: str) -> None:
+    def identity_unit(self, unit: nn.Module, x: torch.Tensor, name: str) -> None:
         """Make a new plain unit (conv-norm-activation, depthwise + pointwise) the identity: Dirac convs, identity
-        norms; where the unit sums branches (RepVGG), only one branch is kept. Checked on a non-negative input."""
-        x = _probe_input(unit, in_shape, self.generator, nonneg_normal=False)
+        norms; where the unit sums branches (RepVGG), only one branch is kept. Checked on ``x``, an input like the
+        ones it will be fed (:func:`probe_input`)."""
         try:
             if _zero_branch(unit, x, fallback=False):  # a unit that adds its input back (ResNeSt's, in a plain net)
                 return
@@ -470,13 +473,23 @@ def _zero_branch(block: nn.Module, x: torch.Tensor, fallback: bool = True) -> bo
     return False
 
 
-def _probe_input(module: nn.Module, in_shape: Sequence[int], generator: torch.Generator,
-                 nonneg_normal: bool) -> torch.Tensor:
-    """A batch of 2 non-negative inputs (a block or unit follows an activation) on the module's device and dtype."""
-    p = next(module.parameters(), None)
-    shape = (2, *in_shape[1:])
-    x = torch.randn(shape, generator=generator).abs() if nonneg_normal else torch.rand(shape, generator=generator)
-    return x.to(p.device, p.dtype) if p is not None else x
+@torch.no_grad()
+def probe_input(last: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int],
+                generator: torch.Generator) -> torch.Tensor:
+    """What new blocks appended after ``last`` will be fed: ``last``'s output (eval mode) on a batch of 2
+    standard-normal inputs of ``in_shape``; its sign matters (a ReLU after a residual add is the identity only on
+    the previous ReLU's non-negative output). A non-negative normal batch if ``last`` does not run alone."""
+    p = next(last.parameters(), None)
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    x = torch.randn((2, *in_shape[1:]), generator=generator).to(device, dtype)
+    try:
+        with eval_mode(last):
+            y = last(x)
+        if isinstance(y, torch.Tensor) and tuple(y.shape[1:]) == tuple(out_shape[1:]):
+            return y
+    except Exception:
+        pass
+    return torch.randn((2, *out_shape[1:]), generator=generator).abs().to(device, dtype)
 
 
 def _is_identity(module: nn.Module, x: torch.Tensor) -> bool:
@@ -505,6 +518,11 @@ def _recorder(order: list[nn.Module], m: nn.Module) -> Callable[..., None]:
     def hook(*_: Any) -> None:
         order.append(m)
     return hook
+
+
+def zero_layer(m: nn.Module) -> None:
+    """Zero a layer's weight and bias: it outputs zero (a conv, a linear) or passes zero on (a norm)."""
+    _zero(_tensors(m))
 
 
 def _tensors(m: nn.Module) -> list[torch.Tensor]:
