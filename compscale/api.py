@@ -125,6 +125,9 @@ def scale(
     """
     check_module(model, "scale")
     growth = _growth(init, noise, seed)
+    if growth is not None and any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("init='preserve' grows the model's weights, and this model's are on the meta device "
+                         "(shapes only): give it its weights, or use init='fresh'")
     input_shape, input_size, extra_inputs = resolve_inputs(example_inputs, input_size)
     with channel_rules(rules):
         planner: Planner | None = None

@@ -267,3 +267,10 @@ def test_checkpoint_of_a_grown_model_rebuilds(tmp_path: Any) -> None:
 def test_bad_init_arguments_raise(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         compscale.scale(tiny_resnet(), width=1.5, input_size=32, **kwargs)
+
+
+def test_preserve_needs_weights() -> None:
+    with torch.device("meta"):
+        model = tiny_resnet()
+    with pytest.raises(ValueError, match="meta device"):
+        compscale.scale(model, width=1.5, input_size=32, init="preserve")
