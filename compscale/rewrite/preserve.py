@@ -354,6 +354,9 @@ def transplant(new: nn.Module, old: nn.Module, out_map: torch.Tensor, in_map: to
     number of copies of its source the output sums over; inputs without a source (cancelled channels) get zero
     weights, outputs without one keep their fresh weights. A norm copies its per-channel values.
     """
+    if getattr(new, "transposed", False):
+        growth.note(path, "a transposed conv: drawn fresh")
+        return
     if isinstance(new, _LAYERS):
         _transplant_layer(new, old, out_map, in_map, growth)
     elif isinstance(new, _NORMS):
