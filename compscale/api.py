@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,7 +70,7 @@ def scale(
     rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
     init: str = "fresh",
     noise: float = 0.0,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> nn.Module:
     """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
 
@@ -110,7 +111,9 @@ def scale(
             measured output difference (relative to the output's largest value).
         noise: with ``init="preserve"``, the std of noise added to the incoming weights of copied channels,
             relative to each layer's weight std (Net2Net's symmetry breaking; 0 keeps the function exact).
-        seed: with ``init="preserve"``, seeds which channels the new ones copy (and the noise).
+        seed: seeds every random draw of this call (which channels the new ones copy, the noise, the weights of
+            new layers), without touching torch's global generator; by default ``init="preserve"`` uses 0 (the same
+            model grows the same way every time) and ``init="fresh"`` draws from the global generator.
 
     Raises:
         TypeError, ValueError: a bad multiplier, or a ``model`` that is not an ``nn.Module``.
@@ -147,6 +150,9 @@ def scale(
         _check_size(model, mult, max_params, planner, dict(
             input_size=input_size, resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
             leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
+        rng = contextlib.ExitStack()
+        if seed is not None or growth is not None:
+            rng.enter_context(_seeded(model, 0 if seed is None else seed))
         work = copy.deepcopy(model)
         kept = {id(p) for p in work.parameters()}
         if growth is not None:
@@ -171,6 +177,7 @@ def scale(
             apply_widths(work, cg, widths, init_rules, growth)
             plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule, tuple(p for p, _ in g.members))
                            for g in cg.groups]
+        rng.close()
         if growth is not None:
             plan.init, plan.init_error = "preserve", output_error(model, work, traced.input_shape, extra_inputs)
         if plan.input_size != base:
@@ -207,7 +214,16 @@ def resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None, input_size: 
     return (1, *shape[1:]), shape[2:], tuple(example_inputs[1:])
 
 
-def _growth(init: str, noise: float, seed: int) -> Growth | None:
+@contextlib.contextmanager
+def _seeded(model: nn.Module, seed: int) -> Iterator[None]:
+    """Draw from torch's generators seeded with ``seed`` (the model's device's too), then restore their states."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _growth(init: str, noise: float, seed: int | None) -> Growth | None:
     """The ``init="preserve"`` state, or ``None`` for ``init="fresh"``; bad arguments raise."""
     if not isinstance(init, str):
         raise TypeError(f"init must be 'fresh' or 'preserve', not {type(init).__name__}")
@@ -217,11 +233,11 @@ def _growth(init: str, noise: float, seed: int) -> Growth | None:
         raise TypeError(f"noise must be a number, not {type(noise).__name__}")
     if not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a finite number >= 0, not {noise}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int, not {type(seed).__name__}")
     if noise and init != "preserve":
         raise ValueError("noise= breaks the symmetry of copied channels: it goes with init='preserve'")
-    return Growth(float(noise), seed) if init == "preserve" else None
+    return Growth(float(noise), 0 if seed is None else seed) if init == "preserve" else None
 
 
 def _warn_inexact(name: str, plan: ScalingPlan, noise: float) -> None:

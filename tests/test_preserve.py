@@ -218,12 +218,18 @@ def test_noise_breaks_the_symmetry_of_copies_and_the_grown_model_trains() -> Non
     assert not copies_equal(noisy) and not copies_equal(train(noisy))
 
 
-def test_seed_chooses_the_copies_deterministically() -> None:
+def test_seed_makes_the_whole_growth_reproducible() -> None:
+    """The copies' sources and the new blocks' weights (drawn, then zeroed where needed) follow seed=, and the
+    global generator is left as it was."""
     base = trained_like(tiny_resnet())
-    a, b = (grow(base, width=1.5, input_size=32, seed=s) for s in (0, 0))
-    c = grow(base, width=1.5, input_size=32, seed=1)
-    assert torch.equal(a[0].weight, b[0].weight)
-    assert not torch.equal(a[0].weight, c[0].weight)
+    state = torch.random.get_rng_state()
+    a, b = (grow(base, phi=1, input_size=32, seed=s) for s in (5, 5))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    c = grow(base, phi=1, input_size=32, seed=1)
+    assert not all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+    fresh = [compscale.scale(base, phi=1, input_size=32, seed=3) for _ in range(2)]  # fresh weights, seeded
+    assert all(torch.equal(p, q) for p, q in zip(fresh[0].state_dict().values(), fresh[1].state_dict().values()))
 
 
 def test_grown_frozen_layers_stay_frozen_and_new_blocks_train() -> None:
