@@ -132,7 +132,7 @@ def scale(
         raise ValueError("init='preserve' grows the model's weights, and this model's are on the meta device "
                          "(shapes only): give it its weights, or use init='fresh'")
     input_shape, input_size, extra_inputs = resolve_inputs(example_inputs, input_size)
-    with channel_rules(rules):
+    with channel_rules(rules), contextlib.ExitStack() as rng:  # rng: seeded draws, restored even on error
         planner: Planner | None = None
         if target_macs is not None:
             if extra_inputs:
@@ -150,7 +150,6 @@ def scale(
         _check_size(model, mult, max_params, planner, dict(
             input_size=input_size, resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
             leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
-        rng = contextlib.ExitStack()
         if seed is not None or growth is not None:
             rng.enter_context(_seeded(model, 0 if seed is None else seed))
         work = copy.deepcopy(model)
@@ -319,7 +318,7 @@ def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
         raise no_stage_error(type(work).__name__, table)
     work, added = deepen(work, traced, table, counts, rules, growth) if d != 1.0 else (work, {})
     if any(s.grows and counts[s.index] != len(s.blocks) for s in table):  # dense blocks feed more channels on
-        before = dict(work.named_modules())
+        before = dict(work.named_modules()) if growth is not None else {}
         changed = adapt_inputs(work, traced, traced.input_shape, rules, warn=False,
                                keep_ratio=transition_ratios(traced, table))
         if growth is not None:  # the new dense layers' channels are cancelled where the old layers read them

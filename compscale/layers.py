@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["channels", "init_like", "memory_format", "resize"]
+__all__ = ["STANDARD_TENSORS", "channels", "init_like", "memory_format", "resize"]
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -108,14 +108,15 @@ def _resize_extras(new: nn.Module, old_out: int, out_ch: int) -> None:
     if old_out == out_ch:
         return
     for name, p in list(new._parameters.items()):
-        if name not in _STANDARD and p is not None and p.dim() and p.shape[0] == old_out:
+        if name not in STANDARD_TENSORS and p is not None and p.dim() and p.shape[0] == old_out:
             new._parameters[name] = nn.Parameter(init_like(p, (out_ch, *p.shape[1:])), p.requires_grad)
     for name, b in list(new._buffers.items()):
-        if name not in _STANDARD and b is not None and b.dim() and b.shape[0] == old_out:
+        if name not in STANDARD_TENSORS and b is not None and b.dim() and b.shape[0] == old_out:
             new._buffers[name] = init_like(b, (out_ch, *b.shape[1:]))
 
 
-_STANDARD = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+STANDARD_TENSORS = frozenset(  # the tensors resize() gives new shapes itself
+    {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 
 
 def _replace_param(module: nn.Module, name: str, shape: Sequence[int]) -> None:

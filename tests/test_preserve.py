@@ -280,3 +280,11 @@ def test_preserve_needs_weights() -> None:
         model = tiny_resnet()
     with pytest.raises(ValueError, match="meta device"):
         compscale.scale(model, width=1.5, input_size=32, init="preserve")
+
+
+def test_a_failing_seeded_call_leaves_the_global_generator_as_it_was() -> None:
+    model = tiny_resnet()
+    state = torch.random.get_rng_state()
+    with pytest.raises(compscale.CompscaleError, match="names no conv"):
+        compscale.scale(model, width=1.5, input_size=32, seed=3, fixed=["no.such.layer"])
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph
-from compscale.layers import channels
+from compscale.layers import STANDARD_TENSORS, channels
 from compscale.trace.tracer import eval_mode
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-_STANDARD = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 
 
 @dataclasses.dataclass
@@ -431,7 +430,7 @@ def _transplant_extras(new: nn.Module, old: nn.Module, m: torch.Tensor, rows: to
     """Per-output-channel tensors a subclass adds (a ``gain``) copy their sources too."""
     for name, t in [*new._parameters.items(), *new._buffers.items()]:
         t_old = getattr(old, name, None)
-        if name in _STANDARD or t is None or not isinstance(t_old, torch.Tensor) or not t.dim():
+        if name in STANDARD_TENSORS or t is None or not isinstance(t_old, torch.Tensor) or not t.dim():
             continue
         if t.shape[0] == len(m) and t_old.shape[1:] == t.shape[1:]:
             with torch.no_grad():
