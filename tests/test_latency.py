@@ -1,0 +1,118 @@
+"""compscale.verify.latency: a measured time per call, the model left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compscale.verify.latency import Latency, latency
+
+FAST = {"min_run_time": 0.05, "warmup": 1, "threads": 1}  # the machine is shared: one thread times steadily
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Conv2d(8, 8, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+class Recorder(nn.Module):
+    """Records the batch shape, train flag and grad mode of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(5, 4, 3)
+        self.calls: list[tuple[tuple[int, ...], bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((tuple(x.shape), self.training, torch.is_grad_enabled()))
+        return self.conv(x)
+
+
+def test_measures_a_positive_time_with_its_spread() -> None:
+    lat = latency(tiny_net(), 32, **FAST)
+    assert lat.median > 0 and lat.iqr >= 0 and len(lat.times) >= 1
+    assert all(t > 0 for t in lat.times)
+    assert lat.input_size == (32, 32) and lat.device == "cpu" and lat.threads == 1 and not lat.compiled
+    assert "±" in str(lat) and "IQR" in str(lat) and "on cpu, 1 thread" in str(lat)
+
+
+def test_batch_size_and_channels_reach_the_forward() -> None:
+    model = Recorder()  # its first conv takes 5 channels: read off the model
+    lat = latency(model, (12, 20), batch_size=3, **FAST)
+    assert lat.batch_size == 3 and lat.per_sample == pytest.approx(lat.median / 3)
+    assert {shape for shape, _, _ in model.calls} == {(3, 5, 12, 20)}
+
+
+def test_runs_in_eval_mode_without_grad_and_restores_training() -> None:
+    model = Recorder().train()
+    model.conv.eval()  # a submodule's own flag is restored too
+    latency(model, 8, **FAST)
+    assert {(training, grad) for _, training, grad in model.calls} == {(False, False)}
+    assert model.training and not model.conv.training
+
+
+def test_leaves_weights_and_buffers_unchanged() -> None:
+    model = tiny_net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    latency(model, 16, **FAST)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_example_inputs_give_the_shape_with_the_batch_replaced() -> None:
+    model = Recorder()
+    lat = latency(model, batch_size=2, example_inputs=[torch.zeros(7, 5, 9, 11)], **FAST)
+    assert lat.input_size == (9, 11)
+    assert {shape for shape, _, _ in model.calls} == {(2, 5, 9, 11)}
+
+
+def test_runs_in_the_models_dtype() -> None:
+    model = tiny_net().double()
+    lat = latency(model, 16, **FAST)
+    assert lat.median > 0
+
+
+def test_str_picks_a_readable_unit() -> None:
+    lat = Latency(0.0123, 0.0004, (0.012, 0.0123, 0.0125), 1, (224, 224), "cpu", False, 2)
+    assert str(lat) == "12.3 ms ± 0.4 ms (IQR, 3 runs), batch 1 at 224x224 on cpu, 2 threads"
+    assert lat.spread == pytest.approx(0.0004 / 0.0123)
+    fast = Latency(4.5e-5, 1e-6, (4.5e-5,), 8, (32, 32), "cuda:0", True, 1)
+    assert str(fast) == "45 µs ± 1 µs (IQR, 1 runs), batch 8 at 32x32 on cuda:0, 1 thread, compiled"
+    assert fast.per_sample == pytest.approx(4.5e-5 / 8)
+
+
+def test_a_meta_model_cannot_be_timed() -> None:
+    with torch.device("meta"):
+        model = tiny_net()
+    with pytest.raises(ValueError, match=r"meta device.*cannot be timed"):
+        latency(model, 16, **FAST)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"batch_size": 0}, ValueError, "batch_size must be at least 1"),
+    ({"batch_size": 2.0}, TypeError, "batch_size must be an int"),
+    ({"min_run_time": 0}, ValueError, "min_run_time must be .* above 0"),
+    ({"warmup": -1}, ValueError, "warmup must be 0 or more"),
+    ({"threads": 0}, ValueError, "threads must be at least 1"),
+])
+def test_bad_arguments_raise(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        latency(tiny_net(), 16, **kwargs)  # type: ignore[arg-type]
+
+
+def test_not_a_module_raises() -> None:
+    with pytest.raises(TypeError, match=r"takes an nn\.Module"):
+        latency("resnet18")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_compiled_model_is_timed_and_the_model_left_alone() -> None:
+    model = tiny_net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lat = latency(model, 16, compile=True, **FAST)
+    assert lat.compiled and lat.median > 0 and str(lat).endswith(", compiled")
+    assert model.training and type(model) is nn.Sequential
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
