@@ -21,7 +21,6 @@ from torch import nn
 
 from compscale.errors import CompscaleError
 from compscale.models import load_model
-from compscale.planning.rounding import make_divisible
 
 __all__ = ["load", "load_model", "save", "scale_options"]
 
@@ -34,19 +33,8 @@ def scale_options(scaled: nn.Module) -> dict[str, Any]:
     if plan is None:
         raise CompscaleError(f"{type(scaled).__name__} carries no `scaling` plan", "save a model from compscale.scale.")
     m = plan.multipliers
-    opts = plan.options
-    custom = [name for name in ("round_width", "leaf_modules", "autowrap_functions", "rules")
-              if opts.get(name) not in (None, (), make_divisible)]
-    if callable(opts.get("stages")):
-        custom.append("stages")
-    if custom:
-        raise CompscaleError(
-            f"{type(scaled).__name__} was scaled with {', '.join(custom)}=, which a checkpoint cannot record",
-            "save scaled.state_dict() and rebuild with compscale.scale(...) and the same arguments.",
-        )
-    return {"depth": m.depth, "width": m.width, "resolution": m.resolution, "input_size": list(plan.base_input_size),
-            "resolution_divisor": opts.get("resolution_divisor", 8), "fixed": opts.get("fixed", []),
-            "stages": opts.get("stages"), "init": plan.init}
+    options = plan.options.checkpoint(type(scaled).__name__)
+    return {"depth": m.depth, "width": m.width, "resolution": m.resolution, **options, "init": plan.init}
 
 
 def save(scaled: nn.Module, path: str | os.PathLike[str], model: str, **extra: Any) -> None:

@@ -1,9 +1,10 @@
-"""Cost of a planned network, without building it: MACs and parameters from channel widths and sizes.
+"""Cost of a planned network, without building it: MACs, parameters and activations from channel widths and sizes.
 
 The planner traces one *probe* network on the meta device (no weights): the model with one extra block
 per stage, so that every block a plan may add has a representative. A plan then costs, per conv/linear
 layer, ``out * in / groups * kernel * H_out * W_out`` MACs (what ``FlopCounterMode`` counts for conv and
-matmul, halved), each layer of a stage's extra block counted ``blocks_after - blocks_before`` times.
+matmul, halved) and ``out * H_out * W_out`` activations for a conv (pycls's count, what
+:func:`compscale.profile` counts), each layer of a stage's extra block counted ``blocks_after - blocks_before`` times.
 Output sizes at a new input size come from conv arithmetic over the graph (checked against fx's shape
 propagation at the base size); a graph with an op this arithmetic does not know falls back to fx's
 shape propagation at every size.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -24,9 +26,17 @@ from compscale.analyse.ops import BINARY
 from compscale.analyse.rules import get_function_rule, get_module_rule
 from compscale.trace import Traced
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "Costs"]
 
 Spatial = tuple[int, ...]
+
+
+class Costs(NamedTuple):
+    """What one input through the network costs: multiply-adds, parameters, conv output elements."""
+
+    macs: int
+    params: int
+    acts: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,26 +82,27 @@ class CostModel:
         probe = self.traced.retrace(self.traced.root, (*self.traced.input_shape[:2], *input_size))
         return _recorded_spatial(probe, self.channel_dims, _attr_nodes(probe))
 
-    def cost(self, widths: Mapping[int, int], extra: Mapping[int, int], input_size: Sequence[int]) -> tuple[int, int]:
-        """``(macs, params)`` with ``widths`` per group of the probe and ``extra[s]`` blocks added per stage."""
+    def cost(self, widths: Mapping[int, int], extra: Mapping[int, int], input_size: Sequence[int]) -> Costs:
+        """The costs with ``widths`` per group of the probe and ``extra[s]`` blocks added per stage."""
         sizes = self.spatial(input_size)
-        macs = params = 0
+        macs = params = acts = 0
         for layer in self.layers:
             k = self.multiplicity(layer.path, extra)
             if k == 0:
                 continue
-            m, p = _layer_cost(layer, widths, sizes, self._base_sizes)
-            macs, params = macs + k * m, params + k * p
-        return macs, params
+            m, p, a = _layer_cost(layer, widths, sizes, self._base_sizes)
+            macs, params, acts = macs + k * m, params + k * p, acts + k * a
+        return Costs(macs, params, acts)
 
 
 def _layer_cost(layer: _Layer, widths: Mapping[int, int], sizes: Mapping[str, Spatial],
-                base_sizes: Mapping[str, Spatial]) -> tuple[int, int]:
+                base_sizes: Mapping[str, Spatial]) -> tuple[int, int, int]:
+    """``(macs, params, acts)`` of one layer."""
     if layer.kind == "other":
-        return 0, layer.fixed_params
+        return 0, layer.fixed_params, 0
     out = widths[layer.output] if layer.output is not None else 0
     if layer.kind == "norm":
-        return 0, out * layer.norm_params_per_channel
+        return 0, out * layer.norm_params_per_channel, 0
     fan_in = sum(widths[g] * f for g, f in layer.inputs)
     if layer.flatten_src is not None:  # a flatten head: its features follow the flattened map's size
         fan_in = fan_in * math.prod(sizes[layer.flatten_src]) // math.prod(base_sizes[layer.flatten_src])
@@ -101,7 +112,8 @@ def _layer_cost(layer: _Layer, widths: Mapping[int, int], sizes: Mapping[str, Sp
         groups = layer.groups
     weights = out * (fan_in // groups) * layer.kernel
     positions = math.prod(sizes.get(layer.node, ()))  # a linear over a channels-last map runs at every position
-    return weights * positions, weights + (out if layer.bias else 0)
+    acts = out * positions if layer.kind == "conv" else 0
+    return weights * positions, weights + (out if layer.bias else 0), acts
 
 
 def _inventory(traced: Traced, cg: ChannelGraph) -> list[_Layer]:

@@ -7,12 +7,11 @@ beta, gamma or phi.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 from compscale.planning.rounding import round_resolution
+from compscale.planning.strategy import Compound, StrategyLike, check_multiplier, get_strategy
 
 __all__ = ["GroupPlan", "Multipliers", "ScalingPlan", "StagePlan", "as_hw", "as_size", "format_size", "plan_input_size",
            "resolve_multipliers"]
@@ -26,6 +25,7 @@ class Multipliers:
     width: float
     resolution: float
     phi: float | None = None
+    strategy: str | None = None  # the rule that turned phi into the multipliers (``None``: none did)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +58,14 @@ class ScalingPlan:
     input_size: tuple[int, ...]
     stages: list[StagePlan] = dataclasses.field(default_factory=list)
     groups: list[GroupPlan] = dataclasses.field(default_factory=list)
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # scale()'s other arguments, for rebuilding
-    macs: int | None = None  # estimated by the planner (compscale.plan); None on a scaled model
+    options: Any = None  # the ScaleOptions it was planned or built with (compscale.planning.options)
+    macs: int | None = None  # counted by the planner (compscale.plan); None on a scaled model
     params: int | None = None
+    acts: int | None = None  # conv output elements for one input (pycls's "activations")
     base_macs: int | None = None
     base_params: int | None = None
+    base_acts: int | None = None
+    latency: float | None = None  # seconds per call, when a latency target measured it
     init: str = "fresh"  # how resized layers and new blocks were initialised: "fresh" or "preserve"
     init_error: float | None = None  # init="preserve": measured output difference / the output's largest value
     inexact: dict[str, str] = dataclasses.field(default_factory=dict)  # init="preserve": what is not exact, why
@@ -80,7 +83,8 @@ class ScalingPlan:
         return self.multipliers.resolution
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The plan as plain data (without its options, which hold functions and types)."""
+        return dataclasses.asdict(dataclasses.replace(self, options=None))
 
     def eval_transform(self, crop_ratio: float = 0.875) -> Any:
         """The evaluation transform for :attr:`input_size` (``torchvision.transforms.v2``, ImageNet preset)."""
@@ -96,7 +100,8 @@ class ScalingPlan:
 
     def __str__(self) -> str:
         m = self.multipliers
-        phi = f"phi={m.phi:g}: " if m.phi is not None else ""
+        rule = f" ({m.strategy})" if m.strategy not in (None, "compound") else ""
+        phi = f"phi={m.phi:g}{rule}: " if m.phi is not None else ""
         lines = [
             f"{phi}depth x{m.depth:.4g}, width x{m.width:.4g}, resolution x{m.resolution:.4g}",
             f"input size {format_size(self.base_input_size)} -> {format_size(self.input_size)}",
@@ -109,6 +114,9 @@ class ScalingPlan:
             lines.append(f"MACs {self.base_macs / 1e9:.3f} G -> {self.macs / 1e9:.3f} G "
                          f"(x{self.macs / self.base_macs:.2f}), params {self.base_params / 1e6:.2f} M -> "
                          f"{self.params / 1e6:.2f} M (x{self.params / self.base_params:.2f})")
+        if self.acts is not None and self.base_acts:
+            lines.append(f"activations {self.base_acts / 1e6:.2f} M -> {self.acts / 1e6:.2f} M "
+                         f"(x{self.acts / self.base_acts:.2f})")
         if self.stages:
             lines.append(_table(
                 ("stage", "blocks", "in -> out ch (base)", "stride"),
@@ -143,53 +151,31 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in all_rows)
 
 
-def _check_multiplier(name: str, value: Any, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
-
-
-def _power(name: str, base: float, phi: float) -> float:
-    """``base ** phi``, refused when it overflows to infinity or underflows to zero."""
-    try:
-        value = base**phi
-    except OverflowError:
-        value = math.inf
-    if not math.isfinite(value) or value <= 0 or value < 1e-12:
-        raise ValueError(f"phi={phi:g} takes {name} to {base:g}**{phi:g} = {value:g}, which no network can have; "
-                         f"give a phi between about -20 and 20")
-    return value
-
-
 def resolve_multipliers(
     phi: float | None,
-    alpha: float,
-    beta: float,
-    gamma: float,
-    depth: float | None,
-    width: float | None,
-    resolution: float | None,
+    alpha: float = 1.2,
+    beta: float = 1.1,
+    gamma: float = 1.15,
+    depth: float | None = None,
+    width: float | None = None,
+    resolution: float | None = None,
+    strategy: StrategyLike | None = None,
 ) -> Multipliers:
-    """``d = alpha**phi``, ``w = beta**phi``, ``r = gamma**phi``; explicit ``depth``/``width``/``resolution`` win.
+    """The multipliers ``strategy`` gives for ``phi`` (compound by default: ``d = alpha**phi``, ``w = beta**phi``,
+    ``r = gamma**phi``); explicit ``depth``/``width``/``resolution`` win. ``alpha``/``beta``/``gamma`` are the
+    compound rule's (a strategy given by name or object carries its own).
 
     Raises:
         TypeError: a multiplier that is not a real number.
         ValueError: a multiplier that is zero, negative, NaN or infinite.
     """
-    a, b, g = (_check_multiplier(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)))
-    p = None if phi is None else _check_multiplier("phi", phi, positive=False)
-
-    def pick(name: str, explicit: float | None, base: float) -> float:
-        if explicit is not None:
-            return _check_multiplier(name, explicit)
-        return _power(name, base, p) if p is not None else 1.0
-
-    return Multipliers(pick("depth", depth, a), pick("width", width, b), pick("resolution", resolution, g), p)
+    rule = Compound(alpha, beta, gamma) if strategy is None or strategy == "compound" else get_strategy(strategy)
+    p = None if phi is None else check_multiplier("phi", phi, positive=False)
+    derived = rule.multipliers(p) if p is not None else (1.0, 1.0, 1.0)
+    explicit = (depth, width, resolution)
+    d, w, r = (check_multiplier(name, e) if e is not None else v
+               for name, e, v in zip(("depth", "width", "resolution"), explicit, derived))
+    return Multipliers(d, w, r, p, rule.name if p is not None and None in explicit else None)
 
 
 def as_hw(size: int | Sequence[int]) -> tuple[int, int]:

@@ -14,32 +14,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, analyse_channels
-from compscale.analyse.rules import ChannelRules, as_rules, channel_rules
-from compscale.analyse.stages import StageFilter, StageTable, find_stages
-from compscale.errors import NoStageError
-from compscale.planning.cost import CostModel
+from compscale.analyse.rules import channel_rules
+from compscale.analyse.stages import StageTable, find_stages
+from compscale.errors import NoStageError, WidthError
+from compscale.planning.cost import CostModel, Costs
 from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
+from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import (
     GroupPlan,
     Multipliers,
     ScalingPlan,
     StagePlan,
-    as_size,
     plan_input_size,
     resolve_multipliers,
 )
-from compscale.planning.policy import Derivation, RoundFn, default_independent, derive, resolve_widths
-from compscale.planning.rounding import make_divisible
+from compscale.planning.policy import Derivation, default_independent, derive, resolve_widths
+from compscale.planning.strategy import StrategyLike
 from compscale.trace import trace
 from compscale.trace.tracer import Traced, check_module, meta_copy
 
-__all__ = ["Planner", "derive_widths", "meta_copy", "no_stage_error", "plan"]
+__all__ = [
+    "METRICS",
+    "Metric",
+    "Planner",
+    "derive_widths",
+    "fixed_widths",
+    "meta_copy",
+    "no_stage_error",
+    "pick_target",
+    "plan",
+    "plan_widths",
+    "strategy_of",
+]
+
+Metric = Literal["macs", "params", "acts", "latency"] | Callable[[ScalingPlan], float]
+METRICS = ("macs", "params", "acts", "latency")
 
 
 @dataclasses.dataclass
@@ -61,40 +76,37 @@ class Planner:
     per combination of dense-stage depths a plan asks for (cached; about a second each for DenseNet-121).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        input_size: int | Sequence[int] = 224,
-        resolution_divisor: int = 8,
-        round_width: RoundFn = make_divisible,
-        stages: StageFilter | None = None,
-        leaf_modules: Iterable[type[nn.Module]] = (),
-        autowrap_functions: Iterable[Callable[..., Any]] = (),
-        rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, options: ScaleOptions | None = None, **kwargs: Any) -> None:
+        """Analyse ``model`` with ``options`` (or :meth:`ScaleOptions.make`'s keyword arguments: ``input_size``,
+        ``example_inputs``, ``resolution_divisor``, ``round_width``, ``stages``, ``fixed``, ``leaf_modules``,
+        ``autowrap_functions``, ``rules``)."""
         check_module(model, "plan")
-        self.rules = as_rules(rules)
-        with channel_rules(self.rules):
-            self._analyse(model, input_size, resolution_divisor, round_width, stages, leaf_modules, autowrap_functions)
+        if options is not None and kwargs:
+            raise TypeError(f"give Planner either options= or keyword arguments, not both ({', '.join(kwargs)})")
+        self.options = options if options is not None else ScaleOptions.make(**kwargs)
+        self.model = model  # never modified: measured metrics build from it
+        with channel_rules(self.options.rules):
+            self._analyse(model)
 
-    def _analyse(self, model: nn.Module, input_size: int | Sequence[int], resolution_divisor: int,
-                 round_width: RoundFn, stages: StageFilter | None, leaf_modules: Iterable[type[nn.Module]],
-                 autowrap_functions: Iterable[Callable[..., Any]]) -> None:
+    @property
+    def rules(self) -> Any:
+        return self.options.rules
+
+    def _analyse(self, model: nn.Module) -> None:
+        opts = self.options
         self.model_name = type(model).__name__
-        self.base_size = as_size(input_size)
-        self.resolution_divisor = resolution_divisor
-        self.round_width = round_width
+        self.base_size = opts.input_size
         self._model = meta_copy(model)
-        self._base = trace(meta_copy(self._model), input_size=self.base_size, leaf_modules=leaf_modules,
-                           autowrap_functions=autowrap_functions)
-        self.table: StageTable = find_stages(self._base, stages)
+        self._base = trace(meta_copy(self._model), opts.input_shape, input_size=self.base_size,
+                           leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions,
+                           extra_inputs=opts.extra_inputs)
+        self.table: StageTable = find_stages(self._base, opts.stages)
         self.dense_costs = dense_costs(self._base, self.table)
         self._probes: dict[tuple[int, ...], _Probe] = {}
         probe = self._probe(self._dense_counts({s.index: len(s.blocks) for s in self.table}))
         self.traced, self.cg, self.derivations, self.cost = probe.traced, probe.cg, probe.derivations, probe.cost
-        base_widths = {g.id: g.base for g in self.cg.groups}
-        self.base_macs, self.base_params = self.cost.cost(base_widths, {}, self.base_size)
+        self.base_costs: Costs = self.cost.cost({g.id: g.base for g in self.cg.groups}, {}, self.base_size)
+        self.base_macs, self.base_params, self.base_acts = self.base_costs
 
     def _dense_counts(self, counts: Mapping[int, int]) -> tuple[int, ...]:
         return tuple(counts[s.index] for s in self.table if s.grows)
@@ -126,69 +138,123 @@ class Planner:
         return self._probes[dense]
 
     def plan(self, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
-             depth: float | None = None, width: float | None = None,
-             resolution: float | None = None) -> ScalingPlan:
-        """The plan (and its estimated MACs and params) for these multipliers; see :func:`compscale.scale`."""
-        return self.plan_for(resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution))
+             depth: float | None = None, width: float | None = None, resolution: float | None = None,
+             strategy: StrategyLike | None = None) -> ScalingPlan:
+        """The plan (and its MACs, params and activations) for these multipliers; see :func:`compscale.scale`."""
+        return self.plan_for(resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy))
 
-    def solve(self, target_macs: float, vary: str = "phi", *, alpha: float = 1.2, beta: float = 1.1,
-              gamma: float = 1.15, depth: float | None = None, width: float | None = None,
-              resolution: float | None = None) -> ScalingPlan:
-        """The plan whose MACs come closest to ``target_macs``, varying phi or one multiplier.
+    def solve(self, target: float, metric: Metric = "macs", *, strategy: StrategyLike | None = None,
+              vary: str = "phi", alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
+              depth: float | None = None, width: float | None = None, resolution: float | None = None,
+              **measure: Any) -> ScalingPlan:
+        """The plan whose ``metric`` comes closest to ``target``, searching phi along ``strategy``.
 
-        ``vary="phi"`` searches phi (explicit ``depth``/``width``/``resolution`` stay fixed); ``vary="width"``
-        (or ``"depth"``, ``"resolution"``) searches that multiplier with the others fixed (1 unless given).
-        MACs are step functions of the multipliers (``ceil``, rounding to 8), so the answer is the closest
-        step; check ``plan.macs`` against the target.
+        ``metric`` is ``"macs"``, ``"params"``, ``"acts"`` (counted on the plan, no weights built), ``"latency"``
+        (seconds per call, measured: :func:`compscale.pipeline.solve_latency`, ``measure`` goes to
+        :func:`compscale.verify.latency.latency`), or any ``metric(plan) -> float`` that grows with phi (a latency
+        table). Explicit ``depth``/``width``/``resolution`` stay fixed while phi moves the others. ``vary="width"``
+        (or ``"depth"``, ``"resolution"``) is ``strategy="width"``: that multiplier alone, the others as given or 1.
+        Costs are step functions of the multipliers (``ceil``, rounding to 8), so the answer is the closest step;
+        check the plan's figure against the target.
 
         Example: width-only at the cost of compound phi=1::
 
-            planner.solve(planner.plan(1).macs, vary="width")
+            planner.solve(planner.plan(1).macs, strategy="width")
         """
-        if vary not in _DIMENSIONS:
-            raise ValueError(f"vary must be one of {_DIMENSIONS}, got {vary!r}")
-        if not (isinstance(target_macs, (int, float)) and math.isfinite(target_macs) and target_macs > 0):
-            raise ValueError(f"target_macs must be a positive number, got {target_macs!r}")
-        fixed = {"depth": depth, "width": width, "resolution": resolution}
+        strategy = strategy_of(vary, strategy)
+        if metric == "latency":
+            from compscale.pipeline import solve_latency  # builds and times candidates
 
-        def plan_at(x: float) -> ScalingPlan:
-            if vary == "phi":
-                return self.plan(x, alpha=alpha, beta=beta, gamma=gamma, **fixed)
-            return self.plan(**{**{k: v if v is not None else 1.0 for k, v in fixed.items()}, vary: x})
+            return solve_latency(self, target, strategy=strategy, alpha=alpha, beta=beta, gamma=gamma, depth=depth,
+                                 width=width, resolution=resolution, **measure)
+        if measure:
+            raise TypeError(f"solve() got {', '.join(measure)}: only metric='latency' takes measuring options")
+        value = metric_of(metric)
+        if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+            raise ValueError(f"the target {metric if isinstance(metric, str) else 'metric'} must be a positive "
+                             f"number, got {target!r}")
 
-        def cost(x: float) -> float:
-            macs = plan_at(x).macs
-            assert macs is not None
-            return float(macs)
+        def plan_at(phi: float) -> ScalingPlan:
+            return self.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
+                             resolution=resolution, strategy=strategy)
 
-        lo, hi = (-1.0, 1.0) if vary == "phi" else (0.5, 2.0)
-        while cost(hi) < target_macs and hi < 1e3:
-            hi = hi * 2 if vary != "phi" else hi + 2
-        while cost(lo) > target_macs and (lo > 1e-3 if vary != "phi" else lo > -20):
-            lo = lo / 2 if vary != "phi" else lo - 2
-        return plan_at(_bisect(cost, target_macs, lo, hi, log=vary != "phi"))
+        return plan_at(search_phi(lambda phi: value(plan_at(phi)), target))
 
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
         if mult.depth != 1.0 and not len(self.table):
             raise no_stage_error(self.model_name, self.table)
         counts = stage_counts(self.table, mult.depth, self.dense_costs)
         probe = self._probe(self._dense_counts(counts))
-        if mult.width == 1.0:
-            widths = {g.id: g.base for g in probe.cg.groups}
-        else:
-            independent = default_independent(mult.width, self.round_width)
-            widths = resolve_widths(probe.cg, independent, derivations=probe.derivations)
-        size = plan_input_size(self.base_size, mult.resolution, self.resolution_divisor)
+        widths = plan_widths(probe.cg, probe.derivations, mult.width, self.options)
+        size = plan_input_size(self.base_size, mult.resolution, self.options.resolution_divisor)
         extra = {s.index: counts[s.index] - len(s.blocks) for s in self.table if not s.grows}
-        macs, params = probe.cost.cost(widths, extra, size)
+        costs = probe.cost.cost(widths, extra, size)
         return ScalingPlan(
             mult, self.base_size, size,
             stages=[StagePlan(s.name, len(s.blocks), counts[s.index], s.in_channels, s.out_channels, s.stride)
                     for s in self.table],
             groups=[GroupPlan(g.id, g.base, widths[g.id], probe.derivations[g.id].rule,
                               tuple(p for p, _ in g.members)) for g in probe.cg.groups],
-            macs=macs, params=params, base_macs=self.base_macs, base_params=self.base_params,
+            options=self.options, macs=costs.macs, params=costs.params, acts=costs.acts, base_macs=self.base_macs,
+            base_params=self.base_params, base_acts=self.base_acts,
         )
+
+
+def metric_of(metric: Metric) -> Callable[[ScalingPlan], float]:
+    """A plan's figure for ``metric``: a counted one by name, or the given function."""
+    if callable(metric):
+        return metric
+    if metric not in ("macs", "params", "acts"):
+        raise ValueError(f"metric must be one of {METRICS} or a function of the plan, got {metric!r}")
+
+    def value(plan: ScalingPlan) -> float:
+        figure = getattr(plan, metric)
+        assert figure is not None  # the planner counts every plan
+        return float(figure)
+
+    return value
+
+
+def strategy_of(vary: str, strategy: StrategyLike | None) -> StrategyLike | None:
+    """``vary`` (the older spelling of a single-dimension strategy) and ``strategy``, as one strategy."""
+    if vary not in _DIMENSIONS:
+        raise ValueError(f"vary must be one of {_DIMENSIONS}, got {vary!r}")
+    if vary == "phi":
+        return strategy
+    if strategy not in (None, "compound", vary):
+        raise ValueError(f"vary={vary!r} is strategy={vary!r}; give one of them, not strategy={strategy!r} too")
+    return vary
+
+
+def search_phi(cost: Callable[[float], float], target: float) -> float:
+    """The phi whose (monotone, stepwise) ``cost`` comes closest to ``target``: bracket, then bisect."""
+    lo, hi = -1.0, 1.0
+    while cost(hi) < target and hi < 40:
+        hi += 2
+    while cost(lo) > target and lo > -40:
+        lo -= 2
+    return _bisect(cost, target, lo, hi)
+
+
+def plan_widths(cg: ChannelGraph, derivations: Mapping[int, Derivation], width: float,
+                options: ScaleOptions) -> dict[int, int]:
+    """The new width of every channel group at width multiplier ``width``: the step ``scale`` and the planner share."""
+    seeds = fixed_widths(cg, options.fixed)
+    if width == 1.0 and not seeds:
+        return {g.id: g.base for g in cg.groups}
+    return resolve_widths(cg, default_independent(width, options.round_width), derivations=derivations, seeds=seeds)
+
+
+def fixed_widths(cg: ChannelGraph, fixed: tuple[str, ...] | list[str]) -> dict[int, int]:
+    """Seeds that keep the output group of each layer in ``fixed`` at its width."""
+    seeds = {}
+    for path in fixed:
+        if path not in cg.layers and path not in cg.norms and path not in cg.depthwise:
+            raise WidthError(f"fixed={path!r} names no conv, linear or norm layer of the model",
+                             "give module paths as in model.named_modules(), e.g. 'layer4.2.conv3'.")
+        g = cg.group_of(path)
+        seeds[g.id] = g.base
+    return seeds
 
 
 _DIMENSIONS = ("phi", "depth", "width", "resolution")
@@ -225,11 +291,11 @@ def no_stage_error(name: str, table: StageTable) -> NoStageError:
     )
 
 
-def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float, log: bool) -> float:
+def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float) -> float:
     """The argument in [lo, hi] whose (monotone, stepwise) cost is closest to ``target``."""
     best = min((lo, hi), key=lambda x: abs(cost(x) / target - 1))
     for _ in range(40):
-        mid = math.sqrt(lo * hi) if log else (lo + hi) / 2
+        mid = (lo + hi) / 2
         c = cost(mid)
         if abs(c / target - 1) < abs(cost(best) / target - 1):
             best = mid
@@ -242,16 +308,30 @@ def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float,
 
 def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
          depth: float | None = None, width: float | None = None, resolution: float | None = None,
-         target_macs: float | None = None, vary: str = "phi", **options: Any) -> ScalingPlan:
-    """What ``compscale.scale`` would build, with its MACs and params, allocating no weight.
+         strategy: StrategyLike | None = None, target_macs: float | None = None, target_acts: float | None = None,
+         target_latency: float | None = None, vary: str = "phi", **options: Any) -> ScalingPlan:
+    """What ``compscale.scale`` would build, with its MACs, params and activations, allocating no weight.
 
-    With ``target_macs``, ``vary`` (phi or one multiplier) is searched to land on it (:meth:`Planner.solve`).
-    ``options`` are :class:`Planner`'s (``input_size``, ``round_width``, ``stages``, ``leaf_modules``...).
+    With ``target_macs`` (or ``target_acts``, ``target_latency``), phi is searched along ``strategy`` to land on it
+    (:meth:`Planner.solve`). ``options`` are :class:`~compscale.planning.options.ScaleOptions`'s (``input_size``,
+    ``round_width``, ``stages``, ``fixed``...).
     """
     planner = Planner(model, **options)
-    if target_macs is not None:
+    target = pick_target(target_macs, target_acts, target_latency)
+    if target is not None:
         if phi is not None:
-            raise ValueError("target_macs searches phi (or one multiplier): give no phi with it")
-        return planner.solve(target_macs, vary, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
-                             resolution=resolution)
-    return planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width, resolution=resolution)
+            raise ValueError(f"target_{target[0]} searches phi: give no phi with it")
+        return planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta, gamma=gamma,
+                             depth=depth, width=width, resolution=resolution)
+    strategy = strategy_of(vary, strategy)
+    return planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width, resolution=resolution,
+                        strategy=strategy)
+
+
+def pick_target(macs: float | None, acts: float | None, latency: float | None,
+                ) -> tuple[Literal["macs", "acts", "latency"], float] | None:
+    """The one target given, as ``(metric, value)``; two of them raise."""
+    given = [(name, v) for name, v in (("macs", macs), ("acts", acts), ("latency", latency)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one target, not {' and '.join('target_' + n for n, _ in given)}")
+    return given[0] if given else None  # type: ignore[return-value]

@@ -49,19 +49,48 @@ def _looks_uniform(w: torch.Tensor) -> bool:
     return kurtosis < 2.4  # uniform: 1.8, normal: 3.0
 
 
+def _most_look_uniform(weights: list[torch.Tensor]) -> bool:
+    """Whether more than half of ``weights`` look uniform; the smallest are looked at first, and the vote stops
+    once it is decided (a ResNet's largest convs hold most of its weights, and kurtosis takes a pass over each)."""
+    needed = len(weights) // 2 + 1
+    yes = no = 0
+    for w in sorted(weights, key=lambda w: w.numel()):
+        if _looks_uniform(w):
+            yes += 1
+        else:
+            no += 1
+        if yes >= needed or no > len(weights) - needed:
+            break
+    return yes >= needed
+
+
 class InitRules:
-    """Per layer type, the law the model's constructor drew weights from."""
+    """Per layer type, the law the model's constructor drew weights from.
+
+    Each type's law is fitted when first asked for (a deepened ResNet never asks for its classifier's), from the
+    weights ``model`` holds then: compscale asks within the call that made the rules, while the model is unchanged.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        samples: dict[type, list[torch.Tensor]] = {}
+        self._samples: dict[type, list[torch.Tensor]] = {}
         for m in model.modules():
             w = getattr(m, "weight", None)
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(w, torch.Tensor) and w.numel() > 1:
-                samples.setdefault(_kind(m), []).append(w.detach())
-        self.laws = {kind: _fit(ws) for kind, ws in samples.items()}
+                self._samples.setdefault(_kind(m), []).append(w.detach())
+        self._laws: dict[type, _Law | None] = {}
+
+    @property
+    def laws(self) -> dict[type, _Law | None]:
+        """Every layer type's law (fitting those not asked for yet)."""
+        return {kind: self._law(kind) for kind in self._samples}
 
     def law_for(self, module: nn.Module) -> _Law | None:
-        return self.laws.get(_kind(module))
+        return self._law(_kind(module))
+
+    def _law(self, kind: type) -> _Law | None:
+        if kind not in self._laws:
+            self._laws[kind] = _fit(self._samples[kind]) if kind in self._samples else None
+        return self._laws[kind]
 
 
 def _kind(m: nn.Module) -> type:
@@ -78,7 +107,7 @@ def _fit(weights: list[torch.Tensor]) -> _Law | None:
             stats.append((std, *_fans(w)))
     if not stats:
         return None
-    uniform = sum(_looks_uniform(w) for w in weights) * 2 > len(weights)
+    uniform = _most_look_uniform(weights)
     if len(stats) == 1:
         std, fan_in, _ = stats[0]
         default_std = fan_in ** -0.5 / math.sqrt(3)  # PyTorch's kaiming_uniform_(a=sqrt(5))

@@ -46,6 +46,7 @@ from compscale.trace.tracer import (
     Traced,
     as_meta,
     eval_mode,
+    graph_module,
     input_channels_of,
     propagate_shapes,
 )
@@ -482,7 +483,7 @@ def trace_concrete(
                     where += f", inside submodule {path!r} ({getattr(mtype, '__name__', mtype)}.forward)"
             raise TraceError(f"torch.fx cannot trace {where}: {type(e).__name__}: {e}", TRACE_HINT) from e
     tracer.annotate(graph)
-    gm = fx.GraphModule(model, graph, class_name=name)
+    gm = graph_module(model, graph, name)
     gm.meta["output_spec"] = tracer.output_spec
     gm.meta["fake_failures"] = dict(tracer.failures)
     traced = Traced(model, gm, shape, leaf_modules, autowrap_functions, as_meta(extra_inputs))

@@ -247,12 +247,25 @@ def trace(
             return trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
                                   leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                                   extra_inputs=extra_inputs)
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm = graph_module(model, graph, type(model).__name__)
     shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), *input_size)
     traced = Traced(model, gm, shape, leaf_modules, autowrap_functions, as_meta(extra_inputs))
     if shapes:
         propagate_shapes(traced)
     return traced
+
+
+def graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)`` that generates its Python code when first called or printed.
+
+    compscale reads a trace's graph and calls none of its code, whose generation (and ``compile``) takes a fifth
+    of a trace; torch's ``_LazyGraphModule`` defers it (a plain ``GraphModule`` where torch has none).
+    """
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return fx.GraphModule(root, graph, class_name=class_name)
+    return _LazyGraphModule(root, graph, class_name=class_name)
 
 
 def as_meta(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -300,13 +313,37 @@ def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
 
 
 def meta_copy(model: nn.Module) -> Any:
-    """A deep copy of ``model`` whose parameters and buffers live on the meta device (no memory, no data copy)."""
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device (no memory, no data copy).
+
+    A tree of torch's own layers (a conv, a norm: what shape propagation copies, once per leaf and per trace) is
+    copied as shells that share the layers' other attributes, which their forwards only read: a deep copy of
+    each attribute costs ten times more than running the layer on meta tensors.
+    """
     memo: dict[int, Any] = {}
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
+    if all(type(m).__module__.startswith(_TORCH_LAYERS) for m in model.modules()):
+        return _shell_copy(model, memo)
     return copy.deepcopy(model, memo)
+
+
+_TORCH_LAYERS = "torch.nn.modules."
+
+
+def _shell_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """A copy of ``module`` whose parameters, buffers and children are ``memo``'s (children copied alike), sharing
+    every other attribute with ``module``; a module met twice is copied once, as ``copy.deepcopy`` does."""
+    if id(module) in memo:
+        return memo[id(module)]
+    new = type(module).__new__(type(module))
+    memo[id(module)] = new
+    new.__dict__.update(module.__dict__)
+    new.__dict__["_parameters"] = {k: None if p is None else memo[id(p)] for k, p in module._parameters.items()}
+    new.__dict__["_buffers"] = {k: None if b is None else memo[id(b)] for k, b in module._buffers.items()}
+    new.__dict__["_modules"] = {k: None if m is None else _shell_copy(m, memo) for k, m in module._modules.items()}
+    return new
 
 
 class _ShapeProp(ShapeProp):
@@ -351,7 +388,7 @@ class _ShapeProp(ShapeProp):
             self.mismatched[str(target)] = (fed, out)
             return resize(meta_copy(real), fed, out)(*args, **kwargs)
         if isinstance(real, SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs:
-            return torch.empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
+            return empty_like(x)  # norms and activations keep their input's shape (meta batch_norm is slow)
         try:
             return self._on_meta(str(target))(*args, **kwargs)
         except (NotImplementedError, RuntimeError):
@@ -364,6 +401,20 @@ class _ShapeProp(ShapeProp):
                     (args, kwargs))
                 out = real(*real_args, **real_kwargs)
             return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, out)
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)``, the same tensor, without the Python meta kernel it runs for a meta ``x``.
+
+    ``empty_like`` gives a dense ``x``'s strides to its result: on meta, its decomposition spends a hundred
+    times longer finding that out than ``empty_strided`` takes to make the tensor.
+    """
+    dense = x.layout == torch.strided and x.numel() > 0 and (
+        x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+    if x.device.type != "meta" or not dense:
+        return torch.empty_like(x)
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
 
 
 def _fed_mismatch(module: nn.Module, x: Any) -> int | None:

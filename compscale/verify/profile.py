@@ -1,6 +1,8 @@
 """Cost of a model, counted by torch's own ``FlopCounterMode`` on fake or meta tensors.
 
-MACs are FLOPs / 2 (the EfficientNet paper's unit: ResNet-50 at 224 is 4.09 GMACs). No real
+MACs are FLOPs / 2 (the EfficientNet paper's unit: ResNet-50 at 224 is 4.09 GMACs). Activations are the
+output elements of every convolution the forward runs (pycls's count, Dollar et al. 2021: ResNet-50 at 224 has
+11.1 M), read off the same forward by a dispatch mode that watches ``aten.convolution``. No real
 forward runs and no activation memory is allocated; a model built on the meta device is profiled
 without ever allocating its weights. Only a model whose forward branches on tensor values (which fake
 tensors cannot run) is counted on a real forward of one all-zero image.
@@ -8,14 +10,15 @@ tensors cannot run) is counted on a real forward of one all-zero image.
 Example:
     >>> from torchvision.models import resnet50
     >>> p = profile(resnet50(), (224, 224))
-    >>> round(p.macs / 1e9, 2), p.params
-    (4.09, 25557032)
+    >>> round(p.macs / 1e9, 2), p.params, p.acts
+    (4.09, 25557032, 11113984)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,24 +27,42 @@ from torch._subclasses.fake_tensor import (
     DynamicOutputShapeException,
     FakeTensorMode,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from compscale.planning.plan import as_size, format_size
 from compscale.trace.tracer import check_module, eval_mode, input_channels_of
 
-__all__ = ["Profile", "profile"]
+__all__ = ["ConvActivations", "Profile", "profile"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """``macs`` (multiply-adds of one image), ``params`` (unique parameters) at ``input_size``."""
+    """``macs`` (multiply-adds of one image), ``params`` (unique parameters) and ``acts`` (conv output elements)
+    at ``input_size``."""
 
     macs: int
     params: int
     input_size: tuple[int, ...]
+    acts: int = 0
 
     def __str__(self) -> str:
-        return f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.3f} GMACs at {format_size(self.input_size)}"
+        return (f"{self.params / 1e6:.2f} M params, {self.macs / 1e9:.3f} GMACs, {self.acts / 1e6:.2f} M activations "
+                f"at {format_size(self.input_size)}")
+
+
+class ConvActivations(TorchDispatchMode):
+    """Counts the output elements of every ``aten.convolution`` dispatched under it (functional convs included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default:
+            self.total += out.numel()
+        return out
 
 
 def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_channels: int | None = None, *,
@@ -71,17 +92,18 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
         first = make((1, channels, *size), device=device, dtype=dtype)
         return [first, *(make(tuple(shape), device=device, dtype=dt) for shape, dt in shapes)]
 
-    counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.no_grad(), counter:
+    counter, acts = FlopCounterMode(display=False), ConvActivations()
+    with eval_mode(model), torch.no_grad():
         if on_meta:
-            model(*inputs(torch.empty))
+            with counter, acts:
+                model(*inputs(torch.empty))
         else:
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True):
+                with counter, acts, FakeTensorMode(allow_non_fake_inputs=True):
                     model(*inputs(torch.empty))
             except (DataDependentOutputException, DynamicOutputShapeException):
                 # a forward that branches on values cannot run on fake tensors: count a real one, on zeros
-                counter = FlopCounterMode(display=False)
-                with counter:
+                counter, acts = FlopCounterMode(display=False), ConvActivations()
+                with counter, acts:
                     model(*inputs(torch.zeros))
-    return Profile(counter.get_total_flops() // 2, params, tuple(size))
+    return Profile(counter.get_total_flops() // 2, params, tuple(size), acts.total)

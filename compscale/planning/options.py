@@ -1,0 +1,108 @@
+"""How a model is scaled, besides the multipliers: one object shared by ``scale``, ``plan``, ``Planner``, the CLI
+and checkpoints.
+
+Example:
+    >>> opts = ScaleOptions.make(input_size=160, stages=["layer3"])
+    >>> opts.input_size, opts.stages
+    ((160, 160), ('layer3',))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from compscale.analyse.rules import ChannelRules, as_rules
+from compscale.analyse.stages import StageFilter
+from compscale.errors import CompscaleError, TraceError
+from compscale.planning.plan import as_size
+from compscale.planning.policy import RoundFn
+from compscale.planning.rounding import make_divisible
+
+__all__ = ["ScaleOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleOptions:
+    """Everything but the multipliers that decides the scaled network (see :func:`compscale.scale` for each).
+
+    ``input_shape`` is the first input's full shape ``(1, C, *spatial)`` when ``example_inputs`` gave it, and
+    ``extra_inputs`` the forward's further tensors.
+    """
+
+    input_size: tuple[int, ...] = (224, 224)
+    input_shape: tuple[int, ...] | None = None
+    extra_inputs: tuple[torch.Tensor, ...] = ()
+    resolution_divisor: int = 8
+    round_width: RoundFn = make_divisible
+    stages: StageFilter | None = None
+    fixed: tuple[str, ...] = ()
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    rules: ChannelRules | None = None
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        input_size: int | Sequence[int] | None = None,
+        example_inputs: tuple[torch.Tensor, ...] | None = None,
+        resolution_divisor: int = 8,
+        round_width: RoundFn = make_divisible,
+        stages: StageFilter | None = None,
+        fixed: Sequence[str] = (),
+        leaf_modules: Iterable[type[nn.Module]] = (),
+        autowrap_functions: Iterable[Callable[..., Any]] = (),
+        rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
+    ) -> ScaleOptions:
+        """The options from :func:`compscale.scale`'s keyword arguments, checked."""
+        shape, size, extra = _resolve_inputs(example_inputs, input_size)
+        if isinstance(resolution_divisor, bool) or not isinstance(resolution_divisor, int) or resolution_divisor < 1:
+            raise ValueError(f"resolution_divisor must be an int >= 1, got {resolution_divisor!r}")
+        if isinstance(fixed, str):
+            fixed = [fixed]
+        return cls(as_size(size, len(shape) - 2 if shape else 2), shape, extra, resolution_divisor, round_width,
+                   stages if stages is None or callable(stages) else tuple(stages), tuple(fixed),
+                   tuple(leaf_modules), tuple(autowrap_functions), as_rules(rules))
+
+    def replace(self, **changes: Any) -> ScaleOptions:
+        return dataclasses.replace(self, **changes)
+
+    def checkpoint(self, name: str = "the model") -> dict[str, Any]:
+        """The options a checkpoint records (plain data), or :class:`CompscaleError` for those it cannot."""
+        custom = [name for name in ("round_width", "leaf_modules", "autowrap_functions", "rules", "extra_inputs")
+                  if getattr(self, name) not in (None, (), make_divisible)]
+        if callable(self.stages):
+            custom.append("stages")
+        if custom:
+            raise CompscaleError(
+                f"{name} was scaled with {', '.join(custom)}=, which a checkpoint cannot record",
+                "save scaled.state_dict() and rebuild with compscale.scale(...) and the same arguments.",
+            )
+        return {"input_size": list(self.input_size), "resolution_divisor": self.resolution_divisor,
+                "fixed": list(self.fixed),
+                "stages": None if self.stages is None or callable(self.stages) else list(self.stages)}
+
+
+def _resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None, input_size: int | Sequence[int] | None,
+                    ) -> tuple[tuple[int, ...] | None, int | Sequence[int], tuple[torch.Tensor, ...]]:
+    """The first input's full shape (when ``example_inputs`` give it), the spatial size to scale from, and the
+    other inputs (which keep their shapes)."""
+    if example_inputs is None:
+        return None, 224 if input_size is None else input_size, ()
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError(f"example_inputs must be a tuple of tensors, as torch.export takes them; got "
+                        f"{type(example_inputs).__name__}")
+    shape = tuple(example_inputs[0].shape)
+    if len(shape) < 3:
+        raise TraceError(f"the example input has shape {shape}: compscale needs (N, C, *spatial)",
+                         "give an input with a batch, a channel and at least one spatial dim.")
+    if input_size is not None and as_size(input_size, len(shape) - 2) != shape[2:]:
+        raise ValueError(f"input_size={input_size!r} disagrees with the example input's shape {shape}; give one")
+    return (1, *shape[1:]), shape[2:], tuple(example_inputs[1:])
