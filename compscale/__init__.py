@@ -32,9 +32,13 @@ if TYPE_CHECKING:
     from compscale.analyse.rules import ChannelRules, channel_rules, register_channel_rule, unregister_channel_rule
     from compscale.api import scale
     from compscale.grid import SearchResult, search
+    from compscale.planning.options import ScaleOptions
     from compscale.planning.plan import ScalingPlan
     from compscale.planning.planner import Planner, plan
+    from compscale.planning.strategy import Compound, Shares, Strategy, fast
     from compscale.registry import register_drop_path
+    from compscale.verify.latency import Latency, latency
+    from compscale.verify.plot import plot_costs
     from compscale.verify.profile import Profile, profile
 
 __version__ = "0.1.0"
@@ -54,24 +58,40 @@ _LAZY = {
     "search": "compscale.grid",
     "Profile": "compscale.verify.profile",
     "profile": "compscale.verify.profile",
+    "Latency": "compscale.verify.latency",
+    "latency": "compscale.verify.latency",
+    "plot_costs": "compscale.verify.plot",
+    "ScaleOptions": "compscale.planning.options",
+    "Strategy": "compscale.planning.strategy",
+    "Compound": "compscale.planning.strategy",
+    "Shares": "compscale.planning.strategy",
+    "fast": "compscale.planning.strategy",
 }
 
 __all__ = [
     "ChannelRules",
+    "Compound",
     "CompscaleError",
+    "Latency",
     "NoStageError",
     "Planner",
     "Profile",
     "ResolutionError",
     "RewriteError",
+    "ScaleOptions",
     "ScalingPlan",
     "SearchResult",
+    "Shares",
+    "Strategy",
     "TooLargeError",
     "TraceError",
     "UnsupportedOpError",
     "WidthError",
     "channel_rules",
+    "fast",
+    "latency",
     "plan",
+    "plot_costs",
     "profile",
     "register_channel_rule",
     "register_drop_path",

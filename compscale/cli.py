@@ -37,8 +37,11 @@ examples:
   compscale scale resnet50 --phi -1                # a negative phi scales down
   compscale scale mobilenet_v2 --width 1.4         # one dimension only (== mobilenet_v2(width_mult=1.4))
   compscale scale resnet50 --target-macs 8.2G      # the phi that lands on a MACs budget
+  compscale scale resnet50 --target-macs 16G --strategy fast   # width-dominant: fewer activations, faster
+  compscale scale resnet50 --target-latency 40ms   # planned on activations, confirmed by timing candidates
   compscale scale mynets:tiny --depth 2 --json     # your own constructor, JSON for scripts
   compscale table resnet50 --phi 0:8               # cost per phi, no weights built
+  compscale table resnet50 --phi 0:4 --strategy compound,fast --latency --plot costs.png
   compscale stages resnet50                        # the stages compscale would deepen
   compscale models resnet                          # the model names it knows
 """
@@ -68,6 +71,28 @@ def _macs(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"not a positive MACs count (like 8.2G, 600M or 8.2e9): {text!r}")
     return value
+
+
+def _seconds(text: str) -> float:
+    """``40ms``, ``0.04s``, ``800us`` or ``0.04`` (seconds)."""
+    units = (("ms", 1e-3), ("us", 1e-6), ("µs", 1e-6), ("s", 1.0))
+    factor = next((f for u, f in units if text.endswith(u)), 1.0)
+    unit = next((u for u, _ in units if text.endswith(u)), "")
+    try:
+        value = float(text[: len(text) - len(unit)]) * factor
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"not a positive time (like 40ms, 0.04s or 800us): {text!r}")
+    return value
+
+
+def _strategies(text: str) -> list[str]:
+    """Comma-separated strategy names (compound, fast, depth, width, resolution, or pycls strings like d1_w8_r1)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no strategy in {text!r} (like compound,fast)")
+    return names
 
 
 def _phi_range(text: str) -> list[float]:
@@ -124,9 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=_number, default=None, help="resolution multiplier (overrides phi's)")
     s.add_argument("--target-macs", type=_macs, default=None, metavar="MACS",
                    help="scale to about this many MACs (e.g. 8.2G, 600M); searches phi, or --vary one multiplier")
+    s.add_argument("--target-acts", type=_macs, default=None, metavar="ACTS",
+                   help="scale to about this many activations (conv output elements, e.g. 30M)")
+    s.add_argument("--target-latency", type=_seconds, default=None, metavar="TIME",
+                   help="scale to about this latency per image on this machine (e.g. 40ms): planned on activations, "
+                        "confirmed by building and timing a few candidates")
+    s.add_argument("--strategy", default="compound",
+                   help="how phi becomes depth/width/resolution: compound (default), fast (Dollar et al.'s "
+                        "width-dominant dWr), depth, width, resolution, or a pycls string like d1_w8_r1")
     s.add_argument("--vary", choices=("phi", "depth", "width", "resolution"), default=None,
                    help="with --target-macs: what to search (default phi; depth, width or resolution search that "
-                        "multiplier alone, the others as given or 1)")
+                        "multiplier alone, the others as given or 1; the same as --strategy depth etc.)")
     s.add_argument("--fixed", type=_paths, default=[], metavar="PATHS",
                    help="comma-separated layers whose output width must not change (e.g. fc,layer4.2.conv3)")
     s.add_argument("--init", choices=("fresh", "preserve"), default="fresh",
@@ -140,6 +173,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("model", help=_MODEL_HELP)
     t.add_argument("--phi", type=_phi_range, default=_phi_range("0:8"),
                    help="START:STOP[:STEP] or a comma list, e.g. 0:8 (default), 0:4:0.5, -2,-1,0")
+    t.add_argument("--strategy", type=_strategies, default=["compound"], metavar="NAMES",
+                   help="comma-separated strategies, one row per phi each: compound (default), fast, depth, width, "
+                        "resolution, or pycls strings like d1_w8_r1 (phi ~ log2 of the MACs factor for all)")
+    t.add_argument("--latency", action="store_true",
+                   help="also build each network (fresh weights) and time it on this machine: median and IQR")
+    t.add_argument("--batch-size", type=int, default=1, help="with --latency: images per timed call (default 1)")
+    t.add_argument("--plot", default=None, metavar="PNG",
+                   help="draw MACs, params, activations (and latency) against phi, one line per strategy "
+                        "(needs matplotlib: pip install 'compscale[recipes]')")
     _add_common(t)
     st = sub.add_parser("stages", help="print the stages compscale finds in a model", formatter_class=fmt,
                         epilog="example:\n  compscale stages mobilenet_v2\n")
@@ -301,14 +343,19 @@ def _check_save_path(path: str) -> None:
 def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments for ``compscale.scale``, checked before the model is built."""
     from compscale.planning.plan import resolve_multipliers
+    from compscale.planning.strategy import get_strategy
 
     given = {k: getattr(args, k) for k in ("depth", "width", "resolution") if getattr(args, k) is not None}
-    if args.phi is None and args.target_macs is None and not given:
+    targets = [f"--target-{n}" for n in ("macs", "acts", "latency") if getattr(args, f"target_{n}") is not None]
+    if args.phi is None and not targets and not given:
         raise UsageError("nothing to scale: give --phi, --target-macs and/or --depth/--width/--resolution")
-    if args.target_macs is not None and args.phi is not None:
-        raise UsageError("--target-macs searches phi: give no --phi with it (or --vary one multiplier)")
-    if args.vary is not None and args.target_macs is None:
+    if len(targets) > 1:
+        raise UsageError(f"give one target, not {' and '.join(targets)}")
+    if targets and args.phi is not None:
+        raise UsageError(f"{targets[0]} searches phi: give no --phi with it (or --vary one multiplier)")
+    if args.vary is not None and not targets:
         raise UsageError("--vary chooses what --target-macs searches: give --target-macs with it")
+    get_strategy(args.strategy)
     if args.save:
         _check_save_path(args.save)
     resolve_multipliers(args.phi, args.alpha, args.beta, args.gamma, args.depth, args.width, args.resolution)
@@ -318,8 +365,11 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["stages"] = args.stages
     if args.fixed:
         kwargs["fixed"] = args.fixed
-    if args.target_macs is not None:
-        kwargs.update(target_macs=args.target_macs, vary=args.vary or "phi")
+    for name in ("target_macs", "target_acts", "target_latency"):
+        if getattr(args, name) is not None:
+            kwargs.update({name: getattr(args, name), "vary": args.vary or "phi"})
+    if args.strategy != "compound":
+        kwargs["strategy"] = args.strategy
     if args.init != "fresh":
         kwargs["init"] = args.init
     return kwargs
@@ -345,6 +395,11 @@ def _scale(args: argparse.Namespace, progress: Progress) -> int:
             save(scaled, args.save, model=args.model)
         saved = os.path.abspath(args.save)
     report = _report(args.model, plan, before, after, args.target_macs, saved)
+    if args.target_acts is not None:
+        report.update(target_acts=int(args.target_acts), target_miss=round(after.acts / args.target_acts - 1, 4))
+    if args.target_latency is not None:
+        report.update(target_latency=args.target_latency, latency=plan.latency,
+                      target_miss=round((plan.latency or 0) / args.target_latency - 1, 4))
     print(json.dumps(report) if args.json else _human(args.model, plan, before, after, report))
     return 0
 
@@ -360,14 +415,18 @@ def _report(name: str, plan: ScalingPlan, before: Profile, after: Profile, targe
     report: dict[str, Any] = {
         "model": name,
         "phi": _num(m.phi),
+        "strategy": m.strategy,
         "depth": _num(m.depth),
         "width": _num(m.width),
         "resolution": _num(m.resolution),
         "input_size": list(after.input_size),
         "params": after.params,
         "macs": after.macs,
-        "base": {"input_size": list(before.input_size), "params": before.params, "macs": before.macs},
+        "acts": after.acts,
+        "base": {"input_size": list(before.input_size), "params": before.params, "macs": before.macs,
+                 "acts": before.acts},
         "macs_ratio": round(after.macs / before.macs, 4) if before.macs else None,
+        "acts_ratio": round(after.acts / before.acts, 4) if before.acts else None,
         "stages": [{"name": s.name, "blocks": [s.blocks_before, s.blocks_after]} for s in plan.stages],
         "groups_changed": sum(g.before != g.after for g in plan.groups),
     }
@@ -392,9 +451,16 @@ def _human(name: str, plan: ScalingPlan, before: Profile, after: Profile, report
         f"(x{after.params / max(1, before.params):.2f})",
         f"MACs   {before.macs / 1e9:.3f} G -> {after.macs / 1e9:.3f} G (x{ratio:.2f}; "
         f"d*w^2*r^2 = x{ideal:.2f})",
+        f"activations {before.acts / 1e6:.2f} M -> {after.acts / 1e6:.2f} M (x{after.acts / max(1, before.acts):.2f})",
     ]
     if "target_macs" in report:
         lines.append(f"target {report['target_macs'] / 1e9:.3f} G MACs: got {after.macs / 1e9:.3f} G "
+                     f"({report['target_miss'] * 100:+.1f}%)")
+    if "target_acts" in report:
+        lines.append(f"target {report['target_acts'] / 1e6:.2f} M activations: got {after.acts / 1e6:.2f} M "
+                     f"({report['target_miss'] * 100:+.1f}%)")
+    if "target_latency" in report:
+        lines.append(f"target {report['target_latency'] * 1e3:.3g} ms: measured {(plan.latency or 0) * 1e3:.3g} ms "
                      f"({report['target_miss'] * 100:+.1f}%)")
     if "saved" in report:
         lines.append(f"saved to {report['saved']} ({os.path.getsize(report['saved']) / 1e6:.1f} MB); "
@@ -403,6 +469,13 @@ def _human(name: str, plan: ScalingPlan, before: Profile, after: Profile, report
 
 
 def _table(args: argparse.Namespace, progress: Progress) -> int:
+    from compscale.planning.strategy import get_strategy
+
+    strategies = [get_strategy(name) for name in args.strategy]  # a bad name fails before the model is built
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.plot:
+        _check_save_path(args.plot)
     model = _load(args.model, progress)
     from compscale.planning.planner import Planner
 
@@ -410,23 +483,64 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
         planner = Planner(model, input_size=args.input_size, stages=args.stages)
     factor = args.alpha * args.beta**2 * args.gamma**2
     rows = []
-    with progress.step(f"planning {len(args.phi)} phi"):
-        for phi in args.phi:
-            p = planner.plan(phi, alpha=args.alpha, beta=args.beta, gamma=args.gamma)
-            assert p.macs is not None and p.params is not None
-            rows.append({"phi": phi, "depth": _num(p.depth), "width": _num(p.width),
-                         "resolution": _num(p.resolution), "input_size": list(p.input_size), "params": p.params,
-                         "macs": p.macs, "macs_ratio": round(p.macs / planner.base_macs, 4),
-                         "ideal_ratio": round(factor**phi, 4)})
+    with progress.step(f"planning {len(args.phi)} phi x {len(strategies)} strategies"):
+        for name, strategy in zip(args.strategy, strategies):
+            for phi in args.phi:
+                rows.append(_table_row(planner, name, strategy, phi, args, factor))
+    if args.latency:
+        _time_rows(planner, rows, args.batch_size, progress)
+    for r in rows:
+        del r["multipliers"]  # for the timing only: JSON has them as depth, width, resolution
+    if args.plot:
+        from compscale.verify.plot import plot_costs
+
+        with progress.step(f"plotting {args.plot}"):
+            plot_costs([{**r, "latency": (r.get("latency") or {}).get("median")} for r in rows], args.plot,
+                       title=f"{args.model}: cost against phi")
     if args.json:
-        print(json.dumps({"model": args.model, "base": {"macs": planner.base_macs, "params": planner.base_params},
-                          "rows": rows}))
+        print(json.dumps({"model": args.model, "base": {"macs": planner.base_macs, "params": planner.base_params,
+                                                         "acts": planner.base_acts}, "rows": rows,
+                          **({"plot": os.path.abspath(args.plot)} if args.plot else {})}))
         return 0
     print(f"{args.model}: alpha={args.alpha:g} beta={args.beta:g} gamma={args.gamma:g} "
-          f"(alpha*beta^2*gamma^2 = {factor:.3f})")
-    print(f"{'phi':>5} {'depth':>6} {'width':>6} {'input':>7} {'params (M)':>11} {'GMACs':>9} {'x base':>7} "
-          f"{'ideal':>7}")
+          f"(alpha*beta^2*gamma^2 = {factor:.3f}); ideal = the strategy's MACs factor")
+    timed = " latency (ms, median ± IQR)" if args.latency else ""
+    print(f"{'strategy':<10} {'phi':>5} {'depth':>6} {'width':>6} {'input':>6} {'params (M)':>11} {'GMACs':>9} "
+          f"{'x base':>7} {'ideal':>7} {'acts (M)':>9} {'x base':>7}{timed}")
     for r in rows:
-        print(f"{r['phi']:>5g} {r['depth']:>6.3f} {r['width']:>6.3f} {r['input_size'][0]:>7} "
-              f"{r['params'] / 1e6:>11.2f} {r['macs'] / 1e9:>9.3f} {r['macs_ratio']:>7.2f} {r['ideal_ratio']:>7.2f}")
+        lat = r.get("latency")
+        print(f"{r['strategy']:<10} {r['phi']:>5g} {r['depth']:>6.3f} {r['width']:>6.3f} {r['input_size'][0]:>6} "
+              f"{r['params'] / 1e6:>11.2f} {r['macs'] / 1e9:>9.3f} {r['macs_ratio']:>7.2f} {r['ideal_ratio']:>7.2f} "
+              f"{r['acts'] / 1e6:>9.2f} {r['acts_ratio']:>7.2f}"
+              + (f" {lat['median'] * 1e3:>9.2f} ± {lat['iqr'] * 1e3:.2f}" if lat else ""))
+    if args.plot:
+        print(f"plot: {os.path.abspath(args.plot)}")
     return 0
+
+
+def _table_row(planner: Any, name: str, strategy: Any, phi: float, args: argparse.Namespace,
+               factor: float) -> dict[str, Any]:
+    """One row of ``compscale table``: the plan of ``strategy`` at ``phi``, with its costs."""
+    if name == "compound":
+        p = planner.plan(phi, alpha=args.alpha, beta=args.beta, gamma=args.gamma)
+        ideal = factor**phi
+    else:
+        p = planner.plan(phi, strategy=strategy)
+        ideal = p.depth * p.width**2 * p.resolution**2
+    return {"strategy": name, "phi": phi, "depth": _num(p.depth), "width": _num(p.width),
+            "resolution": _num(p.resolution), "input_size": list(p.input_size), "params": p.params, "macs": p.macs,
+            "acts": p.acts, "macs_ratio": round(p.macs / planner.base_macs, 4),
+            "acts_ratio": round(p.acts / planner.base_acts, 4), "ideal_ratio": round(ideal, 4),
+            "multipliers": p.multipliers}
+
+
+def _time_rows(planner: Any, rows: list[dict[str, Any]], batch_size: int, progress: Progress) -> None:
+    """Build each row's network (fresh weights) and time it: ``row["latency"] = {median, iqr, runs}``."""
+    from compscale.pipeline import build
+    from compscale.verify.latency import latency
+
+    for r in rows:
+        with progress.step(f"timing {r['strategy']} phi={r['phi']:g}"):
+            net = build(planner.model, r["multipliers"], planner.options)
+            t = latency(net, tuple(r["input_size"]), batch_size=batch_size)
+        r["latency"] = {"median": t.median, "iqr": t.iqr, "runs": len(t.times), "batch_size": batch_size}

@@ -57,7 +57,8 @@ def test_convnext_tiny_phi_1_runs_at_256_and_plan_equals_profile() -> None:
     ratio = compscale.profile(scaled, 256).macs / compscale.profile(model, 224).macs
     assert 0.8 * 1.92 <= ratio <= 1.5 * 1.92, ratio  # 1.99
     plan = compscale.plan(model, phi=1)
-    assert (plan.macs, plan.params) == (compscale.profile(scaled, 256).macs, compscale.profile(scaled, 256).params)
+    prof = compscale.profile(scaled, 256)
+    assert (plan.macs, plan.params, plan.acts) == (prof.macs, prof.params, prof.acts)
     with torch.no_grad():
         assert scaled.eval()(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
 
@@ -143,7 +144,7 @@ def test_original_convnext_compound_cost_and_plan() -> None:
     after, before = compscale.profile(scaled, 72), compscale.profile(model, 64)
     assert 0.8 * 1.92 <= after.macs / before.macs <= 1.5 * 1.92, after.macs / before.macs
     plan = compscale.plan(model, phi=1, input_size=64)
-    assert (plan.macs, plan.params) == (after.macs, after.params)
+    assert (plan.macs, plan.params, plan.acts) == (after.macs, after.params, after.acts)
 
 
 class _ChannelMix(nn.Module):

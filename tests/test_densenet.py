@@ -81,9 +81,11 @@ def test_phi_1_deepens_widens_and_runs_at_256() -> None:
     scaled = compscale.scale(base, phi=1)
     assert scaled.scaling.input_size == (256, 256)
     assert counts_of(scaled) == (7, 14, 28, 19)
-    macs = compscale.profile(scaled, 256).macs
+    counted = compscale.profile(scaled, 256)
+    macs = counted.macs
     assert 1.7 < macs / compscale.profile(base, 224).macs < 2.1  # alpha * beta^2 * gamma^2 = 1.92
-    assert compscale.plan(base, phi=1).macs == macs
+    planned = compscale.plan(base, phi=1)
+    assert (planned.macs, planned.acts) == (macs, counted.acts)
 
 
 def test_new_layers_are_fresh_copies_and_the_old_ones_keep_their_weights() -> None:

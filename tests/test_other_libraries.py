@@ -33,7 +33,7 @@ def test_b0_scaled_with_bk_multipliers_is_the_librarys_bk(k: int) -> None:
     # TF-"same" paddings computed for 224 at construction follow the new size: the feature maps are the library's
     assert _static_paddings(scaled) == _static_paddings(reference)
     a, b = compscale.profile(scaled, size), compscale.profile(reference, size)
-    assert (a.macs, a.params) == (b.macs, b.params)
+    assert (a.macs, a.params, a.acts) == (b.macs, b.params, b.acts)
 
 
 @pytest.mark.slow  # about 12 s on 2 cores

@@ -43,7 +43,7 @@ def test_plan_predicts_the_scaled_models_cost_exactly(factory, kwargs) -> None: 
     scaled = compscale.scale(model, **kwargs)
     prof = compscale.profile(scaled, scaled.scaling.input_size)
     assert plan.input_size == scaled.scaling.input_size
-    assert (plan.macs, plan.params) == (prof.macs, prof.params)
+    assert (plan.macs, plan.params, plan.acts) == (prof.macs, prof.params, prof.acts)
     assert [(s.blocks_before, s.blocks_after) for s in plan.stages] == [
         (s.blocks_before, s.blocks_after) for s in scaled.scaling.stages]
 
@@ -66,7 +66,7 @@ def test_plan_of_resnet152_phi_8_matches_a_meta_build() -> None:
     scaled = compscale.scale(base, phi=8)
     assert {t.device.type for t in scaled.parameters()} == {"meta"}
     prof = compscale.profile(scaled, plan.input_size)
-    assert (plan.macs, plan.params) == (prof.macs, prof.params)
+    assert (plan.macs, plan.params, plan.acts) == (prof.macs, prof.params, prof.acts)
 
 
 def test_checkpoint_rebuilds_and_reloads(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["InitRules", "reinit"]
+__all__ = ["InitRules", "redrawn", "reinit"]
 
 _LAWS = ("fan_out", "fan_in", "const")
 
@@ -134,7 +134,7 @@ def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | Non
     is drawn by PyTorch's default.
     """
     template = module if template is None else template
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+    if isinstance(module, _NORMS):
         _reinit_norm(module, template)
         return
     if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -162,6 +162,23 @@ def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | Non
     elif law is not None:  # reset_parameters() did not run: PyTorch's default bias law
         bound = _fans(module.weight)[0] ** -0.5
         nn.init.uniform_(bias, -bound, bound)
+
+
+def redrawn(module: nn.Module, rules: InitRules | None) -> list[str]:
+    """The parameters of ``module`` that :func:`reinit` overwrites whatever they hold (a copy to reinitialise
+    need not copy their values): a norm's weight and bias, a conv's or linear's when a law or torch's own
+    ``reset_parameters`` draws them."""
+    names: tuple[str, ...] = ()
+    if isinstance(module, _NORMS):
+        names = ("weight", "bias")
+    elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and (
+            type(module).reset_parameters in _TORCH_RESETS or (rules is not None and rules.law_for(module))):
+        names = ("weight", "bias")
+    return [n for n in names if module._parameters.get(n) is not None]
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_TORCH_RESETS = (nn.modules.conv._ConvNd.reset_parameters, nn.Linear.reset_parameters)
 
 
 def _reinit_norm(module: nn.Module, template: nn.Module) -> None:
