@@ -112,6 +112,10 @@ def test_init_preserve_reports_the_measured_difference(capsys: pytest.CaptureFix
     (["scale", "no.such.module:f", "--phi", "1"], "cannot load 'no.such.module:f'"),
     (["table", "resnet18", "--phi", "8:0"], "empty phi range '8:0'"),
     (["table", "resnet18", "--phi", "0:8:-1"], "not a phi range"),
+    (["table", "resnet18", "--strategy", "slow"], "unknown strategy 'slow'"),
+    (["scale", "resnet18", "--phi", "1", "--strategy", "wd2"], "unknown strategy 'wd2'"),
+    (["scale", "resnet18", "--target-macs", "4G", "--target-acts", "9M"], "give one target"),
+    (["scale", "resnet18", "--target-latency", "fast"], "not a positive time"),
     (["models", "no-such-net-anywhere"], "no model name matches"),
 ])
 def test_errors_are_one_line_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,3 +256,41 @@ def test_python_dash_m_runs_the_same_command() -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip() == "compscale scale: error: argument --depth: not a number: 'zero'"
+
+
+def test_table_compares_strategies_with_activations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "costs.png"
+    code, out, _ = run(["table", "resnet50", "--phi", "0:2", "--strategy", "compound,fast", "--json", "--plot",
+                        str(png)], capsys)
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert [(r["strategy"], r["phi"]) for r in rows] == [(s, p) for s in ("compound", "fast") for p in (0, 1, 2)]
+    assert rows[0]["acts"] == 11_113_984 and rows[0]["acts_ratio"] == 1.0
+    compound, fast = rows[2], rows[5]
+    assert fast["acts_ratio"] < compound["acts_ratio"] and fast["width"] > compound["width"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[2] == 4
+
+
+def test_table_latency_is_measured_and_printed_with_its_spread(mynets: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["table", "mynets:tiny", "--phi", "0,1", "--latency", "--input-size", "32"], capsys)
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("compound")]
+    assert len(lines) == 2 and all(" ± " in line for line in lines)
+    assert "latency (ms, median ± IQR)" in out
+    code, out, _ = run(["table", "mynets:tiny", "--phi", "0", "--latency", "--input-size", "32", "--json"], capsys)
+    lat = json.loads(out)["rows"][0]["latency"]
+    assert lat["median"] > 0 and lat["iqr"] >= 0 and lat["runs"] >= 1
+
+
+def test_scale_with_the_fast_strategy_to_a_target(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["scale", "resnet18", "--target-macs", "7.2G", "--strategy", "fast", "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["strategy"] == "fast" and abs(report["target_miss"]) < 0.03
+    assert report["acts"] > report["base"]["acts"] and report["acts_ratio"] < report["macs_ratio"]
+    code, out, _ = run(["scale", "resnet18", "--target-acts", "5M"], capsys)
+    assert code == 0 and "target 5.00 M activations" in out and "activations 2.48 M ->" in out
