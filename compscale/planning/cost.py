@@ -26,7 +26,7 @@ from compscale.analyse.ops import BINARY
 from compscale.analyse.rules import get_function_rule, get_module_rule
 from compscale.trace import Traced
 
-__all__ = ["CostModel", "Costs"]
+__all__ = ["CostModel", "Costs", "layer_macs"]
 
 Spatial = tuple[int, ...]
 
@@ -95,6 +95,12 @@ class CostModel:
         return Costs(macs, params, acts)
 
 
+def layer_macs(out: int, fan_in: int, groups: int, kernel: int, positions: int) -> int:
+    """Multiply-adds of a conv or linear layer: what ``FlopCounterMode`` counts for it, halved (the one formula the
+    planner uses, here and for the layers of dense stages)."""
+    return out * (fan_in // groups) * kernel * positions
+
+
 def _layer_cost(layer: _Layer, widths: Mapping[int, int], sizes: Mapping[str, Spatial],
                 base_sizes: Mapping[str, Spatial]) -> tuple[int, int, int]:
     """``(macs, params, acts)`` of one layer."""
@@ -110,10 +116,10 @@ def _layer_cost(layer: _Layer, widths: Mapping[int, int], sizes: Mapping[str, Sp
         fan_in, groups = out, out
     else:
         groups = layer.groups
-    weights = out * (fan_in // groups) * layer.kernel
+    weights = layer_macs(out, fan_in, groups, layer.kernel, 1)
     positions = math.prod(sizes.get(layer.node, ()))  # a linear over a channels-last map runs at every position
     acts = out * positions if layer.kind == "conv" else 0
-    return weights * positions, weights + (out if layer.bias else 0), acts
+    return layer_macs(out, fan_in, groups, layer.kernel, positions), weights + (out if layer.bias else 0), acts
 
 
 def _inventory(traced: Traced, cg: ChannelGraph) -> list[_Layer]:

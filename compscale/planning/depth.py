@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from compscale.analyse.stages import Block, StageTable
+from compscale.planning.cost import layer_macs
 from compscale.planning.rounding import dense_repeats, repeats
 from compscale.trace import Traced
 
@@ -79,7 +80,7 @@ def _layer_macs(traced: Traced, node: fx.Node) -> int:
     out = traced.shape(node)
     per_sample = math.prod(out[1:]) if len(out) > 1 else math.prod(out)
     if isinstance(module, nn.modules.conv._ConvNd):
-        return per_sample * module.in_channels // module.groups * math.prod(module.kernel_size)
+        return layer_macs(per_sample, module.in_channels, module.groups, math.prod(module.kernel_size), 1)
     if isinstance(module, nn.Linear):
-        return per_sample * module.in_features
+        return layer_macs(per_sample, module.in_features, 1, 1, 1)
     return 0
