@@ -8,6 +8,8 @@
    the scaled network directly.
 4. ``Planner`` + ``plan`` for resnet152, phi = 0..8 (``compscale table``), with no weight allocated
    (target: <= 2 s).
+5. Equal MACs, different strategies: resnet50 at 4x its MACs by compound and by "fast" scaling (Dollar et al.),
+   activations counted and forward latency measured side by side (batch 8, eval, no_grad).
 Timings are medians of interleaved runs, so that load on this shared machine hits both sides alike.
 """
 
@@ -105,6 +107,24 @@ def bench_table() -> None:
           f"phi=8: {plans[-1].macs / 1e9:.0f} GMACs at {plans[-1].input_size[0]}")
 
 
+def bench_strategies(repeats: int) -> None:
+    print("5. resnet50 at 4x MACs: compound against fast (batch 8, eval, no_grad, interleaved)")
+    base = compscale.profile(resnet50(), 224)
+    nets = {s: compscale.scale(resnet50(), target_macs=4 * base.macs, strategy=s).eval() for s in ("compound", "fast")}
+    inputs = {s: torch.randn(8, 3, *n.scaling.input_size) for s, n in nets.items()}
+    costs = {s: compscale.profile(n, n.scaling.input_size) for s, n in nets.items()}
+    with torch.no_grad():
+        for s, n in nets.items():
+            n(inputs[s])  # warm up
+        t_c, t_f = interleaved(lambda: nets["compound"](inputs["compound"]), lambda: nets["fast"](inputs["fast"]),
+                               repeats)
+    for s, t in (("compound", t_c), ("fast", t_f)):
+        c = costs[s]
+        print(f"   {s:<9} {c.macs / base.macs:5.2f}x MACs  {c.acts / base.acts:5.2f}x acts  "
+              f"input {nets[s].scaling.input_size[0]}  forward {t * 1e3:7.0f} ms")
+    print(f"   fast / compound forward time: {t_f / t_c:5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -115,6 +135,7 @@ def main() -> None:
     bench_forward(args.repeats)
     bench_memory()
     bench_table()
+    bench_strategies(args.repeats)
 
 
 if __name__ == "__main__":
