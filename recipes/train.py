@@ -4,14 +4,20 @@
     torchrun --nproc_per_node=2 recipes/train.py --phi 1    # the same on 2 processes (gloo on CPU, nccl on GPU)
     python recipes/train.py --model resnet18 --data /path/to/imagefolder --input-size 224 --phi 1
 
+``--strategy`` picks how phi (or a ``--target-macs``/``--target-acts`` budget) becomes depth, width and resolution
+(``compscale.scale(strategy=...)``: compound, fast, depth, width, resolution or a pycls type string such as d1_w8_r1).
+``--width-divisor K`` rounds channel counts to multiples of K instead of the library's 8 (finer steps for a tiny
+network, so that arms at equal MACs land closer to each other; such a model cannot be checkpointed).
+
 Checkpoints (``--checkpoint PATH``) carry the scaling plan (``compscale.checkpoint``), the optimizer and
 the step: rerunning the same command resumes, and ``compscale.checkpoint.load(PATH)`` rebuilds the model.
-AMP is used on GPU. Rank 0 prints one JSON line: accuracy, input size, MACs, params, steps.
+AMP is used on GPU. Rank 0 prints one JSON line: accuracy, input size, MACs, params, activations, steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python recip
 
 import compscale
 from compscale.checkpoint import load_model
+from compscale.planning.rounding import make_divisible
 from recipes.data import Shapes, image_folder
 
-__all__ = ["cosine", "evaluate", "fit", "main", "train"]
+__all__ = ["RoundTo", "cosine", "evaluate", "fit", "main", "scale_options", "train"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -40,9 +47,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="recipes.models:tiny_resnet", help="torchvision name or module:callable")
     p.add_argument("--data", default="shapes", help="'shapes' (procedural, no download) or an ImageFolder path")
     p.add_argument("--input-size", type=int, default=32, help="the base model's input size")
-    for name in ("phi", "depth", "width", "resolution", "target_macs"):
+    for name in ("phi", "depth", "width", "resolution", "target_macs", "target_acts"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     p.add_argument("--vary", default="phi")
+    p.add_argument("--strategy", default="compound", help="compscale.scale(strategy=): compound, fast, depth, width, "
+                   "resolution or a pycls type string (d1_w8_r1)")
+    p.add_argument("--width-divisor", type=int, default=8, help="round channel counts to multiples of this "
+                   "(the library's default: 8)")
+    p.add_argument("--resolution-divisor", type=int, default=8, help="the scaled input size is a multiple of this")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
@@ -52,7 +64,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="save here at the end, and resume from it if it exists")
     p.add_argument("--digest", default=None, help="write each rank's weight digest to DIGEST.rank<r>")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.width_divisor < 1 or args.resolution_divisor < 1:
+        p.error("--width-divisor and --resolution-divisor must be at least 1")
+    if args.checkpoint and args.width_divisor != 8:
+        p.error("a checkpoint records the plan, and cannot record --width-divisor (a custom rounding): drop one")
+    return args
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTo:
+    """``round_width`` for ``compscale.scale``: channel counts to multiples of ``multiple`` instead of 8.
+
+    A group that a grouped conv or GroupNorm constrains arrives with another divisor than 8; it keeps that one.
+    """
+
+    multiple: int
+
+    def __call__(self, channels: float, divisor: int) -> int:
+        return make_divisible(channels, self.multiple if divisor == 8 else divisor)
+
+
+def scale_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``compscale.scale``/``compscale.plan`` that the arguments set besides the multipliers."""
+    options: dict[str, Any] = {"input_size": args.input_size, "resolution_divisor": args.resolution_divisor}
+    if args.width_divisor != 8:
+        options["round_width"] = RoundTo(args.width_divisor)
+    return options
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -70,11 +108,12 @@ def build(args: argparse.Namespace) -> nn.Module:
     """The scaled model (or, with --checkpoint present, the saved one)."""
     if args.checkpoint and Path(args.checkpoint).exists():
         return compscale.checkpoint.load(args.checkpoint)
-    kwargs = {k: getattr(args, k) for k in ("depth", "width", "resolution", "target_macs")
+    kwargs = {k: getattr(args, k) for k in ("depth", "width", "resolution", "target_macs", "target_acts")
               if getattr(args, k) is not None}
-    if "target_macs" in kwargs:
+    if "target_macs" in kwargs or "target_acts" in kwargs:
         kwargs["vary"] = args.vary
-    return compscale.scale(load_model(args.model), args.phi, input_size=args.input_size, **kwargs)
+    return compscale.scale(load_model(args.model), args.phi, strategy=args.strategy, **kwargs,
+                           **scale_options(args))
 
 
 def datasets(args: argparse.Namespace, size: int) -> tuple[Dataset[Any], Dataset[Any]]:
@@ -110,8 +149,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     fit(net, _batches(loader, sampler), opt, sched, range(start, args.steps), device,
         progress=not args.quiet and rank == 0)
     summary = {"accuracy": evaluate(model, eval_set, device), "input_size": list(plan.input_size),
-               "macs": cost.macs, "params": cost.params, "steps": args.steps, "world_size": world,
-               "depth": plan.depth, "width": plan.width, "resolution": plan.resolution}
+               "macs": cost.macs, "params": cost.params, "acts": cost.acts, "steps": args.steps, "world_size": world,
+               "depth": plan.depth, "width": plan.width, "resolution": plan.resolution,
+               "phi": plan.multipliers.phi, "strategy": plan.multipliers.strategy}
     if args.digest:
         Path(f"{args.digest}.rank{rank}").write_text(_digest(model))
     if rank == 0 and args.checkpoint:

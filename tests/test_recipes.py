@@ -50,15 +50,20 @@ def test_checkpoint_carries_the_plan_and_resumes(tmp_path: Path) -> None:
 @pytest.mark.slow  # trains for 10-25 s
 def test_ablation_prints_the_table_and_saves_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "ablation.png"
-    rows = ablation.main(["--steps", "3", "--plot", str(png)])
-    assert [r["scaling"] for r in rows] == ["baseline", "compound phi=1", "depth only", "width only", "resolution only"]
+    rows = ablation.main(["--steps", "3", "--seeds", "0,1", "--batch-size", "8", "--train-images", "32",
+                          "--eval-images", "32", "--latency-batch", "2", "--latency-time", "0.02", "--plot", str(png)])
+    assert [r["arm"] for r in rows] == ["baseline", "compound phi=1", "depth only", "width only", "resolution only"]
     compound = rows[1]["macs"]
     assert rows[3]["macs"] == pytest.approx(compound, rel=0.03)  # width-only
     # depth moves in whole blocks (2 -> 3 per stage) and resolution in 8-pixel steps (32 -> 40 px is x1.56):
     # at this tiny size those rows land on the nearest step
     assert rows[2]["macs"] == pytest.approx(compound, rel=0.15) and rows[4]["macs"] == pytest.approx(compound, rel=0.15)
+    assert all(r["seeds"] == [0, 1] and r["acts"] > 0 and r["latency_median"] > 0 for r in rows)
     out = capsys.readouterr().out
-    assert "| compound phi=1 |" in out and "plot:" in out
+    assert "| scaling |" in out and "acts (M)" in out and "latency (ms, batch 2, 1 thread)" in out
+    line = next(line for line in out.splitlines() if line.startswith("| compound phi=1 |"))
+    assert line.count("±") == 2 and line.endswith("| 2 |")  # latency median ± IQR, accuracy mean ± std, 2 seeds
+    assert "plot:" in out
     import matplotlib.image
 
     image = matplotlib.image.imread(png)
