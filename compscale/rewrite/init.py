@@ -44,8 +44,15 @@ def _looks_uniform(w: torch.Tensor) -> bool:
     if x.numel() < 16:
         return False
     x = x - x.mean()
-    var = x.pow(2).mean()
-    kurtosis = (x.pow(4).mean() / var.pow(2)).item() if var > 0 else 3.0
+    squares = x.pow(2)
+    var = squares.mean()
+    if not var > 0:
+        return False  # a constant: kurtosis taken as a normal's
+    # x**4 as (x**2)**2: torch's pow(x, 4) is ten times slower than a multiply, and the two differ by rounding only,
+    # which decides nothing unless the kurtosis is next to the threshold: there, the exact power settles it
+    kurtosis = (squares.square_().mean() / var.pow(2)).item()
+    if abs(kurtosis - 2.4) < 1e-3:
+        kurtosis = (x.pow(4).mean() / var.pow(2)).item()
     return kurtosis < 2.4  # uniform: 1.8, normal: 3.0
 
 
