@@ -36,7 +36,7 @@ from compscale.rewrite.preserve import Growth, cancel_new_channels
 from compscale.rewrite.resolution import adapt_inputs
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
-from compscale.trace.tracer import Traced
+from compscale.trace.tracer import Traced, graph_module, propagate_shapes
 from compscale.verify.function import output_error
 
 __all__ = ["build", "solve_latency"]
@@ -66,13 +66,19 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         init_rules = InitRules(model)
         table = find_stages(traced, options.stages)
         work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth)
+        deepened = any(s.blocks_before != s.blocks_after for s in plan.stages)
+        same_graph = not deepened  # the graph traced above is still the network's: verify without re-tracing
         if mult.width != 1.0:
-            if any(s.blocks_before != s.blocks_after for s in plan.stages):
+            if deepened:
                 traced = traced.retrace(work, traced.input_shape)
             cg = analyse_channels(traced)
-            derivations = derive_widths(traced, cg)
+            derivations = derive_widths(traced, cg, table if options.stages is None and not deepened else None)
             widths = plan_widths(cg, derivations, mult.width, options)
-            apply_widths(work, cg, widths, init_rules, growth)
+            changed = apply_widths(work, cg, widths, init_rules, growth)
+            # numbers the forward reads from the layers (split sizes, a traced-through norm's shape) are baked into
+            # the graph; only layers the graph calls as leaves can change without it changing
+            leaves = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
+            same_graph = not (cg.literals or cg.shape_owners) and set(changed) <= leaves
             plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule,
                                      tuple(p for p, _ in g.members)) for g in cg.groups]
         rng.close()
@@ -80,10 +86,11 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
             plan.init, plan.init_error = "preserve", output_error(model, work, traced.input_shape,
                                                                   options.extra_inputs)
         if plan.input_size != base:
+            same_graph = False
             follow_same_padding(work, traced, (*traced.input_shape[:2], *plan.input_size))
             adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), init_rules,
                          notes=growth.inexact if growth is not None else None)
-        _verify(work, traced, plan)
+        _verify(work, traced, plan, same_graph and traced.root is work)
         _unfreeze_new(work, kept | (growth.grown if growth is not None else set()))
         if growth is not None:
             plan.inexact = dict(growth.inexact)
@@ -161,10 +168,12 @@ def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
                       tuple(added.get(s.index, ()))) for s in table]
 
 
-def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan) -> None:
-    """Re-trace the result at its new input size and lint the graph; the output keeps its shape."""
+def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan, same_graph: bool = False) -> None:
+    """Re-trace the result at its new input size (or, when the rewrite changed only layers the graph calls, run
+    the traced graph over them again) and lint the graph; the output keeps its shape."""
     before = [tuple(traced.shape(n)) for n in traced.output_nodes]
-    after_traced = traced.retrace(work, (*traced.input_shape[:2], *plan.input_size))
+    shape = (*traced.input_shape[:2], *plan.input_size)
+    after_traced = _rebind(traced, work, shape) if same_graph else traced.retrace(work, shape)
     after_traced.graph.lint()
     after = [tuple(after_traced.shape(n)) for n in after_traced.output_nodes]
     if [s[:2] for s in after] != [s[:2] for s in before]:
@@ -172,6 +181,15 @@ def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan) -> None:
             f"the scaled {type(work).__name__} returns {after} where the model returned {before}",
             "report this with the model; meanwhile scale the dimensions one at a time to find the culprit.",
         )
+
+
+def _rebind(traced: Traced, model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
+    """``traced``'s graph over ``model``'s current layers, its shapes propagated again at ``input_shape``."""
+    gm = graph_module(model, copy.deepcopy(traced.graph), type(model).__name__)
+    gm.meta.update(traced.gm.meta)
+    new = Traced(model, gm, tuple(input_shape), traced.leaf_modules, traced.autowrap_functions, traced.extra_inputs)
+    propagate_shapes(new)
+    return new
 
 
 def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | None = None, alpha: float = 1.2,

@@ -260,14 +260,14 @@ def fixed_widths(cg: ChannelGraph, fixed: tuple[str, ...] | list[str]) -> dict[i
 _DIMENSIONS = ("phi", "depth", "width", "resolution")
 
 
-def derive_widths(traced: Traced, cg: ChannelGraph) -> dict[int, Derivation]:
+def derive_widths(traced: Traced, cg: ChannelGraph, table: StageTable | None = None) -> dict[int, Derivation]:
     """How each channel group's width follows from others (:func:`~compscale.planning.policy.derive`), given the
-    network's blocks (all of them, whatever ``stages=`` picks).
+    network's blocks (all of them, whatever ``stages=`` picks: ``table`` when the caller has found them so).
 
     A unit of a plain stage hands its output to the next unit as a stage width, which the published plain
     families round on its own (timm's MobileNetV1 at ``channel_multiplier=1.2``: 128 -> 152, not 2 x 80).
     """
-    table = find_stages(traced)
+    table = find_stages(traced) if table is None else table
     derivations = derive(cg, [b.path for s in table for b in s.blocks])
     for stage in (s for s in table if s.plain):
         for block in stage.blocks:
