@@ -33,7 +33,12 @@ def scale_options(scaled: nn.Module) -> dict[str, Any]:
     if plan is None:
         raise CompscaleError(f"{type(scaled).__name__} carries no `scaling` plan", "save a model from compscale.scale.")
     m = plan.multipliers
-    options = plan.options.checkpoint(type(scaled).__name__)
+    if isinstance(plan.options, dict):  # a model pickled by compscale before ScaleOptions
+        opts = plan.options
+        options = {"input_size": list(plan.base_input_size), "resolution_divisor": opts.get("resolution_divisor", 8),
+                   "fixed": opts.get("fixed", []), "stages": opts.get("stages")}
+    else:
+        options = plan.options.checkpoint(type(scaled).__name__)
     return {"depth": m.depth, "width": m.width, "resolution": m.resolution, **options, "init": plan.init}
 
 

@@ -329,15 +329,15 @@ def _stages(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
-def _check_save_path(path: str) -> None:
-    """Refuse a ``--save`` path that cannot be written, before any work is done."""
+def _check_save_path(path: str, flag: str = "--save", example: str = "model.pt") -> None:
+    """Refuse a ``--save`` (or ``--plot``) path that cannot be written, before any work is done."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise UsageError(f"--save {path}: is a directory; give a file name, like {os.path.join(path, 'model.pt')}")
+        raise UsageError(f"{flag} {path}: is a directory; give a file name, like {os.path.join(path, example)}")
     if not os.path.isdir(parent):
-        raise UsageError(f"--save {path}: directory {parent} does not exist")
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise UsageError(f"--save {path}: directory {parent} is not writable")
+        raise UsageError(f"{flag} {path}: directory {parent} is not writable")
 
 
 def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -356,6 +356,9 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.vary is not None and not targets:
         raise UsageError("--vary chooses what --target-macs searches: give --target-macs with it")
     get_strategy(args.strategy)
+    if args.vary not in (None, "phi") and args.strategy not in ("compound", args.vary):
+        raise UsageError(f"--vary {args.vary} is --strategy {args.vary}; give one of them, not --strategy "
+                         f"{args.strategy} too")
     if args.save:
         _check_save_path(args.save)
     resolve_multipliers(args.phi, args.alpha, args.beta, args.gamma, args.depth, args.width, args.resolution)
@@ -475,7 +478,11 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.plot:
-        _check_save_path(args.plot)
+        _check_save_path(args.plot, "--plot", "costs.png")
+        try:
+            import matplotlib  # noqa: F401  (checked before the work: the plot needs it)
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'compscale[recipes]'") from None
     model = _load(args.model, progress)
     from compscale.planning.planner import Planner
 
@@ -510,12 +517,17 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
     for r in rows:
         lat = r.get("latency")
         print(f"{r['strategy']:<10} {r['phi']:>5g} {r['depth']:>6.3f} {r['width']:>6.3f} {r['input_size'][0]:>6} "
-              f"{r['params'] / 1e6:>11.2f} {r['macs'] / 1e9:>9.3f} {r['macs_ratio']:>7.2f} {r['ideal_ratio']:>7.2f} "
-              f"{r['acts'] / 1e6:>9.2f} {r['acts_ratio']:>7.2f}"
+              f"{r['params'] / 1e6:>11.2f} {r['macs'] / 1e9:>9.3f} {_ratio(r['macs_ratio'])} {r['ideal_ratio']:>7.2f} "
+              f"{r['acts'] / 1e6:>9.2f} {_ratio(r['acts_ratio'])}"
               + (f" {lat['median'] * 1e3:>9.2f} ± {lat['iqr'] * 1e3:.2f}" if lat else ""))
     if args.plot:
         print(f"plot: {os.path.abspath(args.plot)}")
     return 0
+
+
+def _ratio(x: float | None) -> str:
+    """A ratio to the base, 7 wide (``-`` when the base has none of it: no conv, no MACs)."""
+    return f"{x:>7.2f}" if x is not None else f"{'-':>7}"
 
 
 def _table_row(planner: Any, name: str, strategy: Any, phi: float, args: argparse.Namespace,
@@ -529,8 +541,9 @@ def _table_row(planner: Any, name: str, strategy: Any, phi: float, args: argpars
         ideal = p.depth * p.width**2 * p.resolution**2
     return {"strategy": name, "phi": phi, "depth": _num(p.depth), "width": _num(p.width),
             "resolution": _num(p.resolution), "input_size": list(p.input_size), "params": p.params, "macs": p.macs,
-            "acts": p.acts, "macs_ratio": round(p.macs / planner.base_macs, 4),
-            "acts_ratio": round(p.acts / planner.base_acts, 4), "ideal_ratio": round(ideal, 4),
+            "acts": p.acts, "macs_ratio": round(p.macs / planner.base_macs, 4) if planner.base_macs else None,
+            "acts_ratio": round(p.acts / planner.base_acts, 4) if planner.base_acts else None,
+            "ideal_ratio": round(ideal, 4),
             "multipliers": p.multipliers}
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from compscale.analyse.channels import analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
-from compscale.errors import RewriteError
+from compscale.errors import RewriteError, TooLargeError
+from compscale.planning.budget import available_params
 from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
@@ -62,7 +63,7 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         traced = trace(work, options.input_shape, input_size=base, leaf_modules=options.leaf_modules,
                        autowrap_functions=options.autowrap_functions, extra_inputs=options.extra_inputs)
         plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, options.resolution_divisor),
-                           options=options)
+                           options=options.stored())
         init_rules = InitRules(model)
         table = find_stages(traced, options.stages)
         work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth)
@@ -173,7 +174,14 @@ def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan, same_graph: bool
     the traced graph over them again) and lint the graph; the output keeps its shape."""
     before = [tuple(traced.shape(n)) for n in traced.output_nodes]
     shape = (*traced.input_shape[:2], *plan.input_size)
-    after_traced = _rebind(traced, work, shape) if same_graph else traced.retrace(work, shape)
+    after_traced = None
+    if same_graph and traced.gm.meta.get("compscale_symbolic"):
+        try:
+            after_traced = _rebind(traced, work, shape)
+        except Exception:  # a number the forward read from a layer is baked into the graph: trace it again
+            after_traced = None
+    if after_traced is None:
+        after_traced = traced.retrace(work, shape)
     after_traced.graph.lint()
     after = [tuple(after_traced.shape(n)) for n in after_traced.output_nodes]
     if [s[:2] for s in after] != [s[:2] for s in before]:
@@ -197,11 +205,13 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
                   resolution: float | None = None, candidates: int = 4, **measure: Any) -> ScalingPlan:
     """The plan whose measured latency comes closest to ``target`` seconds per call, along ``strategy``.
 
-    Latency is timed on built networks (fresh weights, the model's device and dtype), which costs seconds each, so
-    the search plans on a counted metric and measures few candidates: the base model, then up to ``candidates``
-    networks, each at the phi where a line through the measured ``(phi, log latency)`` points meets the target
-    (the first guess assumes latency grows with activations, Dollar et al.'s finding). The plan returned carries
-    its measured latency in ``plan.latency``.
+    Latency is timed on built networks (fresh weights drawn with seed 0, the model's device and dtype), which costs
+    seconds each, so the search plans on a counted metric and measures few candidates: the network at phi = 0
+    (the base model itself unless explicit multipliers scale it), then up to ``candidates`` networks, each at the
+    phi where a line through the two measured ``(phi, log latency)`` points nearest the target meets it (the first
+    guess assumes latency grows with activations, Dollar et al.'s finding). Steps stay within 2 of the measured
+    phis, and inside the bracket once the target is bracketed; a candidate larger than the device's memory allows
+    is not built. The plan returned carries its measured latency in ``plan.latency``.
 
     Args:
         planner: the analysed model (its ``model`` is built and timed; its options decide the build).
@@ -218,36 +228,69 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
         return planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
                             resolution=resolution, strategy=strategy)
 
-    def timed(p: ScalingPlan) -> float:
-        net = build(planner.model, p.multipliers, planner.options)
-        return latency(net, p.input_size, example_inputs=_timing_inputs(planner.options, p.input_size),
-                       **measure).median
+    def timed(p: ScalingPlan) -> float | None:
+        m = p.multipliers
+        if (m.depth, m.width, m.resolution) == (1.0, 1.0, 1.0):
+            net = planner.model
+        elif not _fits(planner.model, p):
+            return None
+        else:
+            with _seeded(planner.model, 0):
+                net = build(planner.model, p.multipliers, planner.options)
+        inputs = _timing_inputs(planner.options, p.input_size)
+        return latency(net, p.input_size, example_inputs=inputs, **measure).median
 
-    base_time = latency(planner.model, planner.base_size,
-                        example_inputs=_timing_inputs(planner.options, planner.base_size), **measure).median
-    measured: dict[float, float] = {0.0: base_time}
-    base_acts = float(plan_at(0.0).acts or 1)
-    phi = search_phi(lambda x: float(plan_at(x).acts or 0) / base_acts, target / base_time)  # latency ~ acts
+    base = plan_at(0.0)
+    measured: dict[float, float] = {}
+    first = timed(base)
+    if first is None:
+        raise TooLargeError(f"{planner.model_name} at phi=0 with the given multipliers does not fit in memory",
+                            "give smaller multipliers.")
+    measured[0.0] = first
+    phi = search_phi(lambda x: float(plan_at(x).acts or 0) / float(base.acts or 1), target / first)  # ~ acts
     for _ in range(candidates):
         phi = round(phi, 6)
         if phi in measured:
             break
-        measured[phi] = timed(plan_at(phi))
+        got = timed(plan_at(phi))
+        if got is None:  # too large to build: the target lies below
+            measured[phi] = math.inf
+        else:
+            measured[phi] = got
         phi = _next_phi(measured, target)
-    best = min(measured, key=lambda x: abs(math.log(measured[x] / target)))
+    finite = {x: t for x, t in measured.items() if math.isfinite(t)}
+    best = min(finite, key=lambda x: abs(math.log(finite[x] / target)))
     result = plan_at(best)
-    result.latency = measured[best]
+    result.latency = finite[best]
     log.info("target latency %.4g s: measured %s", target, {f"{k:g}": f"{v:.4g}" for k, v in sorted(measured.items())})
     return result
 
 
 def _next_phi(measured: dict[float, float], target: float) -> float:
-    """Where the line through the two measured points nearest the target (in log latency) meets it."""
-    near = sorted(measured, key=lambda x: abs(math.log(measured[x] / target)))[:2]
-    (x0, y0), (x1, y1) = ((x, math.log(measured[x])) for x in near)
-    if x0 == x1 or y0 == y1:
-        return x0
-    return x0 + (math.log(target) - y0) * (x1 - x0) / (y1 - y0)
+    """The next phi to time: inside the tightest bracket of the target when the measurements have one (regula
+    falsi in log latency), else a secant step through the two points nearest the target, kept within 2 of them."""
+    pts = sorted((x, math.log(t)) for x, t in measured.items())
+    goal = math.log(target)
+    below = [p for p in pts if p[1] < goal]
+    above = [p for p in pts if p[1] >= goal]
+    if below and above:
+        (x0, y0), (x1, y1) = max(below), min(above)
+        if not math.isfinite(y1) or y1 == y0:
+            return (x0 + x1) / 2
+        return x0 + (goal - y0) * (x1 - x0) / (y1 - y0)
+    near = sorted(pts, key=lambda p: abs(p[1] - goal))[:2]
+    if len(near) < 2 or near[0][1] == near[1][1]:
+        return near[0][0] + (2.0 if not above else -2.0)
+    (x0, y0), (x1, y1) = near
+    step = (goal - y0) * (x1 - x0) / (y1 - y0)
+    return x0 + max(-2.0, min(2.0, step))
+
+
+def _fits(model: nn.Module, plan: ScalingPlan) -> bool:
+    """Whether the planned network fits in half the free memory of the model's device (as ``scale`` checks)."""
+    first = next(model.parameters(), None)
+    limit = available_params(first.device, first.dtype) if first is not None else None
+    return limit is None or plan.params is None or plan.params <= limit
 
 
 def _timing_inputs(options: ScaleOptions, size: tuple[int, ...]) -> tuple[torch.Tensor, ...]:

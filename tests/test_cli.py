@@ -116,6 +116,8 @@ def test_init_preserve_reports_the_measured_difference(capsys: pytest.CaptureFix
     (["scale", "resnet18", "--phi", "1", "--strategy", "wd2"], "unknown strategy 'wd2'"),
     (["scale", "resnet18", "--target-macs", "4G", "--target-acts", "9M"], "give one target"),
     (["scale", "resnet18", "--target-latency", "fast"], "not a positive time"),
+    (["table", "resnet18", "--plot", "/nonexistent/x.png"], "--plot /nonexistent/x.png: directory /nonexistent"),
+    (["scale", "resnet18", "--target-macs", "4G", "--vary", "width", "--strategy", "fast"], "give one of them"),
     (["models", "no-such-net-anywhere"], "no model name matches"),
 ])
 def test_errors_are_one_line_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

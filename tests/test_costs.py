@@ -160,3 +160,72 @@ def test_target_latency_measures_candidates_and_records_the_figure() -> None:
     assert math.isfinite(lat)
     with pytest.raises(ValueError, match="positive number of seconds"):
         compscale.plan(Tiny(), input_size=32, target_latency=-1.0)
+
+
+class ReadsWidth(nn.Module):
+    """A forward that reads a layer's width as a Python number (fx bakes it into the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.adaptive_avg_pool2d(self.c1(x), 2)
+        return self.fc(y.reshape(y.shape[0], self.c1.out_channels * 4))
+
+
+def test_a_width_the_forward_reads_is_verified_by_tracing_again() -> None:
+    scaled = compscale.scale(ReadsWidth(), width=2, input_size=16)
+    assert scaled.c1.out_channels == 32 and scaled.fc.in_features == 128
+    with torch.no_grad():
+        assert scaled(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_vary_searches_its_multiplier_and_a_search_needs_a_free_dimension() -> None:
+    planner = compscale.Planner(resnet18())
+    p = planner.solve(2 * planner.base_macs, vary="width", width=1.5)  # as before: vary's multiplier is searched
+    assert p.macs == pytest.approx(2 * planner.base_macs, rel=0.03) and p.depth == 1.0
+    with pytest.raises(ValueError, match="nothing to search"):
+        planner.solve(2 * planner.base_macs, strategy="width", width=1.3)
+    with pytest.warns(DeprecationWarning, match="the second argument is now the metric"):
+        q = planner.solve(2 * planner.base_macs, "width")
+    assert q.depth == 1.0 and q.resolution == 1.0
+
+
+def test_an_unreachable_target_warns_and_gives_the_closest_plan() -> None:
+    planner = compscale.Planner(resnet18())
+    with pytest.warns(UserWarning, match="cannot reach"):
+        p = planner.solve(1.0, strategy="depth")
+    assert p.macs is not None and p.macs < planner.base_macs
+
+
+def test_latency_search_steps_stay_near_what_was_measured() -> None:
+    from compscale.pipeline import _next_phi
+
+    assert -0.5 <= _next_phi({0.0: 1e-4, 2.5: 1.02e-4}, 3e-4) <= 4.5  # flat latency: no jump to phi = 139
+    assert 0.0 < _next_phi({0.0: 1e-3, 2.0: 4e-3}, 2e-3) < 2.0  # bracketed: stays inside
+
+
+def test_plans_keep_the_other_inputs_as_shapes_and_compare() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8 + 4, 2)
+
+        def forward(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.cat([self.conv(x).mean((2, 3)), extra], 1))
+
+    inputs = (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
+    a = compscale.scale(TwoInputs(), width=2, example_inputs=inputs)
+    b = compscale.scale(TwoInputs(), width=2, example_inputs=inputs)
+    assert a.scaling == b.scaling
+    assert [t.device.type for t in a.scaling.options.extra_inputs] == ["meta"]
+
+
+def test_bad_strategy_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="must be a number"):
+        fast(True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        compscale.plan(resnet18(), phi=1, strategy="fast", alpha=-1)

@@ -36,7 +36,7 @@ class ScaleOptions:
 
     input_size: tuple[int, ...] = (224, 224)
     input_shape: tuple[int, ...] | None = None
-    extra_inputs: tuple[torch.Tensor, ...] = ()
+    extra_inputs: tuple[torch.Tensor, ...] = dataclasses.field(default=(), compare=False)
     resolution_divisor: int = 8
     round_width: RoundFn = make_divisible
     stages: StageFilter | None = None
@@ -65,6 +65,8 @@ class ScaleOptions:
             raise ValueError(f"resolution_divisor must be an int >= 1, got {resolution_divisor!r}")
         if isinstance(fixed, str):
             fixed = [fixed]
+        if isinstance(stages, str):
+            stages = [stages]
         return cls(as_size(size, len(shape) - 2 if shape else 2), shape, extra, resolution_divisor, round_width,
                    stages if stages is None or callable(stages) else tuple(stages), tuple(fixed),
                    tuple(leaf_modules), tuple(autowrap_functions), as_rules(rules))
@@ -72,10 +74,20 @@ class ScaleOptions:
     def replace(self, **changes: Any) -> ScaleOptions:
         return dataclasses.replace(self, **changes)
 
+    def stored(self) -> ScaleOptions:
+        """These options as a plan keeps them: the example's other inputs as shapes (meta tensors), so that a scaled
+        model does not hold the caller's batch."""
+        if not self.extra_inputs:
+            return self
+        return self.replace(extra_inputs=tuple(torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                               for t in self.extra_inputs))
+
     def checkpoint(self, name: str = "the model") -> dict[str, Any]:
         """The options a checkpoint records (plain data), or :class:`CompscaleError` for those it cannot."""
-        custom = [name for name in ("round_width", "leaf_modules", "autowrap_functions", "rules", "extra_inputs")
+        custom = [name for name in ("round_width", "leaf_modules", "autowrap_functions", "rules")
                   if getattr(self, name) not in (None, (), make_divisible)]
+        if self.extra_inputs:
+            custom.append("example_inputs")
         if callable(self.stages):
             custom.append("stages")
         if custom:

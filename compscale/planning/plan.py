@@ -169,7 +169,8 @@ def resolve_multipliers(
         TypeError: a multiplier that is not a real number.
         ValueError: a multiplier that is zero, negative, NaN or infinite.
     """
-    rule = Compound(alpha, beta, gamma) if strategy is None or strategy == "compound" else get_strategy(strategy)
+    compound = Compound(alpha, beta, gamma)  # checked whatever the strategy
+    rule = compound if strategy is None or strategy == "compound" else get_strategy(strategy)
     p = None if phi is None else check_multiplier("phi", phi, positive=False)
     derived = rule.multipliers(p) if p is not None else (1.0, 1.0, 1.0)
     explicit = (depth, width, resolution)

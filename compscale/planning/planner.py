@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -161,7 +162,16 @@ class Planner:
 
             planner.solve(planner.plan(1).macs, strategy="width")
         """
+        if isinstance(metric, str) and metric in _DIMENSIONS:  # the older solve(target_macs, vary)
+            warnings.warn(f"solve(target, {metric!r}) is solve(target, 'macs', vary={metric!r}) (or "
+                          f"strategy={metric!r}); the second argument is now the metric", DeprecationWarning,
+                          stacklevel=2)
+            metric, vary = "macs", metric
+        if vary in ("depth", "width", "resolution"):  # vary searches its multiplier, whatever was given for it
+            depth, width, resolution = (None if vary == name else v for name, v in
+                                        (("depth", depth), ("width", width), ("resolution", resolution)))
         strategy = strategy_of(vary, strategy)
+        _check_movable(strategy, alpha, beta, gamma, depth, width, resolution)
         if metric == "latency":
             from compscale.pipeline import solve_latency  # builds and times candidates
 
@@ -178,7 +188,13 @@ class Planner:
             return self.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
                              resolution=resolution, strategy=strategy)
 
-        return plan_at(search_phi(lambda phi: value(plan_at(phi)), target))
+        found = plan_at(search_phi(lambda phi: value(plan_at(phi)), target))
+        got = value(found)
+        if abs(got / target - 1) > 0.05:
+            warnings.warn(f"compscale: {self.model_name} cannot reach {target:.4g} {metric_name(metric)} along "
+                          f"strategy {found.multipliers.strategy or strategy!r}: the closest plan gives {got:.4g} "
+                          f"(phi={found.multipliers.phi:g})", stacklevel=2)
+        return found
 
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
         if mult.depth != 1.0 and not len(self.table):
@@ -195,9 +211,24 @@ class Planner:
                     for s in self.table],
             groups=[GroupPlan(g.id, g.base, widths[g.id], probe.derivations[g.id].rule,
                               tuple(p for p, _ in g.members)) for g in probe.cg.groups],
-            options=self.options, macs=costs.macs, params=costs.params, acts=costs.acts, base_macs=self.base_macs,
-            base_params=self.base_params, base_acts=self.base_acts,
+            options=self.options.stored(), macs=costs.macs, params=costs.params, acts=costs.acts,
+            base_macs=self.base_macs, base_params=self.base_params, base_acts=self.base_acts,
         )
+
+
+def metric_name(metric: Metric) -> str:
+    return metric if isinstance(metric, str) else getattr(metric, "__name__", "of the metric")
+
+
+def _check_movable(strategy: StrategyLike | None, alpha: float, beta: float, gamma: float, depth: float | None,
+                   width: float | None, resolution: float | None) -> None:
+    """A search needs a dimension that phi moves and no explicit multiplier holds."""
+    moved = resolve_multipliers(1.0, alpha, beta, gamma, strategy=strategy)
+    free = [name for name, v, given in (("depth", moved.depth, depth), ("width", moved.width, width),
+                                        ("resolution", moved.resolution, resolution)) if v != 1.0 and given is None]
+    if not free:
+        raise ValueError("nothing to search: the strategy moves only dimensions given explicitly "
+                         f"(depth={depth}, width={width}, resolution={resolution}); leave one of them out")
 
 
 def metric_of(metric: Metric) -> Callable[[ScalingPlan], float]:
@@ -227,13 +258,25 @@ def strategy_of(vary: str, strategy: StrategyLike | None) -> StrategyLike | None
 
 
 def search_phi(cost: Callable[[float], float], target: float) -> float:
-    """The phi whose (monotone, stepwise) ``cost`` comes closest to ``target``: bracket, then bisect."""
+    """The phi whose (monotone, stepwise) ``cost`` comes closest to ``target``: bracket, then bisect.
+
+    The bracket grows by 2 at a time up to |phi| = 40, and stops where the multipliers would leave what a network
+    can have (the strategy raises ``ValueError`` there).
+    """
     lo, hi = -1.0, 1.0
-    while cost(hi) < target and hi < 40:
+    while hi < 40 and _within(cost, hi + 2) and cost(hi) < target:
         hi += 2
-    while cost(lo) > target and lo > -40:
+    while lo > -40 and _within(cost, lo - 2) and cost(lo) > target:
         lo -= 2
     return _bisect(cost, target, lo, hi)
+
+
+def _within(cost: Callable[[float], float], phi: float) -> bool:
+    try:
+        cost(phi)
+    except ValueError:
+        return False
+    return True
 
 
 def plan_widths(cg: ChannelGraph, derivations: Mapping[int, Derivation], width: float,

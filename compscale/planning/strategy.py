@@ -6,8 +6,9 @@
   ``"d1_w8_r1"``): Dollar et al.'s rule ("Fast and Accurate Model Scaling", 2021, pycls ``scaling_factors``). Of a
   MACs factor ``s = 2**phi``, dimension ``x`` takes the share ``weight(x) / sum(weights)``: ``d = s**share(d)``,
   ``w = s**(share(w) / 2)``, ``r = s**(share(r) / 2)``, so that ``d * w**2 * r**2 == s``. ``"fast"`` is their dWr
-  with ``alpha=0.8`` (``d = s**0.1``, ``w = s**0.4``, ``r = s**0.05``): width-dominant, so activations grow
-  about ``s**0.6`` instead of compound's ``s**0.9``, and the network runs faster at equal MACs.
+  with ``alpha=0.8`` (``d = s**0.1``, ``w = s**0.4``, ``r = s**0.05``): width-dominant, so activations
+  (``d * w * r**2``) grow about ``s**0.6`` instead of compound's ``s**0.8`` (``log2(1.2 * 1.1 * 1.15**2)`` per
+  phi), and the network runs faster at equal MACs.
 
 So ``phi`` means about ``2**phi`` times the MACs under every strategy, and a table of strategies over one range of
 ``phi`` compares them at (roughly) equal MACs; ``target_macs=`` lands on a budget exactly.
@@ -112,7 +113,7 @@ class Shares:
 
     def __post_init__(self) -> None:
         weights = (self.depth, self.width, self.resolution)
-        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights):
             raise TypeError(f"strategy weights must be numbers, got {weights!r}")
         if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"strategy weights must be finite, >= 0 and not all 0, got {weights!r}")
@@ -144,7 +145,9 @@ def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
 def fast(alpha: float = 0.8) -> Shares:
     """Dollar et al.'s fast compound scaling dWr: width takes ``alpha`` of the MACs factor, depth and resolution
     share the rest (``d = s**((1 - alpha) / 2)``, ``w = s**(alpha / 2)``, ``r = s**((1 - alpha) / 4)``)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"fast(alpha=...) must be a number, got {type(alpha).__name__}")
+    if not 0 <= alpha <= 1:
         raise ValueError(f"fast(alpha=...) is width's share of the MACs factor, between 0 and 1; got {alpha!r}")
     label = "fast" if alpha == 0.8 else f"fast(alpha={alpha:g})"
     return Shares((1 - alpha) / 2, alpha, (1 - alpha) / 2, label)

@@ -248,6 +248,7 @@ def trace(
                                   leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                                   extra_inputs=extra_inputs)
     gm = graph_module(model, graph, type(model).__name__)
+    gm.meta["compscale_symbolic"] = True  # the graph reads no shape: it holds for the model's layers at any width
     shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), *input_size)
     traced = Traced(model, gm, shape, leaf_modules, autowrap_functions, as_meta(extra_inputs))
     if shapes:
