@@ -191,9 +191,11 @@ class Planner:
         found = plan_at(search_phi(lambda phi: value(plan_at(phi)), target))
         got = value(found)
         if abs(got / target - 1) > 0.05:
-            warnings.warn(f"compscale: {self.model_name} cannot reach {target:.4g} {metric_name(metric)} along "
-                          f"strategy {found.multipliers.strategy or strategy!r}: the closest plan gives {got:.4g} "
-                          f"(phi={found.multipliers.phi:g})", stacklevel=2)
+            warnings.warn(f"compscale: the plan of {self.model_name} closest to {target:.4g} {metric_name(metric)} "
+                          f"along strategy {found.multipliers.strategy or strategy!r} gives {got:.4g} "
+                          f"({got / target - 1:+.0%}, phi={found.multipliers.phi:g}): costs move in steps (whole "
+                          "blocks, widths and sizes rounded to 8), and a target below the smallest network is out of "
+                          "reach", stacklevel=2)
         return found
 
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
