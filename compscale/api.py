@@ -14,7 +14,7 @@ from compscale.analyse.rules import ChannelRules
 from compscale.analyse.stages import StageFilter
 from compscale.errors import CompscaleError, TooLargeError
 from compscale.pipeline import build
-from compscale.planning.budget import available_params, rough_params
+from compscale.planning.budget import params_limit, rough_params
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import Multipliers, resolve_multipliers
 from compscale.planning.planner import Planner, pick_target, strategy_of
@@ -171,15 +171,10 @@ def _growth(init: str, noise: float, seed: int | None) -> Growth | None:
 def _check_size(model: nn.Module, mult: Multipliers, max_params: int | None, planner: Planner | None,
                 options: ScaleOptions) -> None:
     """Raise ``TooLargeError`` before allocating a network with more than ``max_params`` parameters."""
-    first = next(model.parameters(), None)
-    if max_params is not None:
-        limit: int | None = int(max_params)
-    elif first is not None:
-        limit = available_params(first.device, first.dtype)
-    else:
-        limit = None
+    limit = params_limit(model, max_params)
     if limit is None:
         return
+    first = next(model.parameters(), None)
     base = sum(p.numel() for p in model.parameters())
     rough = rough_params(base, mult.depth, mult.width)
     if rough * 1.5 <= limit:  # rounding (ceil of blocks, widths to 8) stays well within 1.5x of the rough figure

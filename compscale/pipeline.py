@@ -24,7 +24,7 @@ from compscale.analyse.channels import analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
 from compscale.errors import RewriteError, TooLargeError
-from compscale.planning.budget import available_params
+from compscale.planning.budget import params_limit
 from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
@@ -288,8 +288,7 @@ def _next_phi(measured: dict[float, float], target: float) -> float:
 
 def _fits(model: nn.Module, plan: ScalingPlan) -> bool:
     """Whether the planned network fits in half the free memory of the model's device (as ``scale`` checks)."""
-    first = next(model.parameters(), None)
-    limit = available_params(first.device, first.dtype) if first is not None else None
+    limit = params_limit(model)
     return limit is None or plan.params is None or plan.params <= limit
 
 

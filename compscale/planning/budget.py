@@ -16,7 +16,7 @@ import os
 
 import torch
 
-__all__ = ["available_bytes", "available_params", "rough_params"]
+__all__ = ["available_bytes", "available_params", "params_limit", "rough_params"]
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -45,6 +45,16 @@ def available_params(device: torch.device, dtype: torch.dtype) -> int | None:
     if free is None:
         return None
     return free // (2 * torch.empty((), dtype=dtype).element_size())
+
+
+def params_limit(model: torch.nn.Module, max_params: int | None = None) -> int | None:
+    """The most parameters a network scaled from ``model`` may have: ``max_params`` when given, else
+    :func:`available_params` on the model's device in its dtype (``None``: no limit, as for a model without weights
+    or on the meta device)."""
+    if max_params is not None:
+        return int(max_params)
+    first = next(model.parameters(), None)
+    return available_params(first.device, first.dtype) if first is not None else None
 
 
 def rough_params(params: int, depth: float, width: float) -> float:

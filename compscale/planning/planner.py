@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -265,6 +266,7 @@ def search_phi(cost: Callable[[float], float], target: float) -> float:
     The bracket grows by 2 at a time up to |phi| = 40, and stops where the multipliers would leave what a network
     can have (the strategy raises ``ValueError`` there).
     """
+    cost = functools.cache(cost)  # each plan is costed once: the bracket and the bisection revisit points
     lo, hi = -1.0, 1.0
     while hi < 40 and _within(cost, hi + 2) and cost(hi) < target:
         hi += 2
