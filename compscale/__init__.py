@@ -19,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from compscale.errors import (
     CompscaleError,
+    GuessError,
+    GuessWarning,
     NoStageError,
+    NotACNNError,
     ResolutionError,
     RewriteError,
     TooLargeError,
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
     from compscale.planning.planner import Planner, plan
     from compscale.planning.strategy import Compound, Shares, Strategy, fast
     from compscale.registry import register_drop_path
+    from compscale.rewrite.metadata import MetadataError
+    from compscale.transforms import image_processor
     from compscale.verify.latency import Latency, latency
     from compscale.verify.plot import plot_costs
     from compscale.verify.profile import Profile, profile
@@ -54,6 +59,8 @@ _LAZY = {
     "Planner": "compscale.planning.planner",
     "plan": "compscale.planning.planner",
     "register_drop_path": "compscale.registry",
+    "MetadataError": "compscale.rewrite.metadata",
+    "image_processor": "compscale.transforms",
     "SearchResult": "compscale.grid",
     "search": "compscale.grid",
     "Profile": "compscale.verify.profile",
@@ -72,8 +79,12 @@ __all__ = [
     "ChannelRules",
     "Compound",
     "CompscaleError",
+    "GuessError",
+    "GuessWarning",
     "Latency",
+    "MetadataError",
     "NoStageError",
+    "NotACNNError",
     "Planner",
     "Profile",
     "ResolutionError",
@@ -89,6 +100,7 @@ __all__ = [
     "WidthError",
     "channel_rules",
     "fast",
+    "image_processor",
     "latency",
     "plan",
     "plot_costs",

@@ -55,6 +55,7 @@ def scale(
     init: str = "fresh",
     noise: float = 0.0,
     seed: int | None = None,
+    strict: bool = False,
 ) -> nn.Module:
     """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
 
@@ -109,6 +110,9 @@ def scale(
         seed: seeds every random draw of this call (which channels the new ones copy, the noise, the weights of
             new layers), without touching torch's global generator; by default ``init="preserve"`` uses 0 (the same
             model grows the same way every time) and ``init="fresh"`` draws from the global generator.
+        strict: raise :class:`~compscale.GuessError` instead of warning (:class:`~compscale.GuessWarning`) when a
+            stage would be deepened on a weaker signal than a repeat of the model's own (the stage table,
+            ``compscale.analyse.stages.find_stages``, marks such stages ``guessed``).
 
     Raises:
         TypeError, ValueError: a bad multiplier, or a ``model`` that is not an ``nn.Module``.
@@ -129,7 +133,7 @@ def scale(
     options = ScaleOptions.make(input_size=input_size, example_inputs=example_inputs,
                                 resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
                                 fixed=fixed, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                                rules=rules)
+                                rules=rules, strict=strict)
     planner: Planner | None = None
     target = pick_target(target_macs, target_acts, target_latency)
     if target is not None:
@@ -140,14 +144,16 @@ def scale(
             raise ValueError(f"target_{target[0]} searches phi (along strategy=): give no phi with it")
         planner = Planner(model, options)
         solved = planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta,
-                               gamma=gamma, depth=depth, width=width, resolution=resolution)
+                               gamma=gamma, depth=depth, width=width, resolution=resolution, max_params=max_params)
         mult = solved.multipliers
     else:
-        mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy_of(vary, strategy))
+        mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy_of(vary, strategy),
+                                   rank=len(options.input_size))
     _check_size(model, mult, max_params, planner, options)
     result = build(model, mult, options, growth, seed)
     if target is not None and target[0] == "latency":
         result.scaling.latency = solved.latency  # type: ignore[union-attr]
+        result.scaling.latency_iqr = solved.latency_iqr  # type: ignore[union-attr]
     return result
 
 

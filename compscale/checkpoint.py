@@ -22,7 +22,7 @@ from torch import nn
 from compscale.errors import CompscaleError
 from compscale.models import load_model
 
-__all__ = ["load", "load_model", "save", "scale_options"]
+__all__ = ["check_architecture", "load", "load_model", "save", "scale_options"]
 
 FORMAT = "compscale/1"
 
@@ -58,6 +58,27 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device | None =
     options = dict(ckpt["scale"])
     init = options.pop("init", "fresh")  # the weights come from the checkpoint: the architecture is built fresh
     scaled = scale(load_model(ckpt["model"]), **options)
+    check_architecture(scaled, ckpt["state_dict"], f"{path} ({ckpt['model']})")
     scaled.load_state_dict(ckpt["state_dict"])
     scaled.scaling.init = init  # type: ignore[union-attr]
     return scaled
+
+
+def check_architecture(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``CompscaleError`` naming what differs when ``model``'s parameters and buffers are not ``state_dict``'s (their
+    names and shapes): the base model's code changed since the checkpoint was written."""
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, extra = sorted(saved.keys() - have.keys()), sorted(have.keys() - saved.keys())
+    shapes = [f"{k} {saved[k]} saved, {have[k]} rebuilt" for k in saved if k in have and saved[k] != have[k]]
+    if not (missing or extra or shapes):
+        return
+    parts = [f"{len(items)} {what}: {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
+             for what, items in (("saved weights the rebuilt model lacks", missing),
+                                 ("rebuilt weights the checkpoint lacks", extra), ("shapes that differ", shapes))
+             if items]
+    raise CompscaleError(
+        f"the model rebuilt for {source} is not the one saved: {'; '.join(parts)}",
+        "the base model's code changed since the checkpoint was written; rebuild with the code it was saved with, "
+        "or load the weights that still fit with model.load_state_dict(torch.load(path)['state_dict'], strict=False).",
+    )

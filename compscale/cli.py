@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -45,6 +46,18 @@ examples:
   compscale stages resnet50                        # the stages compscale would deepen
   compscale models resnet                          # the model names it knows
 """
+
+
+def _version() -> str:
+    """The installed distribution's version (``importlib.metadata``), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compscale")
+    except PackageNotFoundError:
+        from compscale import __version__
+
+        return __version__
 
 
 class UsageError(Exception):
@@ -84,6 +97,24 @@ def _seconds(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"not a positive time (like 40ms, 0.04s or 800us): {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A positive count: ``50M``, ``2G``, ``1500000``."""
+    value = _macs(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole count (like 50M or 1500000): {text!r}")
+    return int(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
     return value
 
 
@@ -136,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = _Parser(prog="compscale", description="EfficientNet's compound scaling for any ResNet or MobileNet.",
                 epilog=_EXAMPLES, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"compscale {_version()}")
     sub = p.add_subparsers(dest="command", metavar="{scale,table,stages,models}")
     s = sub.add_parser("scale", help="scale a model and report what changed and what it costs", formatter_class=fmt,
                        description="Scale MODEL by phi (d = alpha^phi, w = beta^phi, r = gamma^phi) or by explicit "
@@ -165,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--init", choices=("fresh", "preserve"), default="fresh",
                    help="preserve: grow the model's weights so that it computes what it did (Net2Net), e.g. a trained "
                         "model from module:callable; fresh (default): new layers drawn as its constructor would")
+    s.add_argument("--max-params", type=_count, default=None, metavar="N",
+                   help="refuse, before building anything, a network with more parameters (e.g. 50M); by default "
+                        "what fits in half the free memory")
     s.add_argument("--save", default=None, metavar="PATH",
                    help="save weights and what rebuilds them (reload with compscale.checkpoint.load(PATH))")
     _add_common(s)
@@ -201,6 +236,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="deepen only the blocks under these comma-separated module paths (e.g. layer3,layer4)")
     p.add_argument("--input-size", type=int, default=224, help="the base model's input size (default 224)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads torch uses, pinned for timing (--target-latency, --latency) and shown with it "
+                        "(default: torch's own count)")
     _add_progress(p)
 
 
@@ -278,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty(),
                         sys.stderr)
     try:
+        if getattr(args, "threads", None) is not None:
+            return _with_threads(args, progress)
         if args.command == "models":
             return _models(args)
         if args.command == "stages":
@@ -293,6 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("compscale: interrupted", file=sys.stderr)
         return 130
+
+
+def _with_threads(args: argparse.Namespace, progress: Progress) -> int:
+    """The command with torch's CPU threads pinned to ``--threads`` (restored afterwards)."""
+    from compscale.verify.latency import pinned_threads
+
+    with pinned_threads(args.threads):
+        return _table(args, progress) if args.command == "table" else _scale(args, progress)
 
 
 def _load(spec: str, progress: Progress) -> nn.Module:
@@ -338,6 +386,14 @@ def _check_save_path(path: str, flag: str = "--save", example: str = "model.pt")
         raise UsageError(f"{flag} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path}: directory {parent} is not writable")
+    existed = os.path.exists(path)
+    try:  # what the work would do at the end (a file system such as /proc refuses new files whatever access says)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be written ({e.strerror or e})") from None
+    if not existed:
+        os.remove(path)
 
 
 def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -364,6 +420,8 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
     resolve_multipliers(args.phi, args.alpha, args.beta, args.gamma, args.depth, args.width, args.resolution)
     kwargs: dict[str, Any] = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, **given,
                               "input_size": args.input_size}
+    if args.max_params is not None:
+        kwargs["max_params"] = args.max_params
     if args.stages is not None:
         kwargs["stages"] = args.stages
     if args.fixed:
@@ -401,7 +459,10 @@ def _scale(args: argparse.Namespace, progress: Progress) -> int:
     if args.target_acts is not None:
         report.update(target_acts=int(args.target_acts), target_miss=round(after.acts / args.target_acts - 1, 4))
     if args.target_latency is not None:
-        report.update(target_latency=args.target_latency, latency=plan.latency,
+        import torch
+
+        report.update(target_latency=args.target_latency, latency=plan.latency, latency_iqr=plan.latency_iqr,
+                      threads=torch.get_num_threads(),
                       target_miss=round((plan.latency or 0) / args.target_latency - 1, 4))
     print(json.dumps(report) if args.json else _human(args.model, plan, before, after, report))
     return 0
@@ -464,6 +525,7 @@ def _human(name: str, plan: ScalingPlan, before: Profile, after: Profile, report
                      f"({report['target_miss'] * 100:+.1f}%)")
     if "target_latency" in report:
         lines.append(f"target {report['target_latency'] * 1e3:.3g} ms: measured {(plan.latency or 0) * 1e3:.3g} ms "
+                     f"± {(plan.latency_iqr or 0) * 1e3:.2g} ms (IQR; {_threads(report['threads'])}) "
                      f"({report['target_miss'] * 100:+.1f}%)")
     if "saved" in report:
         lines.append(f"saved to {report['saved']} ({os.path.getsize(report['saved']) / 1e6:.1f} MB); "
@@ -502,16 +564,24 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
         from compscale.verify.plot import plot_costs
 
         with progress.step(f"plotting {args.plot}"):
-            plot_costs([{**r, "latency": (r.get("latency") or {}).get("median")} for r in rows], args.plot,
+            plot_costs([{**r, "latency": (r.get("latency") or {}).get("median"),
+                         "latency_iqr": (r.get("latency") or {}).get("iqr")} for r in rows], args.plot,
                        title=f"{args.model}: cost against phi")
     if args.json:
+        timing = {"threads": _torch_threads(), "rounds": _ROUNDS} if args.latency else {}
         print(json.dumps({"model": args.model, "base": {"macs": planner.base_macs, "params": planner.base_params,
-                                                         "acts": planner.base_acts}, "rows": rows,
+                                                         "acts": planner.base_acts}, "rows": rows, **timing,
                           **({"plot": os.path.abspath(args.plot)} if args.plot else {})}))
         return 0
     print(f"{args.model}: alpha={args.alpha:g} beta={args.beta:g} gamma={args.gamma:g} "
           f"(alpha*beta^2*gamma^2 = {factor:.3f}); ideal = the strategy's MACs factor")
-    timed = " latency (ms, median ± IQR)" if args.latency else ""
+    if args.latency:
+        import torch
+
+        print(f"latency: median ± IQR over the runs of {_ROUNDS} interleaved rounds, batch {args.batch_size}, "
+              f"{_threads(torch.get_num_threads())}; ! marks a row whose spread exceeds {_NOISY:.0%} or that is 3x off "
+              "its neighbours")
+    timed = " latency (ms, median ± IQR) (runs)" if args.latency else ""
     print(f"{'strategy':<10} {'phi':>5} {'depth':>6} {'width':>6} {'input':>6} {'params (M)':>11} {'GMACs':>9} "
           f"{'x base':>7} {'ideal':>7} {'acts (M)':>9} {'x base':>7}{timed}")
     for r in rows:
@@ -519,10 +589,21 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
         print(f"{r['strategy']:<10} {r['phi']:>5g} {r['depth']:>6.3f} {r['width']:>6.3f} {r['input_size'][0]:>6} "
               f"{r['params'] / 1e6:>11.2f} {r['macs'] / 1e9:>9.3f} {_ratio(r['macs_ratio'])} {r['ideal_ratio']:>7.2f} "
               f"{r['acts'] / 1e6:>9.2f} {_ratio(r['acts_ratio'])}"
-              + (f" {lat['median'] * 1e3:>9.2f} ± {lat['iqr'] * 1e3:.2f}" if lat else ""))
+              + (f" {lat['median'] * 1e3:>9.2f} ± {lat['iqr'] * 1e3:.2f} ({lat['runs']})" if lat else "")
+              + (f" ! {r['flag']}" if r.get("flag") else ""))
     if args.plot:
         print(f"plot: {os.path.abspath(args.plot)}")
     return 0
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
 
 
 def _ratio(x: float | None) -> str:
@@ -547,13 +628,67 @@ def _table_row(planner: Any, name: str, strategy: Any, phi: float, args: argpars
             "multipliers": p.multipliers}
 
 
-def _time_rows(planner: Any, rows: list[dict[str, Any]], batch_size: int, progress: Progress) -> None:
-    """Build each row's network (fresh weights) and time it: ``row["latency"] = {median, iqr, runs}``."""
-    from compscale.pipeline import build
-    from compscale.verify.latency import latency
+_ROUNDS = 3  # interleaved rounds of a table's timing
+_NOISY = 0.25  # a spread (IQR / median) above this is flagged
 
+
+def _time_rows(planner: Any, rows: list[dict[str, Any]], batch_size: int, progress: Progress) -> None:
+    """Build each row's network (fresh weights, seed 0) and time them all, interleaved in rounds
+    (:func:`compscale.verify.latency.compare`): ``row["latency"] = {median, iqr, runs, batch_size}``. A row larger
+    than memory allows is not built; a noisy row, or one 3x off both its neighbours, gets ``row["flag"]``."""
+    from compscale.pipeline import build
+    from compscale.planning.budget import params_limit
+    from compscale.verify.latency import compare, latency
+
+    limit = params_limit(planner.model)
+    fits = [r for r in rows if limit is None or r["params"] <= limit]
     for r in rows:
-        with progress.step(f"timing {r['strategy']} phi={r['phi']:g}"):
-            net = build(planner.model, r["multipliers"], planner.options)
-            t = latency(net, tuple(r["input_size"]), batch_size=batch_size)
-        r["latency"] = {"median": t.median, "iqr": t.iqr, "runs": len(t.times), "batch_size": batch_size}
+        if r not in fits:
+            r["flag"] = f"not timed: {r['params']:,} parameters, more than {limit:,} fit in memory"
+    keep = limit is None or sum(r["params"] for r in fits) <= limit  # every network held at once, or rebuilt
+    nets: dict[int, Any] = {}
+
+    def measure(i: int) -> Any:
+        r = fits[i]
+        net = nets[i] if i in nets else build(planner.model, r["multipliers"], planner.options, seed=0)
+        if keep:
+            nets[i] = net
+        return latency(net, tuple(r["input_size"]), batch_size=batch_size, min_run_time=0.2)
+
+    with progress.step(f"timing {len(fits)} networks, {_ROUNDS} interleaved rounds"):
+        timed = compare([functools.partial(measure, i) for i in range(len(fits))], _ROUNDS)
+    for r, t in zip(fits, timed):
+        r["latency"] = {"median": t.median, "iqr": t.iqr, "runs": len(t.times), "batch_size": batch_size,
+                        "remeasured": t.remeasured}
+    _flag_rows(fits)
+
+
+def _flag_rows(rows: list[dict[str, Any]]) -> None:
+    """Flag a row whose latency spread exceeds ``_NOISY``, or that is 3x off both neighbours of its strategy."""
+    for i, r in enumerate(rows):
+        lat = r["latency"]
+        if lat["median"] > 0 and lat["iqr"] / lat["median"] > _NOISY:
+            r["flag"] = f"noisy: IQR {lat['iqr'] / lat['median']:.0%} of the median"
+            continue
+        if _off(rows, i, -1) and _off(rows, i, 1):
+            r["flag"] = "3x off its neighbours: time it again"
+
+
+def _off(rows: list[dict[str, Any]], i: int, step: int) -> bool:
+    """Whether row ``i``'s latency is 3x off its neighbour in direction ``step`` (of its strategy). Past the end of
+    the strategy's rows, whether the neighbour on the other side agrees with its own next one (so that it is row
+    ``i`` that is off, as a disturbed first row is)."""
+    def median(j: int) -> float | None:
+        ok = 0 <= j < len(rows) and rows[j]["strategy"] == rows[i]["strategy"]
+        return float(rows[j]["latency"]["median"]) if ok else None
+
+    def far(a: float, b: float) -> bool:
+        return max(a / b, b / a) > 3
+
+    here, there = median(i), median(i + step)
+    if here is None:
+        return False
+    if there is not None:
+        return far(here, there)
+    near, next_ = median(i - step), median(i - 2 * step)
+    return near is not None and next_ is not None and not far(near, next_)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 __all__ = [
     "CompscaleError",
+    "GuessError",
+    "GuessWarning",
     "NoStageError",
+    "NotACNNError",
     "ResolutionError",
     "RewriteError",
     "TooLargeError",
@@ -38,6 +41,16 @@ class NoStageError(CompscaleError):
     """Depth scaling was asked for but the model has no stage to deepen."""
 
 
+class GuessError(CompscaleError):
+    """``strict=True``: a stage would be deepened on a weaker signal than a repeat of the model's own."""
+
+
+class GuessWarning(UserWarning):
+    """compscale decided something on a weaker signal than the model's own evidence (a stage it guessed); the
+    warning and the stage table (``Stage.evidence``, ``Stage.guessed``) say which. ``strict=True`` makes it a
+    :class:`GuessError`."""
+
+
 class WidthError(CompscaleError):
     """A width plan that cannot be built (a channel group would be empty, a divisor cannot hold)."""
 
@@ -52,3 +65,7 @@ class ResolutionError(CompscaleError):
 
 class TooLargeError(CompscaleError):
     """The planned network has more parameters than ``max_params`` (by default, what fits in free memory)."""
+
+
+class NotACNNError(NoStageError):
+    """The model is not a convolutional network of stages (a vision transformer: attention and MLPs over tokens)."""

@@ -75,6 +75,23 @@ def _unknown(spec: str) -> CompscaleError:
     )
 
 
+def _import_here(module_name: str) -> Any:
+    """Import ``module_name`` as ``python -c`` would: the current folder first (an installed console script does not
+    put it on ``sys.path``), for this import only."""
+    import os
+    import sys
+
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
 def load_model(spec: str) -> nn.Module:
     """Build a model with random weights from a torchvision name (``resnet50``), ``timm/NAME``, or
     ``package.module:callable`` returning an ``nn.Module``.
@@ -85,7 +102,7 @@ def load_model(spec: str) -> nn.Module:
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
-            factory: Callable[[], Any] = getattr(importlib.import_module(module_name), attr)
+            factory: Callable[[], Any] = getattr(_import_here(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise CompscaleError(f"cannot load {spec!r}: {e}", "give package.module:callable, importable here.") from e
         model = factory()

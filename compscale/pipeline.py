@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,23 +25,27 @@ from compscale.analyse.channels import analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
 from compscale.errors import RewriteError, TooLargeError
-from compscale.planning.budget import params_limit
-from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
+from compscale.planning.budget import PHI_LIMIT, params_limit
+from compscale.planning.depth import check_evidence, dense_costs, stage_counts, transition_ratios
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
 from compscale.planning.planner import Planner, derive_widths, no_stage_error, plan_widths, search_phi
 from compscale.planning.strategy import StrategyLike
 from compscale.rewrite.depth import deepen
-from compscale.rewrite.init import InitRules
+from compscale.rewrite.init import Draws, InitRules, drawing_from
+from compscale.rewrite.metadata import update_metadata
 from compscale.rewrite.padding import follow_same_padding
 from compscale.rewrite.preserve import Growth, cancel_new_channels
-from compscale.rewrite.resolution import adapt_inputs
+from compscale.rewrite.resolution import adapt_inputs, follow_global_pools
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
 from compscale.trace.tracer import Traced, graph_module, propagate_shapes
 from compscale.verify.function import output_error
 
-__all__ = ["build", "solve_latency"]
+if TYPE_CHECKING:
+    from compscale.verify.latency import Latency
+
+__all__ = ["PHI_STEP", "build", "solve_latency"]
 
 log = logging.getLogger("compscale")
 
@@ -49,12 +54,11 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
           seed: int | None = None) -> nn.Module:
     """A scaled copy of ``model`` by ``mult``, carrying its plan as ``result.scaling``.
 
-    ``growth`` grows the model's weights (``init="preserve"``); ``seed`` seeds every random draw, in a forked
-    generator (preserve draws with seed 0 when none is given).
+    ``growth`` grows the model's weights (``init="preserve"``); ``seed`` seeds every random draw, made from
+    generators of this call's own (preserve draws with seed 0 when none is given; fresh weights with one draw of
+    torch's global generator as the seed).
     """
-    with channel_rules(options.rules), contextlib.ExitStack() as rng:  # rng: seeded draws, restored even on error
-        if seed is not None or growth is not None:
-            rng.enter_context(_seeded(model, 0 if seed is None else seed))
+    with channel_rules(options.rules), _seeded(model, 0 if seed is None and growth is not None else seed):
         work = copy.deepcopy(model)
         kept = {id(p) for p in work.parameters()}
         if growth is not None:
@@ -66,6 +70,8 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
                            options=options.stored())
         init_rules = InitRules(model)
         table = find_stages(traced, options.stages)
+        if options.stages is None:  # stages named by the user are theirs, not a guess
+            check_evidence(table, mult.depth, options.strict, type(model).__name__)
         work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth)
         deepened = any(s.blocks_before != s.blocks_after for s in plan.stages)
         same_graph = not deepened  # the graph traced above is still the network's: verify without re-tracing
@@ -82,13 +88,13 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
             same_graph = not (cg.literals or cg.shape_owners) and set(changed) <= leaves
             plan.groups = [GroupPlan(g.id, g.base, widths[g.id], derivations[g.id].rule,
                                      tuple(p for p, _ in g.members)) for g in cg.groups]
-        rng.close()
         if growth is not None:
             plan.init, plan.init_error = "preserve", output_error(model, work, traced.input_shape,
                                                                   options.extra_inputs)
         if plan.input_size != base:
             same_graph = False
             follow_same_padding(work, traced, (*traced.input_shape[:2], *plan.input_size))
+            follow_global_pools(work, traced, (*traced.input_shape[:2], *plan.input_size))
             adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), init_rules,
                          notes=growth.inexact if growth is not None else None)
         _verify(work, traced, plan, same_graph and traced.root is work)
@@ -97,17 +103,18 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
             plan.inexact = dict(growth.inexact)
             _warn_inexact(type(model).__name__, plan, growth.noise)
         work.scaling = plan  # type: ignore[assignment]
+        update_metadata(work, model, plan)  # what the model's library reads back describes the scaled network
         log.info("scaled %s:\n%s", type(model).__name__, plan)
         return work
 
 
 @contextlib.contextmanager
-def _seeded(model: nn.Module, seed: int) -> Iterator[None]:
-    """Draw from torch's generators seeded with ``seed`` (the model's device's too), then restore their states."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+def _seeded(model: nn.Module, seed: int | None) -> Iterator[Draws]:
+    """Within this block, on this thread, random fills draw from generators of compscale's own seeded with ``seed``
+    (one per device the model's weights are on), or, without one, with one draw of torch's global generator; the
+    global generators are neither reseeded nor drawn from again, and other threads are not touched."""
+    with drawing_from(Draws(seed)) as draws:
+        yield draws
 
 
 def _warn_inexact(name: str, plan: ScalingPlan, noise: float) -> None:
@@ -202,71 +209,196 @@ def _rebind(traced: Traced, model: nn.Module, input_shape: tuple[int, ...]) -> T
 
 def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | None = None, alpha: float = 1.2,
                   beta: float = 1.1, gamma: float = 1.15, depth: float | None = None, width: float | None = None,
-                  resolution: float | None = None, candidates: int = 4, **measure: Any) -> ScalingPlan:
+                  resolution: float | None = None, candidates: int = 4, max_params: int | None = None,
+                  rounds: int = 3, measure_plan: Callable[[ScalingPlan], Latency] | None = None,
+                  **measure: Any) -> ScalingPlan:
     """The plan whose measured latency comes closest to ``target`` seconds per call, along ``strategy``.
 
     Latency is timed on built networks (fresh weights drawn with seed 0, the model's device and dtype), which costs
     seconds each, so the search plans on a counted metric and measures few candidates: the network at phi = 0
     (the base model itself unless explicit multipliers scale it), then up to ``candidates`` networks, each at the
     phi where a line through the two measured ``(phi, log latency)`` points nearest the target meets it (the first
-    guess assumes latency grows with activations, Dollar et al.'s finding). Steps stay within 2 of the measured
-    phis, and inside the bracket once the target is bracketed; a candidate larger than the device's memory allows
-    is not built. The plan returned carries its measured latency in ``plan.latency``.
+    guess assumes latency grows with activations, Dollar et al.'s finding). Candidates lie on a grid of
+    :data:`PHI_STEP` (finer than timing noise can tell apart, so that the same machine gives the same phi), within 2
+    of the measured phis, inside the bracket once the target is bracketed, and within the largest phi whose plan has
+    at most ``max_params`` parameters (by default half the free memory of the model's device): nothing larger is
+    built. When even that network would take less than a quarter of the target by its counted costs, or measures
+    below the target beyond its noise, ``TooLargeError`` says so before anything larger than the base is built.
+
+    The measured points nearest the target, on either side, are then timed again, interleaved over ``rounds`` rounds
+    (:func:`~compscale.verify.latency.compare`), so that one disturbed measurement cannot decide; the closest is
+    returned, with its median and IQR in ``plan.latency``/``plan.latency_iqr``. A miss beyond the noise and 5% warns,
+    as the counted targets do.
 
     Args:
         planner: the analysed model (its ``model`` is built and timed; its options decide the build).
         target: seconds per call of the scaled network, at the batch size ``measure`` gives (1 by default).
-        candidates: the most scaled networks built and timed.
-        measure: :func:`compscale.verify.latency.latency`'s options (``batch_size``, ``min_run_time``...).
+        candidates: the most scaled networks built and timed while searching.
+        max_params: the most parameters a candidate may have (:func:`~compscale.planning.budget.params_limit`).
+        rounds: rounds of the final, interleaved timing.
+        measure_plan: times a plan instead (``plan -> Latency``): a latency table, or a test's deterministic model.
+        measure: :func:`compscale.verify.latency.latency`'s options (``batch_size``, ``min_run_time``, ``threads``...).
     """
-    from compscale.verify.latency import latency
+    from compscale.verify.latency import compare
 
-    if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+    if isinstance(target, bool) or not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
         raise ValueError(f"target_latency must be a positive number of seconds, got {target!r}")
 
     def plan_at(phi: float) -> ScalingPlan:
         return planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
                             resolution=resolution, strategy=strategy)
 
-    def timed(p: ScalingPlan) -> float | None:
-        m = p.multipliers
-        if (m.depth, m.width, m.resolution) == (1.0, 1.0, 1.0):
-            net = planner.model
-        elif not _fits(planner.model, p):
-            return None
-        else:
-            with _seeded(planner.model, 0):
-                net = build(planner.model, p.multipliers, planner.options)
-        inputs = _timing_inputs(planner.options, p.input_size)
-        return latency(net, p.input_size, example_inputs=inputs, **measure).median
-
+    timer = measure_plan if measure_plan is not None else _plan_timer(planner, measure)
     base = plan_at(0.0)
-    measured: dict[float, float] = {}
-    first = timed(base)
-    if first is None:
-        raise TooLargeError(f"{planner.model_name} at phi=0 with the given multipliers does not fit in memory",
-                            "give smaller multipliers.")
-    measured[0.0] = first
-    phi = search_phi(lambda x: float(plan_at(x).acts or 0) / float(base.acts or 1), target / first)  # ~ acts
-    for _ in range(candidates):
-        phi = round(phi, 6)
-        if phi in measured:
+    limit = params_limit(planner.model, max_params)
+    if limit is not None and (base.params or 0) > limit:
+        raise TooLargeError(f"{planner.model_name} at phi=0 with the given multipliers has {base.params:,} "
+                            f"parameters, more than max_params={limit:,}", "give smaller multipliers or max_params=.")
+    low, high = _phi_range(plan_at, limit)
+    measured = {0.0: timer(base)}
+    _check_reachable(planner.model_name, plan_at, base, measured[0.0].median, target, high, limit)
+    phi = search_phi(lambda x: float(plan_at(x).acts or 0) / float(base.acts or 1), target / measured[0.0].median)
+    for _ in range(2):  # search, confirm; search on from the confirmed figures when they moved
+        for _ in range(candidates):
+            phi = _on_grid(phi, low, high)
+            if phi in measured:
+                break
+            measured[phi] = timer(plan_at(phi))
+            phi = _next_phi({x: t.median for x, t in measured.items()}, target)
+        nearest = _nearest(measured, target)
+        confirmed = dict(zip(nearest, compare([functools.partial(_time_at, timer, plan_at, x) for x in nearest],
+                                              rounds)))
+        moved = any(not confirmed[x].agrees_with(measured[x].median) for x in nearest)
+        measured.update(confirmed)
+        if not moved:
             break
-        got = timed(plan_at(phi))
-        if got is None:  # too large to build: the target lies below
-            measured[phi] = math.inf
-        else:
-            measured[phi] = got
-        phi = _next_phi(measured, target)
-    finite = {x: t for x, t in measured.items() if math.isfinite(t)}
-    best = min(finite, key=lambda x: abs(math.log(finite[x] / target)))
+        phi = _next_phi({x: t.median for x, t in measured.items()}, target)
+    if high < PHI_LIMIT and high in measured and measured[high].median < target and not measured[high].agrees_with(
+            target):
+        raise _too_large(planner.model_name, target, high, measured[high].median, limit)
+    best = min(confirmed, key=lambda x: abs(math.log(confirmed[x].median / target)))
     result = plan_at(best)
-    result.latency = finite[best]
-    log.info("target latency %.4g s: measured %s", target, {f"{k:g}": f"{v:.4g}" for k, v in sorted(measured.items())})
+    result.latency, result.latency_iqr = confirmed[best].median, confirmed[best].iqr
+    log.info("target latency %.4g s: measured %s; confirmed %s", target,
+             {f"{k:g}": f"{v.median:.4g}" for k, v in sorted(measured.items())},
+             {f"{k:g}": str(v) for k, v in sorted(confirmed.items())})
+    _warn_miss(planner.model_name, target, best, confirmed[best], result)
     return result
 
 
-def _next_phi(measured: dict[float, float], target: float) -> float:
+def _time_at(timer: Callable[[ScalingPlan], Latency], plan_at: Callable[[float], ScalingPlan], phi: float) -> Latency:
+    return timer(plan_at(phi))
+
+
+PHI_STEP = 0.25
+"""The grid of phis a latency search times: a step changes latency by 10-20%, about what timing noise can resolve."""
+
+
+def _plan_timer(planner: Planner, measure: dict[str, Any]) -> Callable[[ScalingPlan], Latency]:
+    """Time a plan: the base model itself at phi=0 without explicit multipliers, else a network built with seed 0."""
+    from compscale.verify.latency import latency
+
+    def timer(p: ScalingPlan) -> Latency:
+        m = p.multipliers
+        plain = (m.depth, m.width, m.resolution) == (1.0, 1.0, 1.0)
+        net = planner.model if plain else build(planner.model, m, planner.options, seed=0)
+        inputs = _timing_inputs(planner.options, p.input_size)
+        return latency(net, p.input_size, example_inputs=inputs, **measure)
+
+    return timer
+
+
+def _phi_range(plan_at: Callable[[float], ScalingPlan], limit: int | None) -> tuple[float, float]:
+    """The grid phis a search may time: the lowest with a plan (a width or size collapses below it), the highest whose
+    plan has at most ``limit`` parameters."""
+
+    def valid(phi: float) -> bool:
+        try:
+            p = plan_at(phi)
+        except ValueError:
+            return False
+        return phi <= 0 or limit is None or (p.params or 0) <= limit
+
+    low, high = -PHI_LIMIT, PHI_LIMIT
+    if not valid(low):
+        low = _edge(valid, 0.0, low)
+    if not valid(high):
+        high = _edge(valid, 0.0, high)
+    return math.ceil(low / PHI_STEP) * PHI_STEP, math.floor(high / PHI_STEP) * PHI_STEP
+
+
+def _edge(valid: Callable[[float], bool], good: float, bad: float) -> float:
+    """The last valid phi between ``good`` (valid) and ``bad`` (not), to a hundredth of ``PHI_STEP``."""
+    while abs(bad - good) > PHI_STEP / 100:
+        mid = (good + bad) / 2
+        good, bad = (mid, bad) if valid(mid) else (good, mid)
+    return good
+
+
+def _on_grid(phi: float, low: float, high: float) -> float:
+    return round(min(high, max(low, round(phi / PHI_STEP) * PHI_STEP)), 6)
+
+
+_REACH = 4.0  # latency grows at most about as MACs or activations do; 4x covers a slow layer kind and the noise
+
+
+def _check_reachable(name: str, plan_at: Callable[[float], ScalingPlan], base: ScalingPlan, first: float,
+                     target: float, high: float, limit: int | None) -> None:
+    """Refuse, before building anything larger than the base, a target that even the largest network within
+    ``limit`` would miss by far: latency, by the counted costs, grows no faster than MACs or activations."""
+    if high >= PHI_LIMIT or limit is None:
+        return
+    top = plan_at(high)
+    growth = max((top.macs or 0) / max(base.macs or 1, 1), (top.acts or 0) / max(base.acts or 1, 1), 1.0)
+    if first * growth * _REACH < target:
+        raise _too_large(name, target, high, first * growth, limit, predicted=True)
+
+
+def _too_large(name: str, target: float, phi: float, seconds: float, limit: int | None,
+               predicted: bool = False) -> TooLargeError:
+    how = "would take about" if predicted else "measured"
+    return TooLargeError(
+        f"target_latency={target:.4g} s needs {name} larger than max_params={limit:,} parameters allow: the largest "
+        f"network within it (phi={phi:g}) {how} {seconds:.4g} s",
+        "give a smaller target_latency, or a larger max_params= if the memory is there.",
+    )
+
+
+def _nearest(measured: Mapping[float, Latency], target: float) -> list[float]:
+    """The measured phis to time again: the nearest below the target and the nearest above it (or the two nearest,
+    when all lie on one side)."""
+    below = [x for x, t in measured.items() if t.median < target]
+    above = [x for x, t in measured.items() if t.median >= target]
+    if below and above:
+        return sorted({max(below, key=lambda x: measured[x].median), min(above, key=lambda x: measured[x].median)})
+    return sorted(sorted(measured, key=lambda x: abs(math.log(measured[x].median / target)))[:2])
+
+
+_TOO_NOISY = 0.5  # an IQR above half the median: the timings cannot tell neighbouring phis apart
+
+
+def _warn_miss(name: str, target: float, phi: float, got: Latency, plan: ScalingPlan) -> None:
+    if got.spread > _TOO_NOISY:
+        warnings.warn(
+            f"compscale: the timings of {name} are too noisy to find {target:.4g} s per call: phi={phi:g} measured "
+            f"{got.median:.4g} s ± {got.iqr:.2g} s (IQR {got.spread:.0%} of the median, {len(got.times)} runs); the "
+            "machine is busy: time on fewer threads (threads=, --threads) or when it is quieter",
+            stacklevel=4,
+        )
+        return
+    miss = got.median / target - 1
+    if abs(miss) <= 0.05 or got.agrees_with(target):
+        return
+    warnings.warn(
+        f"compscale: the network of {name} closest to {target:.4g} s per call along strategy "
+        f"{plan.multipliers.strategy!r} measured {got.median:.4g} s ± {got.iqr:.2g} s ({miss:+.0%}, phi={phi:g}, "
+        f"{len(got.times)} runs): latency moves in steps (phi on a grid of {PHI_STEP}, whole blocks, widths and "
+        "sizes rounded to 8), and a target below the smallest network is out of reach",
+        stacklevel=4,
+    )
+
+
+def _next_phi(measured: Mapping[float, float], target: float) -> float:
     """The next phi to time: inside the tightest bracket of the target when the measurements have one (regula
     falsi in log latency), else a secant step through the two points nearest the target, kept within 2 of them."""
     pts = sorted((x, math.log(t)) for x, t in measured.items())
@@ -284,12 +416,6 @@ def _next_phi(measured: dict[float, float], target: float) -> float:
     (x0, y0), (x1, y1) = near
     step = (goal - y0) * (x1 - x0) / (y1 - y0)
     return x0 + max(-2.0, min(2.0, step))
-
-
-def _fits(model: nn.Module, plan: ScalingPlan) -> bool:
-    """Whether the planned network fits in half the free memory of the model's device (as ``scale`` checks)."""
-    limit = params_limit(model)
-    return limit is None or plan.params is None or plan.params <= limit
 
 
 def _timing_inputs(options: ScaleOptions, size: tuple[int, ...]) -> tuple[torch.Tensor, ...]:

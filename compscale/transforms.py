@@ -12,13 +12,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 from torchvision.transforms import v2
 
 from compscale.planning.plan import as_hw
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "train_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "image_processor", "train_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,3 +56,55 @@ def train_transform(
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),
     ])
+
+
+def image_processor(scaled: nn.Module, processor: Any = None) -> Any:
+    """The Hugging Face image processor for ``scaled``'s input size: a copy of ``processor`` (by default, the one
+    transformers pairs with the model's ``config.model_type``) that crops ``scaled.scaling.input_size``, resizing
+    in the same ratio to the crop as before.
+
+    Example:
+        >>> r = compscale.scale(transformers.ResNetForImageClassification(config), phi=1)   # doctest: +SKIP
+        >>> compscale.image_processor(r)(image, return_tensors="pt")["pixel_values"].shape  # doctest: +SKIP
+        torch.Size([1, 3, 256, 256])
+    """
+    from compscale.errors import CompscaleError
+
+    plan = getattr(scaled, "scaling", None)
+    if plan is None or len(plan.input_size) != 2:
+        raise CompscaleError(f"{type(scaled).__name__} carries no 2-d `scaling` plan",
+                             "pass a model returned by compscale.scale for images.")
+    if processor is None:
+        processor = _default_processor(scaled)
+    h, w = plan.input_size
+    cfg = processor.to_dict()
+    size, crop = dict(cfg.get("size") or {}), dict(cfg.get("crop_size") or {})
+    crop = {k: v for k, v in crop.items() if v is not None}
+    if size.get("height") and size.get("width"):
+        ratio = (size["height"] / crop["height"], size["width"] / crop["width"]) if crop.get("height") else (1, 1)
+        size.update(height=round(h * ratio[0]), width=round(w * ratio[1]))
+    elif size.get("shortest_edge"):
+        ratio_edge = size["shortest_edge"] / min(crop["height"], crop["width"]) if crop.get("height") else 1
+        size["shortest_edge"] = round(min(h, w) * ratio_edge)
+    if crop.get("height"):
+        crop.update(height=h, width=w)
+    cfg.update(size={k: v for k, v in size.items() if v is not None}, **({"crop_size": crop} if crop else {}))
+    for key in ("image_processor_type", "processor_class", "_processor_class"):
+        cfg.pop(key, None)
+    return type(processor).from_dict(cfg)
+
+
+def _default_processor(scaled: nn.Module) -> Any:
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    from compscale.errors import CompscaleError
+
+    model_type = getattr(getattr(scaled, "config", None), "model_type", None)
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) if model_type else None
+    if not names:
+        raise CompscaleError(f"{type(scaled).__name__} is no Hugging Face model with an image processor",
+                             "pass processor=, or use scaled.scaling.eval_transform() (torchvision).")
+    import transformers
+
+    name = names.get("torchvision") or next(iter(names.values())) if isinstance(names, dict) else names
+    return getattr(transformers, name)()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -296,3 +297,74 @@ def test_scale_with_the_fast_strategy_to_a_target(capsys: pytest.CaptureFixture[
     assert report["acts"] > report["base"]["acts"] and report["acts_ratio"] < report["macs_ratio"]
     code, out, _ = run(["scale", "resnet18", "--target-acts", "5M"], capsys)
     assert code == 0 and "target 5.00 M activations" in out and "activations 2.48 M ->" in out
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"compscale {version('compscale')}"
+
+
+def test_an_unwritable_save_path_is_one_line_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
+    """/proc accepts no new file, whatever os.access says: the path is tried before the model is built."""
+    code, out, err = run(["scale", "resnet50", "--phi", "2", "--save", "/proc/x.pt", "--progress"], capsys)
+    assert_one_line_error(code, err, "--save /proc/x.pt: cannot be written")
+    assert out == ""
+
+
+def test_a_writable_save_path_is_left_as_it_was_when_checked(tmp_path: Path) -> None:
+    from compscale.cli import _check_save_path
+
+    _check_save_path(str(tmp_path / "new.pt"))
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_timing_prints_no_torch_import_warning() -> None:
+    """torch.utils.benchmark logs "No CUDA runtime is found" when imported: latency() imports it quietly."""
+    code = "import torch, compscale; compscale.latency(torch.nn.Conv2d(3, 4, 3), 8, min_run_time=0.01)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.slow
+def test_no_torch_import_warning_in_the_output() -> None:
+    result = subprocess.run([sys.executable, "-m", "compscale", "table", "resnet18", "--phi", "0", "--latency",
+                             "--input-size", "32", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "CUDA" not in result.stderr + result.stdout and "Warning" not in result.stderr, result.stderr
+
+
+def test_threads_are_pinned_shown_and_restored(mynets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    code, out, _ = run(["table", "mynets:tiny", "--phi", "0,1", "--latency", "--input-size", "32", "--threads", "1",
+                        "--json"], capsys)
+    assert code == 0 and torch.get_num_threads() == before
+    table = json.loads(out)
+    assert table["threads"] == 1 and table["rounds"] == 3
+    assert all(r["latency"]["runs"] >= 15 and r["latency"]["iqr"] >= 0 for r in table["rows"])  # 3 rounds of 5+
+
+
+def test_a_table_row_far_from_its_neighbours_is_flagged() -> None:
+    from compscale.cli import _flag_rows
+
+    ms = (0.010, 0.050, 0.013, 0.020, 0.7, 0.014, 0.02)  # one row 3x off in the middle, one first row 3x off
+    rows = [{"strategy": s, "latency": {"median": m, "iqr": 0.01 * m}} for s, m in zip("aaaabbb", ms)]
+    rows.append({"strategy": "c", "latency": {"median": 0.02, "iqr": 0.01}})
+    _flag_rows(rows)
+    assert [bool(r.get("flag")) for r in rows] == [False, True, False, False, True, False, False, True]
+
+
+@pytest.mark.slow
+def test_the_model_table_script_reports_each_named_model(tmp_path: Path) -> None:
+    page = tmp_path / "models.md"
+    script = Path(__file__).parent.parent / "docs" / "model_table.py"
+    result = subprocess.run([sys.executable, str(script), "--names", "resnet18,squeezenet1_0,vit_b_16", "--write",
+                             str(page)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert re.search(r"\| resnet18 \| x2\.\d\d MACs \| x1\.\d\d MACs \| x2\.\d\d MACs \|", text), text
+    assert re.search(r"\| squeezenet1_0 \| x2\.\d\d MACs \|", text), text
+    assert "| vit_b_16 | NotACNNError" in text and "3 of the" in text and "2 of 3 scale all three ways" in text

@@ -115,7 +115,10 @@ def test_fixed_works_with_a_target_and_plan_agrees_with_scale() -> None:
     plan = compscale.plan(resnet18(), **kwargs)
     scaled = compscale.scale(resnet18(), **kwargs)
     prof = compscale.profile(scaled, 224)
-    assert scaled.layer4[1].conv2.out_channels == 512 and scaled.layer4[0].conv1.out_channels == 768
+    # the stage keeps its width, its first block's conv1 included (a basic-block stage has one width); the
+    # stage before it is scaled
+    assert scaled.layer4[1].conv2.out_channels == 512 and scaled.layer4[0].conv1.out_channels == 512
+    assert scaled.layer3[0].conv1.out_channels == 384
     assert (plan.macs, plan.params, plan.acts) == (prof.macs, prof.params, prof.acts)
     targeted = compscale.scale(resnet18(), target_macs=2 * plan.base_macs, strategy="width",
                                fixed=["layer4.1.conv2"])

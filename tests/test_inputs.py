@@ -37,7 +37,7 @@ def audio_resnet() -> nn.Sequential:
 def test_a_1d_resnet_scales_from_its_example_input() -> None:
     net = audio_resnet()
     scaled = compscale.scale(net, phi=1, example_inputs=(torch.randn(1, 1, 16000),))
-    assert scaled.scaling.input_size == (18400,)  # 16000 x 1.15, a multiple of 8
+    assert scaled.scaling.input_size == (21160,)  # 16000 x 1.15**2 (gamma**(2/k) per dim for k dims), a multiple of 8
     assert [(s.blocks_before, s.blocks_after) for s in scaled.scaling.stages] == [(2, 3), (2, 3)]
     convs = [m for m in scaled if isinstance(m, nn.Conv1d)]
     assert [c.out_channels for c in convs] == [32, 72]  # 32 x 1.1 rounds back to 32; 64 x 1.1 -> 72

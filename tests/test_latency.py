@@ -116,3 +116,112 @@ def test_compiled_model_is_timed_and_the_model_left_alone() -> None:
     assert lat.compiled and lat.median > 0 and str(lat).endswith(", compiled")
     assert model.training and type(model) is nn.Sequential
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- the procedure: runs, warm-up, threads, outliers, interleaved comparison, the latency search ---------------------
+
+def test_a_spread_is_never_quoted_from_fewer_than_five_runs() -> None:
+    from compscale.verify.latency import MIN_RUNS
+
+    lat = latency(tiny_net(), 16, min_run_time=1e-6, warmup=0, threads=1)  # one block would do for the timer
+    assert MIN_RUNS == 5 and len(lat.times) >= MIN_RUNS
+    assert f"IQR, {len(lat.times)} runs)" in str(lat)
+
+
+def test_warms_up_at_least_as_asked_and_until_settled() -> None:
+    lat = latency(tiny_net(), 16, min_run_time=0.01, warmup=4, threads=1)
+    assert 4 <= lat.warmup_runs <= 50
+
+
+def test_threads_are_pinned_shown_and_restored() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lat = latency(tiny_net(), 16, min_run_time=0.01, threads=1)
+        assert lat.threads == 1 and "1 thread" in str(lat) and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            latency(tiny_net(), 16, min_run_time=0.01, threads=1, batch_size=0)
+        assert torch.get_num_threads() == 2
+        assert latency(tiny_net(), 16, min_run_time=0.01).threads == 2  # by default: torch's own count, shown
+    finally:
+        torch.set_num_threads(before)
+
+
+def fake(median: float, runs: int = 5) -> Latency:
+    return Latency(median, 0.02 * median, (median,) * runs, 1, (32, 32), "cpu", False, 1)
+
+
+def test_compare_interleaves_the_points_and_times_a_disturbed_round_again() -> None:
+    from compscale.verify.latency import compare
+
+    calls: list[str] = []
+    disturbed = iter([False, True, False, False])  # b's second round is disturbed, 10x slower
+
+    def measure(name: str, seconds: float) -> Latency:
+        calls.append(name)
+        hit = name == "b" and next(disturbed)
+        return fake(seconds * (10 if hit else 1))
+
+    a, b = compare([lambda: measure("a", 1e-3), lambda: measure("b", 2e-3)], rounds=3)
+    assert calls[:6] == ["a", "b", "a", "b", "a", "b"]  # interleaved: round after round
+    assert calls[6:] == ["b"]  # the disturbed round of b, timed again
+    assert a.median == pytest.approx(1e-3) and b.median == pytest.approx(2e-3)
+    assert b.rounds == 3 and b.remeasured == 1 and len(b.times) == 15
+
+
+def plan_latency(planner: object, disturb: int | None = None) -> object:
+    """A deterministic latency model of a plan (1 ms x its activations ratio), with one call 5x slower."""
+    count = iter(range(1000))
+
+    def measure(p: object) -> Latency:
+        seconds = 1e-3 * p.acts / p.base_acts  # type: ignore[attr-defined]
+        return fake(seconds * (5 if next(count) == disturb else 1))
+
+    return measure
+
+
+@pytest.fixture(scope="module")
+def planner() -> object:
+    from torchvision.models import resnet18
+
+    from compscale import Planner
+
+    return Planner(resnet18(num_classes=10), input_size=64)
+
+
+def test_the_latency_search_gives_one_phi_and_one_disturbed_measurement_does_not_change_it(planner: object) -> None:
+    from compscale.pipeline import PHI_STEP
+
+    target = 3e-3
+    plain = [planner.solve(target, "latency", measure_plan=plan_latency(planner)) for _ in range(2)]  # type: ignore
+    assert plain[0].multipliers.phi == plain[1].multipliers.phi
+    assert (plain[0].multipliers.phi / PHI_STEP).is_integer() and plain[0].latency_iqr is not None
+    for disturb in range(5):
+        got = planner.solve(target, "latency", measure_plan=plan_latency(planner, disturb))  # type: ignore
+        assert got.multipliers.phi == plain[0].multipliers.phi
+
+
+def test_a_latency_target_out_of_reach_warns_like_the_counted_targets(planner: object) -> None:
+    with pytest.warns(UserWarning, match=r"closest to 1e-09 s per call .* measured .* out of reach"):
+        planner.solve(1e-9, "latency", measure_plan=plan_latency(planner))  # type: ignore[attr-defined]
+
+
+def test_the_latency_search_builds_nothing_beyond_max_params(planner: object) -> None:
+    timed: list[int] = []
+
+    def measure(p: object) -> Latency:
+        timed.append(p.params)  # type: ignore[attr-defined]
+        return fake(1e-3 * p.acts / p.base_acts)  # type: ignore[attr-defined]
+
+    got = planner.solve(2e-3, "latency", measure_plan=measure, max_params=30_000_000)  # type: ignore
+    assert max(timed) <= 30_000_000 and got.params <= 30_000_000
+
+
+def test_a_latency_search_on_timings_too_noisy_to_decide_warns(planner: object) -> None:
+    def noisy(p: object) -> Latency:
+        seconds = 1e-3 * p.acts / p.base_acts  # type: ignore[attr-defined]
+        times = tuple(seconds * f for f in (0.2, 0.5, 1, 2, 3))  # a busy machine: IQR 1.5x the median
+        return Latency(seconds, 1.5 * seconds, times, 1, (64, 64), "cpu", False, 1)
+
+    with pytest.warns(UserWarning, match=r"too noisy to find 0\.003 s per call.*IQR 150% of the median"):
+        planner.solve(3e-3, "latency", measure_plan=noisy)  # type: ignore[attr-defined]

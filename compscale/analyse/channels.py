@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any, NoReturn
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from compscale.analyse.probe import probed_rule
@@ -76,8 +78,10 @@ class ChannelGroup:
 class LayerChannels:
     """The channel groups a conv/linear layer reads (segments, in order) and writes.
 
-    ``pooled`` is true when the layer sees no spatial extent (a 1x1 map or an (N, C) tensor), as the
-    squeeze and excitation layers of SE and a classifier do.
+    ``pooled`` is true when the layer reads a summary of its map, as the squeeze and excitation layers of SE and
+    a classifier do: the output of a global pool (an adaptive pool to one value, a mean over the spatial dims) or
+    of layers and elementwise ops on one, or a tensor without spatial dims at all. It is read from the graph, not
+    from the map being 1x1 at the traced size: a 1x1 conv on a 1x1 map of a small input is spatial.
     """
 
     path: str
@@ -134,6 +138,7 @@ class ChannelGraph:
     literals: list[SizeLiteral] = dataclasses.field(default_factory=list)
     interleaved: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     sliding: list[str] = dataclasses.field(default_factory=list)
+    outputs: tuple[int, ...] = ()
     """``params``: tensor attributes used in ``forward`` (a layer scale), by qualified name: the dimension
     that runs over channels and its groups. ``channel_dims``: the channel dimension of each node whose
     channels are not dimension 1 (a channels-last tensor after ``permute(0, 2, 3, 1)``). ``shape_owners``:
@@ -142,7 +147,8 @@ class ChannelGraph:
     (MixConv). ``sums``: a group that is the concatenation of others (a conv output that ``x[:, :c]`` and
     ``x[:, c:]`` cut in two: DPN, ReXNet). ``literals``: numbers the model keeps that follow the width.
     ``interleaved``: the ``(out, src)`` ties whose wider side alternates the other's channels (a depthwise multiplier,
-    a shuffle) rather than repeating them in blocks. ``sliding``: layers that slide along the channels (ECA)."""
+    a shuffle) rather than repeating them in blocks. ``sliding``: layers that slide along the channels (ECA).
+    ``outputs``: the groups of the traced graph's outputs (of one block, when the graph is one)."""
 
     def group_of(self, path: str, role: str = "out") -> ChannelGroup:
         """The group of a layer's output (``role="out"``), or of a norm/depthwise layer's channels."""
@@ -204,6 +210,7 @@ class RuleContext:
         self.members: list[tuple[int, str, str]] = []
         self.layers: dict[str, tuple[Desc, Desc]] = {}
         self.pooled: set[str] = set()
+        self.summaries: set[fx.Node] = set()  # nodes holding a global summary of a map (see is_summary)
         self.ties: list[tuple[int, int, Fraction]] = []
         self.interleaved: set[tuple[int, int]] = set()  # ties whose copies alternate (c * k + j), not follow in blocks
         self.sliding: list[str] = []  # layers sliding along the channels (ECA's Conv1d): they mix neighbours
@@ -237,6 +244,9 @@ class RuleContext:
         in dimension 2 (SK's and ResNeSt's attention over branches): the source's ``k * C`` follows ``C``."""
         view = self.grouped[node]
         assert self.current is not None
+        if not view.factors:  # rules.py keeps a map whose channels were reduced away as a view of no dimension
+            self.unsupported(self.current, f"it reads {node.name}, a map whose channels were reduced away "
+                             "(`x.mean(dim=1)`), where it expects channels")
         if view.order != tuple(range(len(view.factors))) or len(view.factors) != 2:
             self.unsupported(self.current, f"it reads {node.name}, a view of channels as {view.factors} whose axes "
                              "are swapped or more than two", "compscale follows (N, k, C, ...) views of (N, k*C, ...) "
@@ -412,7 +422,7 @@ class RuleContext:
                     self.uf.union(a, b)
             return
         self.layers[path] = (src, out)
-        if node is not None and all(d == 1 for d in self.spatial(node)):
+        if node is not None and (self.input_node(node) in self.summaries or not self.spatial(self.input_node(node))):
             self.pooled.add(path)
         self.member(src, path, "in")
         self.member(out, path, "out")
@@ -557,7 +567,111 @@ def analyse_channels(traced: Traced, pin_io: bool = True) -> ChannelGraph:
         desc = _visit(ctx, node)
         if desc is not None:
             ctx.descs[node] = desc
+        if is_summary(ctx, node):
+            ctx.summaries.add(node)
     return _collect(ctx)
+
+
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                       F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+_WINDOW_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_WINDOW_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d)
+_REDUCTIONS = ("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", torch.amin)
+# ops that give a summary spatial extent again: it is no longer one value per channel
+_SPREADS: tuple[Any, ...] = (F.interpolate, "expand", "expand_as", "repeat", "tile", torch.tile, "broadcast_to",
+                             torch.broadcast_to, F.pad)
+_SPREAD_MODULES: tuple[type[nn.Module], ...] = (nn.Upsample, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                                nn.ConvTranspose3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+                                                nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                                                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+                                                nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+
+
+def is_summary(ctx: RuleContext, node: fx.Node) -> bool:
+    """Whether ``node`` holds a global summary of a map, whatever the input size: a global pool
+    (:func:`_global_pool`), or an op whose tensor inputs are all summaries and that does not spread them out again
+    (a conv, Linear, activation, view or arithmetic on pooled values: SE's squeeze and excitation)."""
+    if _global_pool(ctx, node):
+        return True
+    if node.op == "call_module":
+        if isinstance(ctx.traced.module(node), _SPREAD_MODULES):
+            return False
+    elif node.op in ("call_function", "call_method") and _in(node.target, _SPREADS):
+        return False
+    tensors = [a for a in node.all_input_nodes
+               if a in ctx.descs or a in ctx.multi or a in ctx.grouped or a in ctx.summaries]
+    return bool(tensors) and all(a in ctx.summaries for a in tensors)
+
+
+def _global_pool(ctx: RuleContext, node: fx.Node) -> bool:
+    """An op that pools its whole map into one value per channel by what the graph says, not by the traced size:
+    an adaptive pool to 1, a ``mean``/``sum``/``amax`` over every spatial dim, a pool whose window is read from its
+    input's own shape (``F.avg_pool2d(x, x.size()[2:])``), a pooling module whose window is its whole map
+    (``nn.AvgPool2d(7)`` on a 7x7 map: :func:`_whole_map`)."""
+    if node.op == "call_module":
+        module = ctx.traced.module(node)
+        if isinstance(module, _WINDOW_POOLS):  # a window written for the base size: global if it is the whole map
+            src = ctx.input_node(node)
+            return ctx.traced.has_shape(src) and _whole_map(module, ctx.spatial(src))
+        return isinstance(module, _ADAPTIVE_POOLS) and _all_ones(module.output_size)
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    src = node.args[0]
+    if not ctx.traced.has_shape(src):
+        return False
+    if _in(node.target, _ADAPTIVE_FUNCTIONS):
+        return _all_ones(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
+    if _in(node.target, _WINDOW_FUNCTIONS):
+        kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+        return _reads_shape_of(kernel, src)
+    if _in(node.target, _REDUCTIONS):
+        arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [arg] if isinstance(arg, int) else list(arg) if isinstance(arg, (list, tuple)) else []
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return False
+        ndim, c = len(ctx.shape(src)), ctx.channel_dim(src)
+        spatial = set(range(ndim)) - {0, c}
+        return bool(spatial) and {int(d) % ndim for d in dims} == spatial
+    return False
+
+
+def _whole_map(pool: nn.Module, size: tuple[int, ...]) -> bool:
+    """Whether a fixed-window pool (``nn.AvgPool2d(7)`` on ResNet's 7x7 map) takes its whole map, unpadded: a global
+    pool written for one input size, which the resolution pass keeps global at any other
+    (:func:`compscale.rewrite.resolution.follow_global_pools`)."""
+    def dims(v: Any) -> tuple[int, ...]:
+        return tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(size)
+
+    dilation = getattr(pool, "dilation", 1)
+    return (bool(size) and dims(pool.kernel_size) == size and not any(dims(pool.padding))
+            and all(d == 1 for d in dims(dilation)))
+
+
+def _in(target: Any, targets: Sequence[Any]) -> bool:
+    try:
+        return any(target is t or (isinstance(t, str) and target == t) for t in targets)
+    except TypeError:
+        return False
+
+
+def _all_ones(size: Any) -> bool:
+    """An adaptive pool's output size of one value (``1``, ``(1, 1)``; ``None`` keeps a dim: not global)."""
+    if isinstance(size, int):
+        return size == 1
+    return isinstance(size, (list, tuple)) and bool(size) and all(d == 1 for d in size)
+
+
+def _reads_shape_of(arg: Any, src: fx.Node, depth: int = 4) -> bool:
+    """Whether ``arg`` (a pool's window) is computed from ``src``'s own ``size()``/``shape``."""
+    nodes = [a for a in (arg if isinstance(arg, (list, tuple)) else (arg,)) if isinstance(a, fx.Node)]
+    for n in nodes:
+        if (n.target in ("size", "shape") or (n.target is getattr and n.args[1:2] == ("shape",))) and n.args[0] is src:
+            return True
+        if depth and _reads_shape_of(list(n.args), src, depth - 1):
+            return True
+    return False
 
 
 def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
@@ -672,5 +786,7 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
     literals = [SizeLiteral(path, name, tuple(tuple((gid(s), f) for s, f in e) for e in entries), is_list,
                             value is not None, value) for path, name, entries, is_list, value in ctx.literals]
     _fix_followers(groups, ties, parts, sums)
+    outputs = tuple(dict.fromkeys(gid(s) for out in ctx.traced.output_nodes if out in ctx.descs
+                                  for s, _ in ctx.descs[out]))
     return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners,
-                        parts, sums, literals, {(gid(a), gid(b)) for a, b in ctx.interleaved}, ctx.sliding)
+                        parts, sums, literals, {(gid(a), gid(b)) for a, b in ctx.interleaved}, ctx.sliding, outputs)

@@ -218,9 +218,9 @@ def get_function_rule(node: fx.Node) -> FunctionRule | None:
 # --- module rules -------------------------------------------------------------------------------
 
 
-def elementwise(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc:
-    """Output channels are the input's: activations, dropout, pooling, identity."""
-    return ctx.input_desc(node)
+def elementwise(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc | None:
+    """Output channels are the input's: activations, dropout, pooling, identity (a map without channels stays one)."""
+    return _first(ctx, node)
 
 
 def fixed(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc:
@@ -299,20 +299,27 @@ def flatten_module(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
 # --- function rules -----------------------------------------------------------------------------
 
 
-def _binary(ctx: RuleContext, node: fx.Node) -> Desc:
-    """add/sub/mul/div: channels of tensor operands are one space (broadcast size-1 channels excepted).
+def _binary(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """add/sub/mul/div: channels of tensor operands are one space (broadcast size-1 channels excepted, and pinned
+    to one channel).
 
     A tensor attribute operand (a layer scale ``gamma * x``) runs over the same channels along the dimension
     broadcasting aligns with the other operand's channels.
     """
     args = [*node.args[:2], *(v for k, v in node.kwargs.items() if k == "other")]
     operands = [a for a in args if isinstance(a, fx.Node) and ctx.is_tensor(a)]
+    if operands and all(_channelless(ctx, a) for a in operands):  # max + mean of two maps without channels
+        ctx.grouped[node] = ctx.grouped[operands[0]]
+        return None
     wide = [a for a in operands if ctx.channels(a) > 1]
     if not operands:
         ctx.unsupported(node, "an arithmetic op without a tensor operand that carries channels")
     desc = ctx.desc((wide or operands)[0])
     for other in wide[1:]:
         ctx.union(desc, ctx.desc(other), node)
+    for one in (a for a in operands if wide and ctx.channels(a) == 1):
+        # a map of one channel broadcast over the others (a spatial attention gate): it must stay one channel
+        ctx.pin(ctx.desc(one), f"one channel broadcast over {ctx.channels(wide[0])} at {node.name}")
     for attr in (a for a in args if isinstance(a, fx.Node) and a in ctx.attrs):
         _scale_param(ctx, node, attr, (wide or operands)[0], desc)
     return desc
@@ -348,8 +355,115 @@ def _scale_param(ctx: RuleContext, node: fx.Node, view: fx.Node, peer: fx.Node, 
     ctx.param(attr, desc, long[0])
 
 
-def _first(ctx: RuleContext, node: fx.Node) -> Desc:
-    return ctx.input_desc(node)
+def _first(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """An elementwise op: the input's channels (a map without channels stays one)."""
+    src_node = ctx.input_node(node)
+    if _channelless(ctx, src_node):
+        ctx.grouped[node] = ctx.grouped[src_node]
+        return None
+    return ctx.desc(src_node)
+
+
+# --- maps without a channel dimension -------------------------------------------------------------
+# ``x.mean(dim=1)`` and ``x.max(dim=1)[0]`` (CBAM's spatial gate) reduce the channels away: an ``(N, H, W)`` map.
+# It is kept as a grouped view of one fixed channel split into no dimension (``GroupedView(desc, (), ())``), so
+# that every rule that does not expect it refuses it; ``unsqueeze``/``view``/``stack`` give it its channel back.
+
+
+def _no_channels(ctx: RuleContext, node: fx.Node, why: str) -> None:
+    """Record ``node`` as a map without a channel dimension (it has one fixed channel when given one back)."""
+    ctx.grouped[node] = GroupedView(ctx.new_space(node, 1, fixed_reason=why), (), ())
+
+
+def _channelless(ctx: RuleContext, node: Any) -> bool:
+    return isinstance(node, fx.Node) and node in ctx.grouped and node not in ctx.descs \
+        and ctx.grouped[node].factors == ()
+
+
+def _channel_back(ctx: RuleContext, node: fx.Node, src_node: fx.Node) -> Desc:
+    """A map without channels given a dimension of size 1 (``unsqueeze(1)``, ``view(N, 1, H, W)``): one channel."""
+    src, out = ctx.shape(src_node), ctx.shape(node)
+    new = [i for i in range(1, len(out)) if out[i] == 1 and tuple(out[:i]) + tuple(out[i + 1:]) == tuple(src)]
+    if not new:
+        ctx.unsupported(node, f"a view {tuple(src)} -> {tuple(out)} of a map whose channels were reduced away")
+    ctx.cdim[node] = new[0]
+    return ctx.grouped[src_node].desc
+
+
+def _unsqueeze(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """``unsqueeze(d)``: a dimension of size 1 before or after the channels (``att.unsqueeze(2).unsqueeze(3)``
+    makes an SE gate of an ``(N, C)`` vector); of a map without channels, the new dimension holds its one channel."""
+    src_node = ctx.input_node(node)
+    if _channelless(ctx, src_node):
+        return _channel_back(ctx, node, src_node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(dim, int):
+        ctx.unsupported(node, f"an unsqueeze at {dim!r}")
+    ndim, c = len(ctx.shape(src_node)), ctx.channel_dim(src_node)
+    ctx.cdim[node] = c + 1 if dim % (ndim + 1) <= c else c
+    return ctx.desc(src_node)
+
+
+def _squeeze(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """``squeeze(d)``: dimensions of size 1 dropped; the channels move back, or, one channel squeezed, go."""
+    src_node = ctx.input_node(node)
+    if _channelless(ctx, src_node):
+        ctx.unsupported(node, "a squeeze of a map whose channels were reduced away")
+    shape, c = ctx.shape(src_node), ctx.channel_dim(src_node)
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = [arg] if isinstance(arg, int) else list(arg) if isinstance(arg, (list, tuple)) else \
+        list(range(len(shape))) if arg is None else None
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        ctx.unsupported(node, f"a squeeze of {arg!r}")
+    gone = {d % len(shape) for d in dims if shape[d] == 1}
+    if 0 in gone:
+        ctx.unsupported(node, "a squeeze of the batch dimension")
+    if c in gone:
+        ctx.pin(ctx.desc(src_node), f"one channel squeezed away by {node.name}")
+        ctx.grouped[node] = GroupedView(ctx.desc(src_node), (), ())
+        return None
+    ctx.cdim[node] = c - sum(1 for d in gone if d < c)
+    return ctx.desc(src_node)
+
+
+def _expand(ctx: RuleContext, node: fx.Node) -> Desc:
+    """``expand_as(y)``/``expand(*sizes)``: size-1 dims broadcast. Channels kept (new leading dims move them); one
+    channel broadcast over ``y``'s channels (BAM's ``gate.expand_as(x)``) is ``y``'s channels, and stays one."""
+    src_node = ctx.input_node(node)
+    src, out = ctx.shape(src_node), ctx.shape(node)
+    c = ctx.channel_dim(src_node) + len(out) - len(src)
+    ctx.cdim[node] = c
+    if out[c] == src[c - len(out) + len(src)]:
+        return ctx.desc(src_node)
+    target = _expanded_like(ctx, node, c)
+    if target is None:
+        ctx.unsupported(node, f"an expand of {src[c - len(out) + len(src)]} channel(s) to {out[c]} of no tensor "
+                        "compscale follows")
+    ctx.pin(ctx.desc(src_node), f"one channel broadcast over {out[c]} at {node.name}")
+    return ctx.desc(target)
+
+
+def _expanded_like(ctx: RuleContext, node: fx.Node, c: int) -> fx.Node | None:
+    """The tensor whose channels an expand takes: ``expand_as``'s argument, or the tensor whose ``size(c)``
+    (``x.size(1)``, ``x.size()[1]``, ``x.shape[1]``) gives the channel size of ``expand``."""
+    if node.target == "expand_as":
+        other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        return other if isinstance(other, fx.Node) and ctx.is_tensor(other) and ctx.channel_dim(other) == c else None
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = tuple(sizes[0])
+    size = sizes[c] if c < len(sizes) else None
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2 and size.args[1] == c:
+        tensor = size.args[0]
+    elif size.target is operator.getitem and size.args[1] == c and isinstance(size.args[0], fx.Node) and (
+            size.args[0].target in ("size", "shape") or (size.args[0].target is getattr
+                                                           and size.args[0].args[1] == "shape")):
+        tensor = size.args[0].args[0]
+    else:
+        return None
+    return tensor if isinstance(tensor, fx.Node) and ctx.is_tensor(tensor) and ctx.channel_dim(tensor) == c else None
 
 
 def _flatten(ctx: RuleContext, node: fx.Node) -> Desc:
@@ -381,6 +495,8 @@ def _permute(ctx: RuleContext, node: fx.Node) -> Desc | None:
 def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src_node = ctx.input_node(node)
     src, out = ctx.shape(src_node), ctx.shape(node)
+    if _channelless(ctx, src_node):
+        return _channel_back(ctx, node, src_node)
     if src_node in ctx.grouped:
         return _ungroup(ctx, node, src_node)
     factors = _channel_factors(src, out) if ctx.channel_dim(src_node) == 1 else None
@@ -466,7 +582,15 @@ def _transpose(ctx: RuleContext, node: fx.Node) -> Desc | None:
             order[a - 1], order[b - 1] = order[b - 1], order[a - 1]
             ctx.grouped[node] = view._replace(order=tuple(order))
             return None
-    ctx.unsupported(node, "a transpose that moves the channel dimension")
+    if len(dims) != 2 or _channelless(ctx, src_node):
+        ctx.unsupported(node, "a transpose compscale did not follow")
+    ndim, c = len(ctx.shape(src_node)), ctx.channel_dim(src_node)
+    a, b = (d % ndim for d in dims)
+    if 0 in (a, b) and a != b:
+        ctx.unsupported(node, "a transpose that moves the batch dimension")
+    # the channels move with their dim (a shuffle in one group, (N, 1, C, H, W).transpose(1, 2), is no shuffle)
+    ctx.cdim[node] = b if c == a else a if c == b else c
+    return ctx.desc(src_node)
 
 
 def _contiguous(ctx: RuleContext, node: fx.Node) -> Desc | None:
@@ -536,10 +660,12 @@ def _follow_split(ctx: RuleContext, node: fx.Node, size_arg: Any, pieces: Sequen
     return ctx.follow_literal(node, [(size_arg, (pieces[0],)), (ctx.width(src), (src,))], "a split")
 
 
-def _getitem(ctx: RuleContext, node: fx.Node) -> Desc:
+def _getitem(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src_node, index = node.args[0], node.args[1]
     if isinstance(src_node, fx.Node) and src_node in ctx.multi and isinstance(index, int):
         return ctx.multi[src_node][index]
+    if isinstance(src_node, fx.Node) and index in (0, 1) and _reduced_pair(src_node):
+        return _max_along(ctx, node, src_node)  # x.max(dim=1)[0]: the values (or the indices) of a max over a dim
     if isinstance(src_node, fx.Node) and isinstance(index, tuple) and _only_new_dims(index):
         ctx.cdim[node] = _moved_channel_dim(index, len(ctx.shape(src_node)), ctx.channel_dim(src_node))
         return ctx.input_desc(node)  # x[:, :, None, None]: a view that only adds size-1 dims
@@ -612,13 +738,55 @@ def _moved_channel_dim(index: tuple[Any, ...], ndim: int, c: int) -> int:
     return out + (c - src)
 
 
-def _reduce(ctx: RuleContext, node: fx.Node) -> Desc:
+def _reduce(ctx: RuleContext, node: fx.Node) -> Desc | None:
     """``x.mean(dim, keepdim)``, ``sum``, ``amax``: channels kept unless the channel dim is reduced."""
     arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     return _reduction(ctx, node, arg, node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2]))
 
 
-def _vector_norm(ctx: RuleContext, node: fx.Node) -> Desc:
+_MAX_MIN: tuple[Any, ...] = (torch.max, torch.min, "max", "min")
+
+
+def _reduced_pair(node: fx.Node) -> bool:
+    """A ``max``/``min`` over a dimension (``x.max(dim=1)``, ``torch.max(x, 1)``): a (values, indices) pair."""
+    if node.op not in ("call_function", "call_method") or node.target not in _MAX_MIN:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return isinstance(dim, int)
+
+
+def _max_along(ctx: RuleContext, node: fx.Node, pair: fx.Node) -> Desc | None:
+    """The values or indices of ``x.max(dim, keepdim)``: a reduction of ``x`` over ``dim``."""
+    dim = pair.args[1] if len(pair.args) > 1 else pair.kwargs.get("dim")
+    keepdim = pair.kwargs.get("keepdim", len(pair.args) > 2 and pair.args[2])
+    return _reduction(ctx, node, dim, keepdim, src=ctx.input_node(pair))
+
+
+def _max_min(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """``torch.max(a, b)``: elementwise, as ``a + b`` (over a dim, ``max`` returns a pair that ``getitem``
+    follows)."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if isinstance(other, fx.Node) and ctx.is_tensor(other):
+        return _binary(ctx, node)
+    ctx.unsupported(node, f"a {node.target if isinstance(node.target, str) else node.target.__name__} of "
+                    f"{other!r} compscale did not follow")
+
+
+def _tensor_attribute(ctx: RuleContext, node: fx.Node) -> Desc | None:
+    """``x.max(dim=1).values`` / ``.indices`` (as ``[0]`` / ``[1]``); any other tensor-valued attribute is probed
+    as an op without a rule is."""
+    src_node, name = node.args[0], node.args[1]
+    if isinstance(src_node, fx.Node) and name in ("values", "indices") and _reduced_pair(src_node):
+        return _max_along(ctx, node, src_node)
+    from compscale.analyse.probe import probed_rule  # probe imports this module
+
+    desc = probed_rule(ctx, node)
+    if desc is None:
+        ctx.unsupported(node, f"no channel rule for the tensor attribute {name!r}")
+    return desc
+
+
+def _vector_norm(ctx: RuleContext, node: fx.Node) -> Desc | None:
     """``torch.linalg.vector_norm(x, ord, dim, keepdim)`` (ConvNeXt-V2's GRN: a norm over the spatial dims)."""
     arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     return _reduction(ctx, node, arg, node.kwargs.get("keepdim", len(node.args) > 3 and node.args[3]))
@@ -634,19 +802,29 @@ def _pad(ctx: RuleContext, node: fx.Node) -> Desc:
     return ctx.input_desc(node)
 
 
-def _reduction(ctx: RuleContext, node: fx.Node, arg: Any, keepdim: Any) -> Desc:
+def _reduction(ctx: RuleContext, node: fx.Node, arg: Any, keepdim: Any, src: fx.Node | None = None) -> Desc | None:
+    """A reduction of ``src`` (by default ``node``'s input) over the dims ``arg``.
+
+    Over other dims than the channels it keeps them (they move back if dims before them go). Over the channels
+    alone it is a statistic of them (a hand-written norm, CBAM's and BAM's spatial gates): with ``keepdim`` a map
+    of one fixed channel (broadcast back over the channels), else a map without channels (``unsqueeze`` gives
+    it its one channel back).
+    """
     dims: tuple[int, ...] = (arg,) if isinstance(arg, int) else tuple(a for a in arg if isinstance(a, int)) \
         if isinstance(arg, (list, tuple)) else ()
-    src = ctx.input_node(node)
+    src = ctx.input_node(node) if src is None else src
     ndim, c = len(ctx.shape(src)), ctx.channel_dim(src)
     reduced = {d % ndim for d in dims}
     if reduced == {c} and keepdim:  # a statistic over channels (a hand-written norm): one channel, broadcast back
         return ctx.new_space(node, 1, fixed_reason=f"a reduction over channels ({node.name})")
+    if reduced == {c} and len(ctx.shape(node)) == ndim - 1:
+        _no_channels(ctx, node, f"a reduction over channels ({node.name})")
+        return None
     if not dims or reduced & {0, c}:
         ctx.unsupported(node, "a reduction over the channel (or batch) dimension")
     out_c = c if keepdim else c - sum(1 for d in reduced if d < c)
     ctx.cdim[node] = out_c
-    return ctx.input_desc(node)
+    return ctx.desc(src)
 
 
 def _cat(ctx: RuleContext, node: fx.Node) -> Desc:
@@ -692,6 +870,9 @@ def _stack(ctx: RuleContext, node: fx.Node) -> Desc:
             or not all(ctx.is_tensor(t) for t in tensors):
         ctx.unsupported(node, "a stack of tensors compscale did not follow")
     ndim = len(ctx.shape(node))
+    if all(_channelless(ctx, t) for t in tensors) and dim % ndim != 0:  # stack([mean, max], 1): k fixed channels
+        ctx.cdim[node] = dim % ndim
+        return tuple(seg for t in tensors if isinstance(t, fx.Node) for seg in ctx.grouped[t].desc)
     c = ctx.channel_dim(first)
     if dim % ndim == 0 or any(ctx.channel_dim(t) != c for t in tensors if isinstance(t, fx.Node)):
         ctx.unsupported(node, "a stack along the batch dimension, or of tensors with channels in different dims")
@@ -741,7 +922,6 @@ _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.adaptive_avg_pool3d, F.adaptive_max_pool3d, F.avg_pool3d, F.max_pool3d,
     torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.exp,
     operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clone", "neg", "sqrt", "rsqrt", "exp",
-    "expand_as", "expand",
 )
 _MULTI_OUTPUT: tuple[Any, ...] = ("chunk", "split", torch.chunk, torch.split)
 
@@ -781,13 +961,22 @@ def _register_builtin() -> None:
         BUILTIN.register(f, _flatten)
     for f in ("view", "reshape", torch.reshape):
         BUILTIN.register(f, _reshape)
-    for f in ("transpose", torch.transpose):
+    for f in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
         BUILTIN.register(f, _transpose)
+    for f in ("unsqueeze", torch.unsqueeze):
+        BUILTIN.register(f, _unsqueeze)
+    for f in ("squeeze", torch.squeeze):
+        BUILTIN.register(f, _squeeze)
+    for f in ("expand", "expand_as"):
+        BUILTIN.register(f, _expand)
+    for f in _MAX_MIN:
+        BUILTIN.register(f, _max_min)
+    BUILTIN.register(getattr, _tensor_attribute)
     BUILTIN.register("contiguous", _contiguous)
     for f in _MULTI_OUTPUT:
         BUILTIN.register(f, _split)
     BUILTIN.register(operator.getitem, _getitem)
-    for f in ("mean", torch.mean, "amax", "sum", torch.sum, torch.amax):
+    for f in ("mean", torch.mean, "amax", "sum", torch.sum, torch.amax, "amin", torch.amin):
         BUILTIN.register(f, _reduce)
     BUILTIN.register(torch.stack, _stack)
     for f in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax"):

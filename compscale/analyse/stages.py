@@ -6,6 +6,16 @@ residual, stride 1, in == out) are *repeats*; the module types of repeats are th
 types. A *stage* is a run of consecutive blocks of one type whose blocks after the first are repeats.
 A block of a block type that no repeat follows is a one-block stage.
 
+A unit is repeated only where the model shows it is repeatable, and each stage records how (``Stage.evidence``):
+``"repeats"`` (a residual block, a dense layer, or a run of two or more units with one signature), ``"class"`` (a
+lone unit of a kind that the network repeats elsewhere: EfficientNet's one-block MBConv stages, VGG's one-conv
+stages) or, on a weaker signal (``Stage.guessed``), ``"place"`` (a lone block known by its container's place among
+stage containers) and ``"lone"`` (a lone run of a flat container that nothing else repeats, whose stride-1 copy keeps
+its shape). A container is looked into, not copied: a generic container is known by its children's types, a
+residual block wrapped with parameter-free layers (``Sequential(ConcatTable, CAddTable, ReLU)``) is the wrapper, and
+a module that only chains units of a list is no unit. The unit that first takes the raw input (a stem) is no stage of
+a network whose stages are blocks.
+
 Example:
     >>> from torchvision.models import resnet50
     >>> from compscale.trace import trace
@@ -20,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch.fx as fx
 from torch import nn
@@ -27,8 +38,11 @@ from torch import nn
 from compscale.analyse.ops import OpKind, is_add, is_residual_add, op_kind
 from compscale.trace import Traced, module_path
 
-__all__ = ["Block", "Stage", "StageTable", "cut_points", "find_blocks", "find_stages"]
+__all__ = ["GUESSED", "Block", "Evidence", "Stage", "StageTable", "cat_inputs", "cut_points", "find_blocks",
+           "find_stages"]
 
+Evidence = Literal["repeats", "class", "place", "lone"]
+GUESSED: tuple[Evidence, ...] = ("place", "lone")  # what is decided on a weaker signal than a repeat of the model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +61,8 @@ class Block:
         layers: for a *run* (a unit of a flat container such as torchvision VGG's ``features``: a conv and the
             layers after it up to the next conv or downsampling), the paths of its layers; ``path`` is the first's.
             Empty for a module.
+        signature: for a generic container (``nn.Sequential``...), its children's class names: what tells a
+            residual unit built of containers from the container of the whole network. Empty for other modules.
     """
 
     path: str
@@ -58,6 +74,12 @@ class Block:
     out_shape: tuple[int, ...]
     residual: str | None
     layers: tuple[str, ...] = ()
+    signature: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> tuple[type, tuple[str, ...]]:
+        """What makes two blocks of one kind: their class, and for generic containers their children's classes."""
+        return self.module_type, self.signature
 
     @property
     def last_path(self) -> str:
@@ -110,6 +132,13 @@ class Stage:
     whole_parent: bool = False  # the blocks are all the children of their parent module
     concat: str | None = None  # a dense block's own output: the concatenation of its input and all its layers
     plain: bool = False  # units of a plain network: a stride-1 unit with in == out is a repeat without a residual
+    evidence: Evidence = "repeats"  # what shows that the stage's unit is repeatable (see the module docstring)
+    taps: bool = False  # the blocks' outputs are also concatenated after the stage (a C2f/CSP block's bottlenecks)
+
+    @property
+    def guessed(self) -> bool:
+        """Whether the stage was found on a weaker signal than a repeat of the model's own (``"place"``, ``"lone"``)."""
+        return self.evidence in GUESSED
 
     @property
     def exit(self) -> str:
@@ -174,11 +203,15 @@ class StageTable:
         return self.stages[i]
 
     def __str__(self) -> str:
-        rows = [("stage", "blocks", "block type", "in -> out ch", "stride", "first .. last")]
+        # the evidence column when a stage has other evidence than its own repeats (a lone block, a guess)
+        evidence = any(s.evidence != "repeats" for s in self.stages)
+        rows = [("stage", "blocks", "block type", "in -> out ch", "stride", *(("evidence",) if evidence else ()),
+                 "first .. last")]
         for s in self.stages:
             first, last = s.blocks[0].path, s.blocks[-1].last_path
+            why = (s.evidence + (" (guessed)" if s.guessed else ""),) if evidence else ()
             rows.append((s.name, str(len(s.blocks)), s.blocks[0].type_name, f"{s.in_channels:>5} -> {s.out_channels}",
-                         str(s.stride), first if first == last else f"{first} .. {last}"))
+                         str(s.stride), *why, first if first == last else f"{first} .. {last}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -212,7 +245,7 @@ def find_blocks(traced: Traced) -> list[Block]:
     for i, n in enumerate(nodes):
         if n.op == "placeholder":
             continue
-        path = module_path(n)
+        path = _node_path(n)
         parts = path.split(".") if path else []
         for k in range(1, len(parts) + (0 if n.op == "call_module" else 1)):
             spans.setdefault(".".join(parts[:k]), []).append(i)
@@ -229,9 +262,24 @@ def find_blocks(traced: Traced) -> list[Block]:
             continue
         region = nodes[first:last + 1]
         module = traced.root.get_submodule(path)
+        signature = tuple(type(c).__name__ for c in module.children()) if isinstance(module, _CONTAINERS) else ()
         blocks.append(Block(path, type(module).__name__, type(module), entry.name, exit_.name,
-                            tuple(traced.shape(entry)), tuple(traced.shape(exit_)), _residual(traced, region, entry)))
+                            tuple(traced.shape(entry)), tuple(traced.shape(exit_)), _residual(traced, region, entry),
+                            signature=signature))
     return blocks
+
+
+def _node_path(node: fx.Node) -> str:
+    """The module a node runs in, as :func:`~compscale.trace.module_path`, but for a layer shared by several modules
+    (ultralytics' ``Conv.default_act``, one ``nn.SiLU`` for the whole network) the module that calls it: fx names
+    such a layer by its first owner's path, which would put it outside the block it runs in."""
+    path = module_path(node)
+    if node.op == "call_module":
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        caller = str(stack[-2][0]) if len(stack) >= 2 else ""
+        if caller and not path.startswith(caller + "."):
+            return f"{caller}.{path.rpartition('.')[2]}"
+    return path
 
 
 def _bypassed(nodes: Sequence[fx.Node], pos: dict[fx.Node, int], first: int, last: int) -> bool:
@@ -319,18 +367,18 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
             or a predicate on a block's path (``lambda path: path.startswith("layer")``).
     """
     all_blocks = find_blocks(traced)
-    block_types = {b.module_type for b in all_blocks
-                   if (b.is_repeat or b.grows) and _innermost_residual(b, all_blocks)}
-    if not block_types:
+    wrapped = _wrapped(traced, all_blocks)
+    units = [b for b in all_blocks if b.path not in wrapped]
+    block_kinds = {b.kind for b in units if (b.is_repeat or b.grows) and _innermost_residual(b, units)}
+    if not block_kinds:
         return _plain_stages(traced, all_blocks, stages)
-    candidates = [b for b in _outermost([b for b in all_blocks if b.module_type in block_types])
-                  if _wanted(b.path, stages)]
+    candidates = [b for b in _outermost([b for b in units if b.kind in block_kinds]) if _wanted(b.path, stages)]
     result: list[Stage] = []
     for b in candidates:
         cur = result[-1] if result else None
         joins = (cur is not None and (b.is_repeat or (b.grows and (cur.grows or _opens(cur))))
                  and cur.blocks[-1].exit == b.entry
-                 and b.module_type is cur.blocks[0].module_type and _parent(b.path) == cur.parent)
+                 and b.kind == cur.blocks[0].kind and _parent(b.path) == cur.parent)
         if joins and cur is not None:
             cur.blocks.append(b)
         else:
@@ -339,6 +387,8 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
     # otherwise it has no layer granularity: adding a copy would add a whole dense block, not layers
     result = [s for s in (_dense_stage(traced, s.blocks[0]) if s.grows and len(s.blocks) == 1 else s for s in result)
               if s is not None]
+    for s in result:  # a stage without a repeat of its own is one of a kind that the network repeats elsewhere
+        s.evidence = "repeats" if s.grows or any(b.is_repeat for b in s.blocks) else "class"
     lone = [s for s in _lone_stages(traced, result, all_blocks) if _wanted(s.blocks[0].path, stages)]
     if lone:
         order = {n.name: i for i, n in enumerate(traced.graph.nodes)}
@@ -347,16 +397,61 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
         s.index = i
     for s in result:
         s.whole_parent = _is_whole_parent(traced, s)
+        s.taps = s.concat is None and _taps(traced, s)
     return StageTable(result, all_blocks)
 
 
-def _plain_stages(traced: Traced, blocks: list[Block], stages: StageFilter | None) -> StageTable:
-    """The stages of a network none of whose blocks merges its input back (VGG, MobileNetV1, RepVGG, LCNet).
+def _wrapped(traced: Traced, blocks: Sequence[Block]) -> set[str]:
+    """Paths of residual blocks that their parent module wraps: the wrapper is the unit.
 
-    Its units are the modules of a type that its containers hold several of (:func:`_module_units`), else the
-    runs of layers of a flat container (:func:`_flat_units`); a depthwise-only unit joins the next one.
-    Consecutive units of one type and one parent form a stage while the resolution stays: each unit after the
-    first has stride 1, and runs of a flat container also have the same layers (:func:`_signature`).
+    The parent merges its input back too, holds no other residual block, and runs nothing with parameters after the
+    block: a module around it (pytorchcv's ``BamResUnit``, an attention module then the ``ResUnit``), or a generic
+    container that adds parameter-free layers after it (torch7-converted nets:
+    ``nn.Sequential(ConcatTable(branch, shortcut), CAddTable(), nn.ReLU())``). A container that only holds the block
+    (a stage of one block) is not its unit.
+    """
+    nodes = _data_nodes(traced)
+    pos = {n.name: i for i, n in enumerate(nodes)}
+    by_path = {b.path: b for b in blocks}
+    residual = [b for b in blocks if b.residual in ("identity", "concat", "projection")]
+    found = set()
+    for inner in residual:
+        outer = by_path.get(_parent(inner.path))
+        if outer is None or outer.residual is None or pos[outer.exit] < pos[inner.exit]:
+            continue
+        tail = nodes[pos[inner.exit] + 1:pos[outer.exit] + 1]
+        if any(_has_params(traced, n) for n in tail):
+            continue
+        if isinstance(traced.root.get_submodule(outer.path), _CONTAINERS) and (not tail or outer.entry != inner.entry):
+            continue
+        if any(o is not inner and o.path.startswith(outer.path + ".") and not o.path.startswith(inner.path + ".")
+               for o in residual):
+            continue  # the parent holds several residual blocks: a stage, not a wrapper
+        found.add(inner.path)
+    return found
+
+
+def _taps(traced: Traced, stage: Stage) -> bool:
+    """Whether a channel concatenation after the stage reads a block's input and its output: the block list of a
+    C2f/ELAN-style block (``y = [x]; y.extend(m(y[-1]) for m in self.m); cv2(cat(y))``), whose new blocks' outputs
+    join the concatenation, so that the layer reading it takes more channels."""
+    nodes = {n.name: n for n in traced.graph.nodes}
+    for b in stage.blocks:
+        for user in nodes[b.exit].users:
+            inputs = cat_inputs(user)
+            if inputs is not None and nodes[b.entry] in inputs:
+                return True
+    return False
+
+
+def _plain_stages(traced: Traced, blocks: list[Block], stages: StageFilter | None) -> StageTable:
+    """The stages of a network none of whose blocks merges its input back (VGG, MobileNetV1, RepVGG, Inception).
+
+    Its units are the modules of a kind that its containers hold several of, or that the network chains one after
+    another (:func:`_module_units`), else the runs of layers of a flat container (:func:`_flat_units`); a
+    depthwise-only unit joins the next one. Consecutive units of one kind and one parent form a stage while the
+    resolution stays: each unit after the first has stride 1, and runs of a flat container also have the same layers
+    (:func:`_signature`). A stage is kept on evidence (:func:`_plain_evidence`).
     """
     module_units = _module_units(traced, blocks)
     found = module_units or _flat_units(traced, blocks)
@@ -364,15 +459,69 @@ def _plain_stages(traced: Traced, blocks: list[Block], stages: StageFilter | Non
     result: list[Stage] = []
     for u in units:
         cur = result[-1] if result else None
-        if (cur is not None and cur.blocks[-1].exit == u.entry and u.module_type is cur.blocks[0].module_type
+        if (cur is not None and cur.blocks[-1].exit == u.entry and u.kind == cur.blocks[0].kind
                 and _parent(u.path) == cur.parent and u.in_shape[2:] == u.out_shape[2:]
                 and (bool(module_units) or _signature(traced, u) == _signature(traced, cur.blocks[-1]))):
             cur.blocks.append(u)
         else:
             result.append(Stage(len(result), [u], plain=True))
-    for s in result:
+    result = _plain_evidence(traced, result, flat=not module_units)
+    for i, s in enumerate(result):
+        s.index = i
         s.whole_parent = _is_whole_parent(traced, s)
     return StageTable(result, [*blocks, *(u for u in units if u.layers)])
+
+
+def _plain_evidence(traced: Traced, stages: list[Stage], flat: bool) -> list[Stage]:
+    """The plain stages kept, each with its evidence.
+
+    ``"repeats"``: two units of the stage have one signature (:func:`_unit_signature`: the layers, kernels and
+    paddings, not the widths or strides). ``"class"``: a unit of the stage has the signature of a unit of such a
+    stage (VGG's one-conv stages), or, where no stage has two, of a unit of another stage (ResNeSt-14's one-block
+    stages), unless it is the stem of a network of modules (it takes the raw input). Other stages are no stages, but
+    for a flat container's lone run whose stride-1 copy keeps its input's shape (``"lone"``, guessed): nothing but its
+    runs tells the units of a flat network.
+    """
+    signatures = [[_unit_signature(traced, b) for b in s.blocks] for s in stages]
+    repeated = {sig for sigs in signatures for sig, n in Counter(sigs).items() if n >= 2}
+    if not repeated:  # no stage repeats a unit: a unit that opens several stages is the network's (ResNeSt-14)
+        repeated = {sig for sig, n in Counter(sig for sigs in signatures for sig in set(sigs)).items() if n >= 2}
+    kept = []
+    for s, sigs in zip(stages, signatures):
+        if any(sigs.count(sig) >= 2 for sig in sigs):
+            s.evidence = "repeats"
+        elif any(sig in repeated for sig in sigs) and (flat or not _is_stem(traced, s.blocks[0])):
+            s.evidence = "class"  # but a stem unit of a network of modules, which its stages follow
+        elif flat and _keeps_shape_at_stride_1(traced, s.blocks[-1]):
+            s.evidence = "lone"
+        else:
+            continue
+        kept.append(s)
+    return kept
+
+
+def _unit_signature(traced: Traced, unit: Block) -> tuple[object, ...]:
+    """What makes units alike: their kind, and their convs' kernels, dilations, paddings and depthwise-ness in order
+    (not their widths or strides: a stage's first unit downsamples). Inception's ``Conv2d_2a_3x3`` (unpadded) and
+    ``Conv2d_2b_3x3`` (padded) differ; ``Mixed_5b`` .. ``Mixed_5d`` do not."""
+    layers = [traced.root.get_submodule(p) for p in unit.layers or (unit.path,)]
+    convs = tuple((type(m).__name__, m.kernel_size, m.dilation, m.padding,
+                   m.groups > 1 and m.groups == m.in_channels)
+                  for layer in layers for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    return (unit.kind if not unit.layers else _signature(traced, unit), convs)
+
+
+def _keeps_shape_at_stride_1(traced: Traced, unit: Block) -> bool:
+    """Whether every conv of the unit, at stride 1, keeps its input's size (``2 * padding == dilation * (k - 1)``):
+    AlexNet's 11x11 stem (padding 2) does not, so a copy of it cannot follow it."""
+    for p in unit.layers or (unit.path,):
+        for m in traced.root.get_submodule(p).modules():
+            if not isinstance(m, nn.modules.conv._ConvNd) or m.padding == "same":
+                continue
+            if isinstance(m.padding, str) or any(2 * pad != d * (k - 1) for pad, d, k in
+                                                 zip(m.padding, m.dilation, m.kernel_size)):
+                return False
+    return True
 
 
 def _attach_depthwise(traced: Traced, units: list[Block]) -> list[Block]:
@@ -417,23 +566,51 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _module_units(traced: Traced, blocks: Sequence[Block]) -> list[Block]:
-    """The outermost blocks, held in containers, of a type with a convolution that containers hold several of
-    (timm's ``DepthwiseSeparableConv`` in MobileNetV1, ``RepVggBlock`` with its identity-BN and 1x1 branches).
+    """The outermost modules with a convolution that the network holds several of, one after another: held in
+    containers (timm's ``DepthwiseSeparableConv`` in MobileNetV1, ``RepVggBlock`` with its identity-BN and 1x1
+    branches) or chained by the forward (Inception's ``Mixed_6b`` .. ``Mixed_6e``).
 
-    A block alone of its type (a stem, a head) is not a unit; neither is a container itself.
+    A unit starts and ends where a single tensor is live (not a branch of a multi-branch module); a block alone of its
+    kind (a stem, a head) is not a unit; neither is a container, nor a module that only runs the units of its list
+    one after another (a stage module whose ``forward`` loops over ``self.units``): that one is looked into.
     """
+    nodes = _data_nodes(traced)
+    cuts, pos = cut_points(nodes), {n.name: i for i, n in enumerate(nodes)}
+
     def is_candidate(b: Block) -> bool:
         module = traced.root.get_submodule(b.path)
-        parent = traced.root.get_submodule(_parent(b.path)) if "." in b.path else None
-        return (len(b.in_shape) >= 3 and not isinstance(module, _CONTAINERS) and isinstance(parent, _CONTAINERS)
-                and any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()))
+        return (len(b.in_shape) >= 3 and not isinstance(module, _CONTAINERS) and pos[b.entry] in cuts
+                and pos[b.exit] in cuts and any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()))
 
     def holds_residual(b: Block) -> bool:  # a module with residual blocks inside is no plain unit
         return any(o.path.startswith(b.path + ".") and o.residual in ("identity", "concat") for o in blocks)
 
-    candidates = [b for b in blocks if is_candidate(b) and not holds_residual(b)]
-    counts = Counter(b.module_type for b in candidates)
-    return _outermost([b for b in candidates if counts[b.module_type] >= 2])
+    pool = [b for b in blocks if is_candidate(b) and not holds_residual(b)]
+    listed = [b for b in pool if "." in b.path and isinstance(traced.root.get_submodule(_parent(b.path)), _CONTAINERS)]
+    chained = _chained(pool)
+    candidates = [b for b in pool if (b in listed or b in chained) and not _runs_a_list(b, listed)]
+    counts = Counter(b.kind for b in candidates)
+    return _outermost([b for b in candidates if counts[b.kind] >= 2])
+
+
+def _chained(blocks: Sequence[Block]) -> list[Block]:
+    """The blocks that follow, or are followed by, a block of their kind under the same parent."""
+    by_entry = {(b.entry, _parent(b.path), b.kind): b for b in blocks}
+    found = []
+    for b in blocks:
+        nxt = by_entry.get((b.exit, _parent(b.path), b.kind))
+        if nxt is not None:
+            found += [b, nxt]
+    return [b for b in blocks if b in found]
+
+
+def _runs_a_list(block: Block, listed: Sequence[Block]) -> bool:
+    """Whether ``block`` only runs units held in a container of its own, from its input to its output."""
+    inner = {b.entry: b for b in listed if b.path.startswith(block.path + ".")}
+    cur, steps = inner.get(block.entry), 0
+    while cur is not None and cur.exit != block.exit:
+        cur, steps = inner.get(cur.exit), steps + 1
+    return cur is not None
 
 
 def _flat_units(traced: Traced, blocks: Sequence[Block]) -> list[Block]:
@@ -519,8 +696,23 @@ def _lone_stages(traced: Traced, stages: Sequence[Stage], blocks: Sequence[Block
                 continue
             if next(traced.root.get_submodule(kids[0]).children(), None) is None:
                 continue  # a single layer, not a block
-            found.append(Stage(0, [by_path[kids[0]]]))
+            if _is_stem(traced, by_path[kids[0]]):
+                continue  # the stem (pytorchcv's ``features.init_block``), which the stages follow
+            found.append(Stage(0, [by_path[kids[0]]], evidence="place"))
     return found
+
+
+def _is_stem(traced: Traced, block: Block) -> bool:
+    """Whether ``block`` first takes the raw input: its entry comes from the network's first input through
+    parameter-free ops of one input each (TF-style padding, a normalisation of the image), or is it."""
+    nodes = {n.name: n for n in traced.graph.nodes}
+    node = nodes[block.entry]
+    while node.op != "placeholder":
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if len(inputs) != 1 or _has_params(traced, node):
+            return False
+        node = inputs[0]
+    return node is next(n for n in traced.graph.nodes if n.op == "placeholder")
 
 
 def _dense_stage(traced: Traced, block: Block) -> Stage | None:
@@ -543,7 +735,7 @@ def _dense_stage(traced: Traced, block: Block) -> Stage | None:
     for path, concat, body in spans:
         if concat is None and not outputs:
             concat = entry  # the first child may read the block's input itself
-        if concat is None or (concat is not entry and _cat_inputs(concat) != [entry, *outputs]):
+        if concat is None or (concat is not entry and cat_inputs(concat) != [entry, *outputs]):
             return None
         inside = set(body)
         if any(a not in inside and a is not concat for n in body for a in n.all_input_nodes):
@@ -554,7 +746,7 @@ def _dense_stage(traced: Traced, block: Block) -> Stage | None:
         module = traced.root.get_submodule(path)
         layers.append(Block(path, type(module).__name__, type(module), concat.name, body[-1].name,
                             tuple(traced.shape(concat)), tuple(traced.shape(body[-1])), "dense"))
-    if _cat_inputs(exit_) != [entry, *outputs] or not all(b.grows for b in layers):
+    if cat_inputs(exit_) != [entry, *outputs] or not all(b.grows for b in layers):
         return None
     return Stage(0, layers, concat=exit_.name)
 
@@ -569,7 +761,7 @@ def _child_spans(region: Sequence[fx.Node], parent: str) -> list[tuple[str, fx.N
     pending: fx.Node | None = None
     prefix = parent + "."
     for n in region:
-        path = module_path(n)
+        path = _node_path(n)
         if not path.startswith(prefix):
             if op_kind(n) is not OpKind.CAT or pending is not None:
                 return None
@@ -588,7 +780,7 @@ def _child_spans(region: Sequence[fx.Node], parent: str) -> list[tuple[str, fx.N
     return None if pending is not None or any(not body for _, _, body in spans) else spans
 
 
-def _cat_inputs(node: fx.Node) -> list[fx.Node] | None:
+def cat_inputs(node: fx.Node) -> list[fx.Node] | None:
     """The tensors a channel concatenation (``torch.cat(..., 1)`` of 4-d tensors) joins, else ``None``."""
     if op_kind(node) is not OpKind.CAT or not node.args or not isinstance(node.args[0], (list, tuple)):
         return None

@@ -1,4 +1,7 @@
-"""How many parameters a scaled network may have before ``scale`` refuses to build it.
+"""The limits of what compscale builds, stated once: how many parameters a scaled network may have before anything is
+built (``max_params``, by default half the free memory), the range of phi, the smallest width multiplier and the
+largest resolution divisor. ``scale``, every search (``target_macs``, ``target_acts``, ``target_latency``), the planner
+and the command line check them here.
 
 ``scale(resnet50(), phi=20)`` would allocate 37.5 G parameters (150 GB in float32) and run the machine out of
 memory after minutes; the plan knows its size in a second. The default budget is what the model's device has
@@ -12,11 +15,63 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["available_bytes", "available_params", "params_limit", "rough_params"]
+from compscale.errors import TooLargeError
+
+__all__ = ["PHI_LIMIT", "WIDTH_FLOOR", "available_bytes", "available_params", "check_divisor", "check_max_params",
+           "check_phi", "check_size", "check_width", "params_limit", "rough_params"]
+
+PHI_LIMIT = 20.0
+"""The largest |phi| accepted: compound scaling at phi=20 is 38x deeper, 6.7x wider and 16x the resolution
+(resnet50: 37.5 G parameters); searches bracket phi within it."""
+
+WIDTH_FLOOR = 8
+"""The channels a group keeps at the least (``make_divisible``'s floor). A width multiplier that takes the widest
+group below half of it collapses every group to the floor: refused, as no network was asked for."""
+
+
+def check_phi(phi: float) -> float:
+    """``phi``, refused outside ``[-PHI_LIMIT, PHI_LIMIT]`` with a ``ValueError`` naming it."""
+    if not -PHI_LIMIT <= phi <= PHI_LIMIT:
+        raise ValueError(f"phi={phi:g} is out of range: give a phi between about -{PHI_LIMIT:g} and {PHI_LIMIT:g} "
+                         f"(compound scaling at phi={PHI_LIMIT:g} is already {1.2 ** PHI_LIMIT:.0f}x deeper and "
+                         f"{1.15 ** PHI_LIMIT:.0f}x the resolution)")
+    return phi
+
+
+def check_width(width: float, widest: int, floor: int = WIDTH_FLOOR) -> None:
+    """Refuse a ``width`` multiplier that takes the widest of the base's channel groups (``widest`` channels) below
+    half the rounding floor: every group would become ``floor`` channels, whatever ``width`` was."""
+    if widest and width * widest < floor / 2:
+        raise ValueError(
+            f"width={width:g} takes the widest channel group ({widest} channels) to {width * widest:.3g} channels: "
+            f"every group would be rounded up to the {floor}-channel floor; give a width of at least "
+            f"{floor / 2 / widest:.3g}")
+
+
+def check_divisor(divisor: int, input_size: Sequence[int]) -> None:
+    """Refuse a ``resolution_divisor`` larger than the input size (every scaled size would be the divisor)."""
+    if input_size and divisor > min(input_size):
+        raise ValueError(f"resolution_divisor={divisor} is larger than the input size {tuple(input_size)}: every "
+                         f"scaled size would be a multiple of {divisor}; give a divisor of at most {min(input_size)} "
+                         "(8 or 32 are usual)")
+
+
+def check_max_params(max_params: object) -> int | None:
+    """``max_params`` as an int (``None``: the default budget); a non-integer or a count below 1 raises."""
+    if max_params is None:
+        return None
+    if isinstance(max_params, bool) or not isinstance(max_params, numbers.Integral):
+        raise TypeError(f"max_params must be an int (a parameter count) or None, got {type(max_params).__name__} "
+                        f"{max_params!r}")
+    if max_params < 1:
+        raise ValueError(f"max_params must be at least 1, got {max_params}")
+    return int(max_params)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -52,7 +107,7 @@ def params_limit(model: torch.nn.Module, max_params: int | None = None) -> int |
     :func:`available_params` on the model's device in its dtype (``None``: no limit, as for a model without weights
     or on the meta device)."""
     if max_params is not None:
-        return int(max_params)
+        return check_max_params(max_params)
     first = next(model.parameters(), None)
     return available_params(first.device, first.dtype) if first is not None else None
 
@@ -63,3 +118,16 @@ def rough_params(params: int, depth: float, width: float) -> float:
     Only decides whether the exact count (a plan, about a second) is worth computing.
     """
     return params * max(1.0, depth) * max(1.0, width) ** 2
+
+
+def check_size(name: str, plan: object, max_params: int | None) -> None:
+    """Raise ``TooLargeError`` when ``plan`` (a :class:`~compscale.planning.plan.ScalingPlan`) has more than
+    ``max_params`` parameters (``None``: no limit: a plan allocates nothing)."""
+    params = getattr(plan, "params", None)
+    if max_params is None or params is None or params <= max_params:
+        return
+    m = getattr(plan, "multipliers", None)
+    how = f" scaled by depth x{m.depth:.4g}, width x{m.width:.4g}" if m is not None else ""
+    raise TooLargeError(f"{name}{how} would have {params / 1e9:.2f} G parameters, more than max_params={max_params:,}",
+                        "scale by a smaller phi, target or multipliers; or pass a larger max_params= if the memory "
+                        "is there.")

@@ -24,6 +24,7 @@ from torch import nn
 from compscale.analyse.channels import ChannelGraph, spatial_dims
 from compscale.analyse.ops import BINARY
 from compscale.analyse.rules import get_function_rule, get_module_rule
+from compscale.rewrite.resolution import global_pool_nodes, global_stand_ins
 from compscale.trace import Traced
 
 __all__ = ["CostModel", "Costs", "layer_macs"]
@@ -65,8 +66,9 @@ class CostModel:
         self.channel_dims = cg.channel_dims
         self.layers = _inventory(traced, cg)
         self._attrs = _attr_nodes(traced)
+        self._global = global_pool_nodes(traced)  # pools of the whole map: they follow it at every size
         self._base_sizes = _recorded_spatial(traced, self.channel_dims, self._attrs)
-        self._exact_arith = _spatial(traced, traced.input_shape[2:], self._attrs) == self._base_sizes
+        self._exact_arith = _spatial(traced, traced.input_shape[2:], self._attrs, self._global) == self._base_sizes
 
     def multiplicity(self, path: str, extra: Mapping[int, int]) -> int:
         """How many times a layer of the probe appears in a network with ``extra[s]`` blocks added to stage s."""
@@ -76,10 +78,11 @@ class CostModel:
         return 1
 
     def spatial(self, input_size: Sequence[int]) -> dict[str, Spatial]:
-        sizes = _spatial(self.traced, input_size, self._attrs) if self._exact_arith else None
+        sizes = _spatial(self.traced, input_size, self._attrs, self._global) if self._exact_arith else None
         if sizes is not None:
             return sizes
-        probe = self.traced.retrace(self.traced.root, (*self.traced.input_shape[:2], *input_size))
+        with global_stand_ins(self.traced.root, sorted(set(self._global.values()))):
+            probe = self.traced.retrace(self.traced.root, (*self.traced.input_shape[:2], *input_size))
         return _recorded_spatial(probe, self.channel_dims, _attr_nodes(probe))
 
     def cost(self, widths: Mapping[int, int], extra: Mapping[int, int], input_size: Sequence[int]) -> Costs:
@@ -197,20 +200,25 @@ def _attr_nodes(traced: Traced) -> set[fx.Node]:
     return attrs
 
 
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-_ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
-def _spatial(traced: Traced, input_size: Sequence[int], attrs: set[fx.Node]) -> dict[str, Spatial] | None:
+def _spatial(traced: Traced, input_size: Sequence[int], attrs: set[fx.Node],
+             global_pools: Mapping[str, str]) -> dict[str, Spatial] | None:
     """Output spatial size of every 4-d node at ``input_size``, by conv arithmetic; ``None`` for an unknown op.
 
-    Sizes exclude the channel dimension wherever it is, so ops that move it (``permute``) keep them.
+    Sizes exclude the channel dimension wherever it is, so ops that move it (``permute``) keep them. The nodes of
+    ``global_pools`` pool their whole map, as the built network's do at every size.
     """
     out: dict[str, Spatial] = {}
     for node in traced.graph.nodes:
         if node in attrs or not traced.has_shape(node) or len(traced.shape(node)) <= 2:
             continue
         size = _node_spatial(traced, node, out, tuple(input_size))
+        if node.name in global_pools and size is not None:
+            size = (1,) * len(size)
         if size is None:
             return None
         out[node.name] = size

@@ -5,6 +5,8 @@
 * A dense (growing) stage, whose every layer reads all the channels before it, gets the fewest layers
   whose MACs reach ``d`` times the stage's (:func:`~compscale.planning.rounding.dense_repeats`): its layers
   cost more the deeper they sit, so counting layers would multiply its cost by about ``d**2``.
+* A stage found on a weaker signal than a repeat of the model's own (``Stage.guessed``) is named in one
+  :class:`~compscale.GuessWarning` when it gets blocks (:func:`check_evidence`), or refused with ``strict=True``.
 * The convs between a dense stage and the next dense block (DenseNet's transitions) keep the ratio of their
   outputs to their inputs (:func:`transition_ratios`): DenseNet-BC halves every dense block's output
   (``num_features // 2``), so the next block starts wider when the one before it grew.
@@ -13,18 +15,27 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 import torch.fx as fx
 from torch import nn
 
-from compscale.analyse.stages import Block, StageTable
+from compscale.analyse.stages import Block, Evidence, StageTable
+from compscale.errors import GuessError, GuessWarning
 from compscale.planning.cost import layer_macs
 from compscale.planning.rounding import dense_repeats, repeats
 from compscale.trace import Traced
 
-__all__ = ["block_macs", "dense_costs", "stage_counts", "transition_ratios"]
+__all__ = ["block_macs", "check_evidence", "dense_costs", "stage_counts", "transition_ratios"]
+
+_WHY: dict[Evidence, str] = {
+    "place": "a lone block known only by its container's place among the stages",
+    "lone": "a lone run of layers that the network repeats nowhere",
+    "class": "a lone block of a kind the network repeats elsewhere",
+    "repeats": "repeated blocks",
+}
 
 
 def dense_costs(traced: Traced, table: StageTable) -> dict[int, list[int]]:
@@ -38,6 +49,27 @@ def stage_counts(table: StageTable, depth: float, costs: Mapping[int, Sequence[i
         return {s.index: len(s.blocks) for s in table}
     return {s.index: dense_repeats(costs[s.index], depth) if s.grows else repeats(len(s.blocks), depth)
             for s in table}
+
+
+def check_evidence(table: StageTable, depth: float, strict: bool, name: str, warn: bool = True) -> None:
+    """Name the guessed stages (``Stage.guessed``) that depth ``depth`` gives blocks: in one
+    :class:`~compscale.GuessWarning` (when ``warn``), or a :class:`~compscale.GuessError` when ``strict``."""
+    guessed = [s for s in table if s.guessed and not s.grows and repeats(len(s.blocks), depth) > len(s.blocks)]
+    if not guessed:
+        return
+    items = "; ".join(f"{s.name} ({_WHY[s.evidence]})" for s in guessed)
+    if strict:
+        raise GuessError(f"{name}: {_stages(len(guessed))} would be deepened on a guess (strict=True): {items}",
+                         "name the stages to deepen with `stages=` (compscale.analyse.stages.find_stages shows them), "
+                         "or pass strict=False to accept the guess.")
+    if warn:
+        warnings.warn(f"compscale: {name} was deepened in {_stages(len(guessed))} found on a weaker signal than a "
+                      f"repeat of its own: {items}; they are marked in the stage table (evidence), and strict=True "
+                      "refuses them; name the stages to deepen with `stages=` to choose", GuessWarning, stacklevel=4)
+
+
+def _stages(n: int) -> str:
+    return f"{n} stage" if n == 1 else f"{n} stages"
 
 
 def transition_ratios(traced: Traced, table: StageTable) -> dict[str, Fraction]:

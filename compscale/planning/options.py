@@ -19,6 +19,7 @@ from torch import nn
 from compscale.analyse.rules import ChannelRules, as_rules
 from compscale.analyse.stages import StageFilter
 from compscale.errors import CompscaleError, TraceError
+from compscale.planning.budget import check_divisor
 from compscale.planning.plan import as_size
 from compscale.planning.policy import RoundFn
 from compscale.planning.rounding import make_divisible
@@ -44,6 +45,7 @@ class ScaleOptions:
     leaf_modules: tuple[type[nn.Module], ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
     rules: ChannelRules | None = None
+    strict: bool = False
 
     @classmethod
     def make(
@@ -58,18 +60,22 @@ class ScaleOptions:
         leaf_modules: Iterable[type[nn.Module]] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
         rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
+        strict: bool = False,
     ) -> ScaleOptions:
         """The options from :func:`compscale.scale`'s keyword arguments, checked."""
         shape, size, extra = _resolve_inputs(example_inputs, input_size)
         if isinstance(resolution_divisor, bool) or not isinstance(resolution_divisor, int) or resolution_divisor < 1:
             raise ValueError(f"resolution_divisor must be an int >= 1, got {resolution_divisor!r}")
+        check_divisor(resolution_divisor, as_size(size, len(shape) - 2 if shape else 2))
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, not {type(strict).__name__}")
         if isinstance(fixed, str):
             fixed = [fixed]
         if isinstance(stages, str):
             stages = [stages]
         return cls(as_size(size, len(shape) - 2 if shape else 2), shape, extra, resolution_divisor, round_width,
                    stages if stages is None or callable(stages) else tuple(stages), tuple(fixed),
-                   tuple(leaf_modules), tuple(autowrap_functions), as_rules(rules))
+                   tuple(leaf_modules), tuple(autowrap_functions), as_rules(rules), strict)
 
     def replace(self, **changes: Any) -> ScaleOptions:
         return dataclasses.replace(self, **changes)

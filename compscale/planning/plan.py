@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from compscale.planning.budget import check_phi
 from compscale.planning.rounding import round_resolution
 from compscale.planning.strategy import Compound, StrategyLike, check_multiplier, get_strategy
 
@@ -66,6 +67,7 @@ class ScalingPlan:
     base_params: int | None = None
     base_acts: int | None = None
     latency: float | None = None  # seconds per call, when a latency target measured it
+    latency_iqr: float | None = None  # the interquartile range of its timed runs (the noise of ``latency``)
     init: str = "fresh"  # how resized layers and new blocks were initialised: "fresh" or "preserve"
     init_error: float | None = None  # init="preserve": measured output difference / the output's largest value
     inexact: dict[str, str] = dataclasses.field(default_factory=dict)  # init="preserve": what is not exact, why
@@ -139,7 +141,8 @@ class ScalingPlan:
 
 _RULES_LEGEND = (
     "rule: how the new width was chosen: independent = make_divisible(width x w); expansion = k x the block's\n"
-    "      input width; squeeze = an SE bottleneck keeping its ratio; tied = k x another group's width\n"
+    "      input width; squeeze = an SE bottleneck keeping its ratio; tied = k x another group's width;\n"
+    "      stage = the block's output width (a basic block's first conv: one width per stage)\n"
     "groups: how many channel groups (channels that residual adds or depthwise convs tie) changed so;\n"
     "e.g.: one layer of them"
 )
@@ -160,10 +163,19 @@ def resolve_multipliers(
     width: float | None = None,
     resolution: float | None = None,
     strategy: StrategyLike | None = None,
+    rank: int = 2,
 ) -> Multipliers:
     """The multipliers ``strategy`` gives for ``phi`` (compound by default: ``d = alpha**phi``, ``w = beta**phi``,
     ``r = gamma**phi``); explicit ``depth``/``width``/``resolution`` win. ``alpha``/``beta``/``gamma`` are the
     compound rule's (a strategy given by name or object carries its own).
+
+    ``rank`` is the number of spatial dims of the input. Strategies state resolution for images (MACs grow as
+    ``d * w**2 * r**2``); for another rank phi's ``r`` becomes ``r ** (2 / rank)`` per dim, so that ``r**2`` of the
+    input's area becomes the same factor of its volume (3-D) or length (1-D) and phi still means about ``2**phi``
+    MACs. An explicit ``resolution`` is per dim, as given.
+
+    >>> [round(resolve_multipliers(1, rank=k).resolution, 4) for k in (1, 2, 3)]
+    [1.3225, 1.15, 1.0977]
 
     Raises:
         TypeError: a multiplier that is not a real number.
@@ -173,9 +185,13 @@ def resolve_multipliers(
     rule = compound if strategy is None or strategy == "compound" else get_strategy(strategy)
     p = None if phi is None else check_multiplier("phi", phi, positive=False)
     derived = rule.multipliers(p) if p is not None else (1.0, 1.0, 1.0)
+    if p is not None:
+        check_phi(p)  # after the rule, which names a multiplier that overflows
     explicit = (depth, width, resolution)
     d, w, r = (check_multiplier(name, e) if e is not None else v
                for name, e, v in zip(("depth", "width", "resolution"), explicit, derived))
+    if resolution is None and rank not in (0, 2):  # rank 0: no spatial dims to scale
+        r = r ** (2 / rank)
     return Multipliers(d, w, r, p, rule.name if p is not None and None in explicit else None)
 
 
@@ -197,7 +213,9 @@ def format_size(size: Sequence[int]) -> str:
 
 
 def plan_input_size(base: tuple[int, ...], resolution: float, divisor: int = 8) -> tuple[int, ...]:
-    """The new spatial size: each dim ``base * r`` rounded to a multiple of ``divisor`` (unchanged when r == 1)."""
+    """The new spatial size: each dim ``base * r`` rounded to a multiple of ``divisor`` (unchanged when r == 1); for
+    an input that is not an image, to a smaller one at small sizes, so that the steps of phi stay distinct (see
+    :func:`~compscale.planning.rounding.round_resolution`)."""
     if resolution == 1.0:
         return base
-    return tuple(round_resolution(s, resolution, divisor) for s in base)
+    return tuple(round_resolution(s, resolution, divisor, fine=len(base) != 2) for s in base)

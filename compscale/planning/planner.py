@@ -25,8 +25,9 @@ from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
 from compscale.errors import NoStageError, WidthError
+from compscale.planning.budget import PHI_LIMIT, check_max_params, check_size, check_width
 from compscale.planning.cost import CostModel, Costs
-from compscale.planning.depth import dense_costs, stage_counts, transition_ratios
+from compscale.planning.depth import check_evidence, dense_costs, stage_counts, transition_ratios
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import (
     GroupPlan,
@@ -143,12 +144,13 @@ class Planner:
              depth: float | None = None, width: float | None = None, resolution: float | None = None,
              strategy: StrategyLike | None = None) -> ScalingPlan:
         """The plan (and its MACs, params and activations) for these multipliers; see :func:`compscale.scale`."""
-        return self.plan_for(resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy))
+        return self.plan_for(resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy,
+                                                 rank=len(self.base_size)))
 
     def solve(self, target: float, metric: Metric = "macs", *, strategy: StrategyLike | None = None,
               vary: str = "phi", alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
               depth: float | None = None, width: float | None = None, resolution: float | None = None,
-              **measure: Any) -> ScalingPlan:
+              max_params: int | None = None, **measure: Any) -> ScalingPlan:
         """The plan whose ``metric`` comes closest to ``target``, searching phi along ``strategy``.
 
         ``metric`` is ``"macs"``, ``"params"``, ``"acts"`` (counted on the plan, no weights built), ``"latency"``
@@ -157,7 +159,8 @@ class Planner:
         table). Explicit ``depth``/``width``/``resolution`` stay fixed while phi moves the others. ``vary="width"``
         (or ``"depth"``, ``"resolution"``) is ``strategy="width"``: that multiplier alone, the others as given or 1.
         Costs are step functions of the multipliers (``ceil``, rounding to 8), so the answer is the closest step;
-        check the plan's figure against the target.
+        check the plan's figure against the target. With ``max_params``, a plan with more parameters raises
+        ``TooLargeError`` (a latency search builds nothing larger: by default it keeps within half the free memory).
 
         Example: width-only at the cost of compound phi=1::
 
@@ -173,11 +176,12 @@ class Planner:
                                         (("depth", depth), ("width", width), ("resolution", resolution)))
         strategy = strategy_of(vary, strategy)
         _check_movable(strategy, alpha, beta, gamma, depth, width, resolution)
+        max_params = check_max_params(max_params)
         if metric == "latency":
             from compscale.pipeline import solve_latency  # builds and times candidates
 
             return solve_latency(self, target, strategy=strategy, alpha=alpha, beta=beta, gamma=gamma, depth=depth,
-                                 width=width, resolution=resolution, **measure)
+                                 width=width, resolution=resolution, max_params=max_params, **measure)
         if measure:
             raise TypeError(f"solve() got {', '.join(measure)}: only metric='latency' takes measuring options")
         value = metric_of(metric)
@@ -197,11 +201,14 @@ class Planner:
                           f"({got / target - 1:+.0%}, phi={found.multipliers.phi:g}): costs move in steps (whole "
                           "blocks, widths and sizes rounded to 8), and a target below the smallest network is out of "
                           "reach", stacklevel=2)
+        check_size(self.model_name, found, max_params)
         return found
 
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
         if mult.depth != 1.0 and not len(self.table):
             raise no_stage_error(self.model_name, self.table)
+        if self.options.strict and self.options.stages is None:
+            check_evidence(self.table, mult.depth, True, self.model_name)
         counts = stage_counts(self.table, mult.depth, self.dense_costs)
         probe = self._probe(self._dense_counts(counts))
         widths = plan_widths(probe.cg, probe.derivations, mult.width, self.options)
@@ -263,15 +270,15 @@ def strategy_of(vary: str, strategy: StrategyLike | None) -> StrategyLike | None
 def search_phi(cost: Callable[[float], float], target: float) -> float:
     """The phi whose (monotone, stepwise) ``cost`` comes closest to ``target``: bracket, then bisect.
 
-    The bracket grows by 2 at a time up to |phi| = 40, and stops where the multipliers would leave what a network
-    can have (the strategy raises ``ValueError`` there).
+    The bracket grows by 2 at a time up to |phi| = :data:`~compscale.planning.budget.PHI_LIMIT`, and stops where
+    the multipliers would leave what a network can have (``ValueError`` there).
     """
     cost = functools.cache(cost)  # each plan is costed once: the bracket and the bisection revisit points
     lo, hi = -1.0, 1.0
-    while hi < 40 and _within(cost, hi + 2) and cost(hi) < target:
-        hi += 2
-    while lo > -40 and _within(cost, lo - 2) and cost(lo) > target:
-        lo -= 2
+    while hi < PHI_LIMIT and _within(cost, min(hi + 2, PHI_LIMIT)) and cost(hi) < target:
+        hi = min(hi + 2, PHI_LIMIT)
+    while lo > -PHI_LIMIT and _within(cost, max(lo - 2, -PHI_LIMIT)) and cost(lo) > target:
+        lo = max(lo - 2, -PHI_LIMIT)
     return _bisect(cost, target, lo, hi)
 
 
@@ -287,6 +294,8 @@ def plan_widths(cg: ChannelGraph, derivations: Mapping[int, Derivation], width: 
                 options: ScaleOptions) -> dict[int, int]:
     """The new width of every channel group at width multiplier ``width``: the step ``scale`` and the planner share."""
     seeds = fixed_widths(cg, options.fixed)
+    if width < 1.0:
+        check_width(width, max((g.base for g in cg.groups if g.fixed is None), default=0))
     if width == 1.0 and not seeds:
         return {g.id: g.base for g in cg.groups}
     return resolve_widths(cg, default_independent(width, options.round_width), derivations=derivations, seeds=seeds)
@@ -315,7 +324,7 @@ def derive_widths(traced: Traced, cg: ChannelGraph, table: StageTable | None = N
     families round on its own (timm's MobileNetV1 at ``channel_multiplier=1.2``: 128 -> 152, not 2 x 80).
     """
     table = find_stages(traced) if table is None else table
-    derivations = derive(cg, [b.path for s in table for b in s.blocks])
+    derivations = derive(cg, {b.path: cg.node_groups.get(b.exit, ()) for s in table for b in s.blocks})
     for stage in (s for s in table if s.plain):
         for block in stage.blocks:
             for g in cg.node_groups.get(block.exit, ()):
@@ -356,11 +365,14 @@ def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float)
 def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
          depth: float | None = None, width: float | None = None, resolution: float | None = None,
          strategy: StrategyLike | None = None, target_macs: float | None = None, target_acts: float | None = None,
-         target_latency: float | None = None, vary: str = "phi", **options: Any) -> ScalingPlan:
+         target_latency: float | None = None, vary: str = "phi", max_params: int | None = None,
+         **options: Any) -> ScalingPlan:
     """What ``compscale.scale`` would build, with its MACs, params and activations, allocating no weight.
 
     With ``target_macs`` (or ``target_acts``, ``target_latency``), phi is searched along ``strategy`` to land on it
-    (:meth:`Planner.solve`). ``options`` are :class:`~compscale.planning.options.ScaleOptions`'s (``input_size``,
+    (:meth:`Planner.solve`). With ``max_params``, a plan with more parameters raises ``TooLargeError`` (the plan
+    allocates nothing; ``scale`` would refuse it). ``options`` are
+    :class:`~compscale.planning.options.ScaleOptions`'s (``input_size``,
     ``round_width``, ``stages``, ``fixed``...).
     """
     planner = Planner(model, **options)
@@ -369,10 +381,12 @@ def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta
         if phi is not None:
             raise ValueError(f"target_{target[0]} searches phi: give no phi with it")
         return planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta, gamma=gamma,
-                             depth=depth, width=width, resolution=resolution)
+                             depth=depth, width=width, resolution=resolution, max_params=max_params)
     strategy = strategy_of(vary, strategy)
-    return planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width, resolution=resolution,
-                        strategy=strategy)
+    found = planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width, resolution=resolution,
+                         strategy=strategy)
+    check_size(planner.model_name, found, check_max_params(max_params))
+    return found
 
 
 def pick_target(macs: float | None, acts: float | None, latency: float | None,

@@ -10,6 +10,11 @@ here recover those derivations from the channel-group graph (see docs/choosing.m
 * ``expansion``: a group produced inside a block from a group ``H`` with ``base = k * base(H)``, ``k >= 2``
   an integer, stays ``k * new(H)`` (bottleneck output, inverted-residual hidden width). Stems and heads,
   outside every block, are rounded on their own (MobileNetV2's head is ``make_divisible(1280 * w)``).
+* ``stage``: a group made inside a block with the width of the block's output, from a narrower input (a basic
+  block's downsampling ``conv1``: ``2 x`` its input), is the block's output width: one width per stage.
+* ``independent``, ``never_narrower``: the head, the conv after the last block that widens the final stage into
+  the features a global pool hands to the classifier (MobileNetV2's and MNASNet's 1280), is rounded on its own but
+  never narrows: ``max(base, round_width(base * w))``, as torchvision's ``make_divisible(1280 * max(1, w))``.
 * ``sum``: a group the model cuts in pieces (DPN's ``x[:, :c]`` / ``x[:, c:]`` of one conv's output) is the
   sum of its pieces' widths.
 * ``part``: a piece of a split by the model's list of sizes (MixConv) follows its whole, cut as timm's
@@ -48,15 +53,19 @@ class Derivation:
     pieces: tuple[int, ...] = ()
     """``sum``: the groups whose widths add up to this one. ``part``: ``(index, *sizes)``, piece ``index`` of
     ``parent`` cut as ``sizes`` cut its analysed width."""
+    never_narrower: bool = False
+    """``independent``: the width never drops below the analysed one (a network's head, see :func:`derive`)."""
 
 
-def derive(cg: ChannelGraph, blocks: Sequence[str] | None = None) -> dict[int, Derivation]:
+def derive(cg: ChannelGraph, blocks: Sequence[str] | Mapping[str, Sequence[int]] | None = None
+           ) -> dict[int, Derivation]:
     """The derivation of every group of ``cg``.
 
     Args:
         cg: the channel groups.
-        blocks: module paths of the network's blocks; only layers inside one derive an expansion
-            (``None``: every layer does, as when ``cg`` is one block).
+        blocks: module paths of the network's blocks; only layers inside one derive an expansion, and layers
+            outside all of them may be a head (``None``: ``cg`` is one block, whose outputs are ``cg.outputs``). A
+            mapping gives each block's output groups too (the groups of its exit node), for the ``stage`` rule.
     """
     squeezes = _squeezes(cg)
     ties = {out: (src, k) for out, src, k in cg.ties}
@@ -76,10 +85,41 @@ def derive(cg: ChannelGraph, blocks: Sequence[str] | None = None) -> dict[int, D
         elif g.id in squeezes:
             p = squeezes[g.id]
             result[g.id] = Derivation("squeeze", p, Fraction(g.base, cg.groups[p].base))
+    outputs = dict(blocks) if isinstance(blocks, Mapping) else {"": cg.outputs} if blocks is None else {}
+    paths = None if blocks is None else tuple(blocks)
     for g in cg.groups:
         if g.id not in result:
-            result[g.id] = _expansion(cg, g, result, blocks)
+            result[g.id] = _expansion(cg, g, result, paths, outputs)
+    if paths is not None:
+        for g in cg.groups:
+            if result[g.id].rule == "independent" and _is_head(cg, g, paths):
+                result[g.id] = Derivation("independent", never_narrower=True)
     return result
+
+
+def _block_of(path: str, blocks: Sequence[str]) -> str | None:
+    """The innermost block of ``blocks`` holding the layer ``path``."""
+    holding = [b for b in blocks if path.startswith(b + ".")]
+    return max(holding, key=len) if holding else None
+
+
+def _is_head(cg: ChannelGraph, g: ChannelGroup, blocks: Sequence[str]) -> bool:
+    """Whether ``g`` is the head of a network: made after the blocks, from a map (not pooled), wider than what it
+    reads, by layers outside every block, and pooled straight into the classifier (a layer whose output is fixed).
+
+    MobileNetV2, MNASNet and EfficientNet widen their last stage (320) to 1280 so; MobileNetV3's 960-channel conv
+    is not one (a Linear to 1280 comes between its pool and the classifier), nor a ResNet's last stage (in blocks).
+    """
+    if not g.producers:
+        return False
+    for path in g.producers:
+        layer = cg.layers[path]
+        if _block_of(path, blocks) is not None or layer.pooled or len(layer.inputs) != 1:
+            return False
+        if cg.groups[layer.inputs[0][0]].base >= g.base:
+            return False
+    return any(layer.pooled and {s for s, _ in layer.inputs} == {g.id} and cg.groups[layer.output].fixed
+               for layer in cg.layers.values())
 
 
 def _squeezes(cg: ChannelGraph) -> dict[int, int]:
@@ -99,27 +139,32 @@ def _squeezes(cg: ChannelGraph) -> dict[int, int]:
 
 
 def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation],
-               blocks: Sequence[str] | None) -> Derivation:
-    """Vote over ``g``'s producers: each says "k x my input group" or "independent"; ties go to independent.
+               blocks: Sequence[str] | None, outputs: Mapping[str, Sequence[int]]) -> Derivation:
+    """Vote over ``g``'s producers: each says "k x my input group", "my block's output width" or "independent";
+    ties go to independent.
 
+    A producer that makes ``k x`` its input inside a block whose output is another group of ``g``'s width (a basic
+    block's downsampling ``conv1``, 64 -> 128 in a 128-wide stage) votes for that output: the reference builds
+    both from the stage's one width (torchvision's ``BasicBlock(inplanes, planes)``), not from the input.
     The producers of ``g``'s pieces (:class:`~compscale.analyse.channels.Part`: a MixConv's convs) vote for
     ``g``, reading the whole their input is a piece of (timm's MixNet: hidden = ratio x block input).
     """
-    votes: Counter[tuple[int, int] | None] = Counter()
-    prefixes = None if blocks is None else tuple(b + "." for b in blocks)
+    votes: Counter[tuple[str, int, int] | None] = Counter()
     whole_of = {p.piece: p.whole for p in cg.parts}
     producers = [*g.producers, *(path for p in cg.parts if p.whole == g.id for path in cg.groups[p.piece].producers)]
     for path in producers:
         layer = cg.layers[path]
-        outside = prefixes is not None and not path.startswith(prefixes)
-        if outside or len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
+        block = "" if blocks is None else _block_of(path, blocks)
+        if (blocks is not None and block is None) or len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
             votes[None] += 1
             continue
         h = cg.groups[whole_of.get(layer.inputs[0][0], layer.inputs[0][0]) if path not in g.producers
                       else layer.inputs[0][0]]
         k, rem = divmod(g.base, h.base)
         if rem == 0 and k >= 2 and not h.fixed and h.id != g.id:
-            votes[(h.id, k)] += 1
+            stage = [o for o in outputs.get(block or "", ())
+                     if o != g.id and cg.groups[o].base == g.base and not cg.groups[o].fixed]
+            votes[("stage", stage[0], 1) if len(stage) == 1 else ("expansion", h.id, k)] += 1
         else:
             votes[None] += 1
     if not votes:
@@ -130,9 +175,9 @@ def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation
     if len(derived) < len(winners):
         return Derivation("independent")
     # prefer a parent that is itself independent (a bottleneck's planes, not the previous stage's output)
-    derived.sort(key=lambda v: (known.get(v[0], Derivation("independent")).rule != "independent", v[0]))
-    parent, k = derived[0]
-    return Derivation("expansion", parent, Fraction(k))
+    derived.sort(key=lambda v: (known.get(v[1], Derivation("independent")).rule != "independent", v[1], v[0]))
+    rule, parent, k = derived[0]
+    return Derivation(rule, parent, Fraction(k))
 
 
 def resolve_widths(
@@ -168,6 +213,8 @@ def resolve_widths(
             w = sum(width(p, visiting | {gid}) for p in d.pieces)
         elif d.rule == "part" and d.parent is not None and d.parent not in visiting:
             w = partition(width(d.parent, visiting | {gid}), d.pieces[1:])[d.pieces[0]]
+        elif d.never_narrower:  # a head: rounded on its own, never narrower than the trained one
+            w = max(g.base, independent(g, divisor_of(g)))
         elif d.parent is not None and d.parent not in visiting:
             pw = width(d.parent, visiting | {gid})
             w = max(1, math.floor(pw * d.ratio)) if d.rule == "squeeze" else int(pw * d.ratio)

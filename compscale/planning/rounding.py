@@ -58,6 +58,27 @@ def dense_repeats(costs: Sequence[float], depth: float) -> int:
     return count
 
 
-def round_resolution(size: int, multiplier: float, divisor: int = 8) -> int:
-    """``size * multiplier`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``)."""
-    return max(divisor, round(size * multiplier / divisor) * divisor)
+def round_resolution(size: int, multiplier: float, divisor: int = 8, fine: bool = False) -> int:
+    """``size * multiplier`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``); with ``fine``, a
+    smaller one for small sizes.
+
+    Images (``fine=False``) keep the references' rounding at every size (224 x 1.15**2 -> 296). ``fine`` is for
+    inputs of another rank (volumes, waveforms), which no reference rounds: from 128 up (16 x the default divisor)
+    the divisor is the one given; below, a multiple of 8 is a step of 6-25% of the size, as large as a step of phi
+    (x1.098 per side in 3-D), so neighbouring phis would round to one size. There the divisor is halved (while even)
+    until it is at most 1/16 of the size. From 16 up, rounding then moves a size by at most 1/32 of it (with the
+    default divisor), so two sizes more than 6.5% apart never round to the same one. The result is at least the
+    divisor used.
+
+    >>> round_resolution(224, 1.15 ** 2), round_resolution(32, 1.15 ** (2 / 3)), round_resolution(32, 1.15 ** (4 / 3))
+    (296, 32, 40)
+    >>> round_resolution(32, 1.15 ** (2 / 3), fine=True), round_resolution(32, 1.15 ** (4 / 3), fine=True)
+    (36, 38)
+    """
+    value = size * multiplier
+    while fine and value < _SMALL and divisor % 2 == 0 and divisor > value / 16:
+        divisor //= 2
+    return max(divisor, round(value / divisor) * divisor)
+
+
+_SMALL = 128  # sizes from here up keep the given divisor (16 x the references' 8)

@@ -11,7 +11,9 @@
   phi), and the network runs faster at equal MACs.
 
 So ``phi`` means about ``2**phi`` times the MACs under every strategy, and a table of strategies over one range of
-``phi`` compares them at (roughly) equal MACs; ``target_macs=`` lands on a budget exactly.
+``phi`` compares them at (roughly) equal MACs; ``target_macs=`` lands on a budget exactly. Strategies state ``r`` for
+images (two spatial dims); for an input of ``k`` spatial dims :func:`compscale.planning.plan.resolve_multipliers`
+makes it ``r ** (2 / k)`` per dim, so the law holds for volumes and waveforms too.
 
 Example:
     >>> fast = get_strategy("fast")

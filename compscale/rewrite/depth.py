@@ -2,7 +2,10 @@
 
 New blocks are appended at the stage's end as fresh copies of its repeat block (or of a synthesized one,
 :mod:`compscale.rewrite.synth`), initialised as the model's constructor would. Drop-path rates that
-are linear in the block index are re-spread over the new number of blocks.
+are linear in the block index are re-spread over the new number of blocks. Where the stage's blocks' outputs are
+also concatenated after it (a C2f block's bottleneck list, ``Stage.taps``), the forward concatenates the new
+blocks' outputs too, and the layer reading the concatenation takes the new number of channels
+(``cv2``: ``(2 + n) * c`` inputs), as the family's own constructor builds it.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from compscale.analyse.stages import Block, Stage, StageTable
+from compscale.analyse.stages import Block, Stage, StageTable, cat_inputs
 from compscale.errors import RewriteError
+from compscale.layers import channels, resize
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, redrawn, reinit
-from compscale.rewrite.modules import insert_after, move_after, next_name, remove_children
+from compscale.rewrite.modules import insert_after, move_after, next_name, remove_children, set_submodule
 from compscale.rewrite.preserve import Growth, probe_input, zero_layer
 from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced, trace
 
-__all__ = ["RunAfter", "append_by_hook", "deepen", "fresh_copy", "respread", "respread_drop_path"]
+__all__ = ["RunAfter", "append_by_hook", "deepen", "follow_taps", "fresh_copy", "respread", "respread_drop_path"]
 
 
 def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
@@ -92,6 +96,9 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
             by_name.append((stage, new))
         added[stage.index] = new
     append_by_hook(root, traced, by_name)
+    for stage in table.stages:
+        if stage.taps and counts.get(stage.index, len(stage.blocks)) != len(stage.blocks):
+            follow_taps(root, traced, stage, counts[stage.index] - len(stage.blocks), rules, growth)
     respread_drop_path(root, len(drop_rates), drop_rates)
     for rel, mods in _block_dropouts(root, block_types).items():
         if rel in dropouts:
@@ -99,6 +106,58 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
     # paths are read at the end: inserting into a flat container renumbers the stages after it
     paths = {id(m): name for name, m in root.named_modules()}
     return root, {i: [paths[id(m)] for m in mods] for i, mods in added.items()}
+
+
+def follow_taps(root: nn.Module, traced: Traced, stage: Stage, extra: int, rules: InitRules | None,
+                growth: Growth | None) -> list[str]:
+    """Resize the layers that read a concatenation of ``stage``'s block outputs, now that it has ``extra`` more (or
+    fewer) blocks, each adding its last block's output channels; returns their paths.
+
+    The readers are the convs and linear layers fed by the concatenation in the traced graph (a C2f's ``cv2``);
+    the graph cannot be traced again first, since a forward that iterates a chunk needs every value before it. With
+    ``growth`` (``init="preserve"``), a reader keeps its weights for the channels it read and reads the new blocks'
+    channels (appended at the end of the concatenation) with zero weights: the same function.
+    """
+    nodes = {n.name: n for n in traced.graph.nodes}
+    entries = {nodes[b.entry] for b in stage.blocks}
+    cats = {u for b in stage.blocks for u in nodes[b.exit].users if entries & set(cat_inputs(u) or ())}
+    readers = {str(u.target) for cat in cats for u in cat.users
+               if u.op == "call_module" and isinstance(traced.module(u), (nn.modules.conv._ConvNd, nn.Linear))}
+    if len(readers) != sum(len(cat.users) for cat in cats):
+        raise RewriteError(
+            f"the blocks of stage {stage.name} are concatenated, and something other than a conv or linear layer "
+            "reads the concatenation, so the layers reading it cannot follow its new width",
+            "leave this stage out with `stages=`, or deepen it by hand.")
+    width = extra * stage.blocks[-1].out_shape[1]
+    for path in sorted(readers):
+        old = root.get_submodule(path)
+        c_in, c_out = channels(old)
+        new = resize(old, c_in + width, c_out)
+        if growth is None or not _keep_inputs(old, new):
+            reinit(new, rules, template=old)
+            if growth is not None:
+                growth.note(path, "reads a concatenation that lost channels: fresh weights")
+        else:
+            growth.grown.update(id(p) for p in new.parameters())
+        set_submodule(root, path, new)
+    return sorted(readers)
+
+
+@torch.no_grad()
+def _keep_inputs(old: nn.Module, new: nn.Module) -> bool:
+    """Copy ``old``'s weights into the first input channels of ``new`` (a wider input) and zero the rest."""
+    w_old, w_new = getattr(old, "weight", None), getattr(new, "weight", None)
+    if not (isinstance(w_old, torch.Tensor) and isinstance(w_new, torch.Tensor)) or w_new.shape[0] != w_old.shape[0]:
+        return False
+    n = w_old.shape[1]
+    if w_new.shape[1] < n or w_new.shape[2:] != w_old.shape[2:]:
+        return False
+    w_new.zero_()
+    w_new[:, :n] = w_old
+    b_old, b_new = getattr(old, "bias", None), getattr(new, "bias", None)
+    if isinstance(b_old, torch.Tensor) and isinstance(b_new, torch.Tensor):
+        b_new.copy_(b_old)
+    return True
 
 
 def _new_blocks(root: nn.Module, traced: Traced, table: StageTable, stage: Stage, extra: int,

@@ -22,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import logging
 import os
 import threading
 import traceback
@@ -45,6 +47,7 @@ from compscale.trace.tracer import (
     CompscaleTracer,
     Traced,
     as_meta,
+    default_input_shape,
     eval_mode,
     graph_module,
     input_channels_of,
@@ -54,6 +57,7 @@ from compscale.trace.tracer import (
 __all__ = ["ConcreteProxy", "ConcreteTracer", "OutputSpec", "trace_concrete"]
 
 _NO_VALUE = object()  # a node whose value could not be computed (a data-dependent op): it traces symbolically
+log = logging.getLogger("compscale")
 _THIS_FILE = os.path.abspath(__file__)
 _FX_DIR = os.path.dirname(os.path.abspath(fx.__file__))
 
@@ -275,6 +279,11 @@ class ConcreteTracer(CompscaleTracer):
                                  f"{self._where()}: {type(e).__name__}: {e}", TRACE_HINT) from e
             self.failures[proxy.node.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             value = _NO_VALUE
+        if value is None and kind in ("call_function", "call_method"):
+            # an absent branch (an octave conv's `(x_h, None)`, `self.shortcut(x) if ... else None`): the forward
+            # sees the None itself, so that its `if x_l is not None` runs as Python, and the graph has no node for it
+            self.graph.erase_node(proxy.node)
+            return None  # type: ignore[return-value]
         if value is not _NO_VALUE:
             self.values[proxy.node] = value
         return proxy
@@ -309,7 +318,7 @@ class ConcreteTracer(CompscaleTracer):
             raise _UnknownInput(next(a.node.name for a in _proxies((args, kwargs)) if a.value is _NO_VALUE))
         self._running += 1
         try:
-            with self.fake_mode:
+            with self.fake_mode, _fake_log_to_debug():
                 if kind == "call_function":
                     return target(*fargs, **fkwargs)  # type: ignore[operator]
                 if kind == "call_method":
@@ -411,6 +420,29 @@ class ConcreteTracer(CompscaleTracer):
         self.values.clear()
 
 
+class _ToDebug(logging.Filter):
+    """Turns a record into one DEBUG line of compscale's log (dropping it where it was logged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.debug("fake tensors: %s", record.getMessage())
+        return False
+
+
+_TO_DEBUG = _ToDebug()
+_FAKE_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def _fake_log_to_debug() -> Iterator[None]:
+    """While an op runs on fake tensors: torch logs, with its traceback, at ERROR level every op whose meta kernel
+    fails; the tracer records that failure itself (the node traces symbolically), so the log goes to DEBUG."""
+    _FAKE_LOG.addFilter(_TO_DEBUG)
+    try:
+        yield
+    finally:
+        _FAKE_LOG.removeFilter(_TO_DEBUG)
+
+
 class _UnknownInput(Exception):
     """An op's input has no value (its message: the input node's name)."""
 
@@ -461,7 +493,7 @@ def trace_concrete(
     dict/``ModelOutput`` result.
     """
     leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
-    shape = tuple(input_shape) if input_shape is not None else (1, input_channels_of(model), *input_size)
+    shape = tuple(input_shape) if input_shape is not None else default_input_shape(model, input_size)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     tracer = ConcreteTracer(leaf_modules, autowrap_functions)

@@ -21,6 +21,7 @@ import inspect
 import io
 import logging
 import math
+import operator
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten, tree_map
 
-from compscale.errors import TraceError
+from compscale.errors import CompscaleError, NotACNNError, TraceError, UnsupportedOpError
 from compscale.layers import channels, resize
 from compscale.registry import drop_path_types
 
@@ -244,16 +245,130 @@ def trace(
 
             log.debug("symbolic tracing of %s failed (%s: %s); tracing with concrete shapes", type(model).__name__,
                       type(e).__name__, e)
-            return trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
-                                  leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                                  extra_inputs=extra_inputs)
+            traced = trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
+                                    leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                                    extra_inputs=extra_inputs)
+            if shapes:
+                check_layer_outputs(traced)
+                refuse_non_cnn(traced)
+            return traced
     gm = graph_module(model, graph, type(model).__name__)
     gm.meta["compscale_symbolic"] = True  # the graph reads no shape: it holds for the model's layers at any width
-    shape = tuple(input_shape) if input_shape is not None else (1, _input_channels(gm), *input_size)
+    shape = tuple(input_shape) if input_shape is not None else default_input_shape(gm, input_size)
     traced = Traced(model, gm, shape, leaf_modules, autowrap_functions, as_meta(extra_inputs))
     if shapes:
-        propagate_shapes(traced)
+        try:
+            propagate_shapes(traced)
+        except TraceError as e:
+            if not _python_value_error(e):
+                raise
+            traced = _concrete_or_raise(model, shape, e, leaf_modules, autowrap_functions, extra_inputs)
+        check_layer_outputs(traced)
+        refuse_non_cnn(traced)
     return traced
+
+
+# products of two activations (attention's q @ k^T and weights @ v), in all their spellings
+_PRODUCTS: tuple[Any, ...] = (torch.matmul, operator.matmul, torch.bmm, torch.einsum, torch.baddbmm, "matmul", "bmm",
+                              nn.functional.scaled_dot_product_attention)
+_CONVS: tuple[Any, ...] = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)
+_TOKEN_LINEARS = 4  # a transformer block has at least q/k/v, its projection and its MLP's two linears
+
+
+def refuse_non_cnn(traced: Traced) -> None:
+    """Refuse a network that is not made of convolutional stages, from its graph: one whose body has no
+    convolution after its patch embedding (ViT, Swin: linear layers over tokens), or whose attention (products of
+    two activations, ``nn.MultiheadAttention``) is at least half as frequent as its convolutions (MaxViT).
+
+    Raises:
+        NotACNNError: with what was found and a hint.
+    """
+    convs = [n for n in traced.graph.nodes if (n.op == "call_module" and isinstance(
+        traced.module(n), nn.modules.conv._ConvNd)) or (n.op == "call_function" and n.target in _CONVS)]
+    attention = sum(_attention_weight(traced, n) for n in traced.graph.nodes)
+    tokens = sum(1 for n in traced.graph.nodes if _linear_over_tokens(traced, n))
+    name = type(traced.root).__name__
+    hint = ("compscale scales convolutional networks of stages; scale a transformer with its own constructor "
+            "(its number of layers, embedding width and patch count).")
+    if len(convs) <= 1 and tokens >= _TOKEN_LINEARS:
+        first = f" after its patch embedding {convs[0].target}" if convs else ""
+        raise NotACNNError(f"{name} is not a CNN of stages: no convolution{first}, {tokens} linear layers over "
+                           "tokens", hint)
+    if attention >= 2 and 2 * attention >= len(convs):
+        raise NotACNNError(f"{name} is not a CNN of stages: attention over tokens ({attention} products of "
+                           f"activations) against {len(convs)} convolutions", hint)
+
+
+def _attention_weight(traced: Traced, node: fx.Node) -> int:
+    """2 for a ``MultiheadAttention`` call (q @ k^T and weights @ v), 1 for a product of two activations, else 0."""
+    if node.op == "call_module":
+        return 2 if isinstance(traced.module(node), nn.MultiheadAttention) else 0
+    if node.op not in ("call_function", "call_method") or not _is_product(node.target):
+        return 0
+    operands = [a for a in node.all_input_nodes if a.op != "get_attr" and traced.has_shape(a)]
+    return 1 if len(operands) >= 2 else 0
+
+
+def _is_product(target: Any) -> bool:
+    try:
+        return target in _PRODUCTS
+    except TypeError:  # an unhashable target
+        return False
+
+
+def _linear_over_tokens(traced: Traced, node: fx.Node) -> bool:
+    """A ``Linear`` applied to a tensor of three or more dimensions (tokens ``(N, L, C)``, or a channels-last map)."""
+    linear = (node.op == "call_module" and isinstance(traced.module(node), nn.Linear)) or (
+        node.op == "call_function" and node.target is nn.functional.linear)
+    src = node.args[0] if node.args else None
+    return linear and isinstance(src, fx.Node) and traced.has_shape(src) and len(traced.shape(src)) >= 3
+
+
+def check_layer_outputs(traced: Traced) -> None:
+    """Refuse a layer compscale would resize (a conv, norm or linear, or a subclass) that returns several values.
+
+    Raises:
+        UnsupportedOpError: naming the first such layer (an octave convolution returns its high- and
+            low-frequency maps, with channel counts it slices its weight by in ``forward``).
+    """
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or traced.has_shape(node) or not isinstance(node.meta.get("tensor_meta"),
+                                                                                 (list, tuple)):
+            continue
+        module = traced.module(node)
+        if isinstance(module, _LAYER_TYPES):
+            base = next(c.__name__ for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+            raise UnsupportedOpError(
+                f"cannot resize {node.target} ({type(module).__name__}, a {base}): it returns "
+                f"{len(node.meta['tensor_meta'])} values (node %{node.name}), not one tensor",
+                "compscale resizes layers that return one tensor; a layer returning several (an octave "
+                "convolution's two maps) splits its channels in its own forward: scale this network with its "
+                "constructor's width argument.")
+
+
+def _python_value_error(e: BaseException) -> bool:
+    """Whether shape propagation failed on a Python value where the graph expected a tensor (``None + None``,
+    ``None.size()``): a branch symbolic tracing could not see, such as ``if x_l is not None`` on a layer's second
+    output, which is ``None`` in some blocks. Shape errors of torch ops are ``RuntimeError``s."""
+    inner: BaseException = e
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    return isinstance(inner, (TypeError, AttributeError))
+
+
+def _concrete_or_raise(model: nn.Module, shape: tuple[int, ...], error: TraceError,
+                       leaf_modules: tuple[type[nn.Module], ...], autowrap_functions: tuple[Callable[..., Any], ...],
+                       extra_inputs: Sequence[torch.Tensor]) -> Traced:
+    """The model traced with concrete values (its Python branches on ``None`` run as Python), else ``error``."""
+    from compscale.trace.concrete import trace_concrete
+
+    log.debug("shape propagation of the symbolic trace of %s failed (%s); tracing with concrete shapes",
+              type(model).__name__, error)
+    try:
+        return trace_concrete(model, shape, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                              extra_inputs=extra_inputs)
+    except CompscaleError:
+        raise error from None
 
 
 def graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
@@ -488,14 +603,42 @@ def _first_line(e: BaseException) -> str:
     return f"{text} (at {node})" if node != str(e) else text
 
 
-def _input_channels(gm: fx.GraphModule) -> int:
-    """Channels of the model's input: the ``in_channels`` of the first conv or linear the graph calls."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            m = gm.get_submodule(str(node.target))
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-                return input_channels_of(m)
-    return 3
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first conv or linear (path, module) the graph calls (of a ``GraphModule``), else among the modules."""
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            if node.op == "call_module":
+                m = model.get_submodule(str(node.target))
+                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                    return str(node.target), m
+    return next(((p, m) for p, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))),
+                None)
+
+
+_EXAMPLE_SIZE = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}  # what to suggest for a conv of so many spatial dims
+
+
+def default_input_shape(model: nn.Module, input_size: Sequence[int]) -> tuple[int, ...]:
+    """``(1, C, *input_size)``, ``C`` the first conv's (or linear's) input channels.
+
+    Raises:
+        TraceError: the first layer is a convolution over another number of dimensions than ``input_size`` has
+            (a ``Conv3d`` of a video network given the default ``(224, 224)``): the message says what it takes.
+    """
+    first = _first_layer(model)
+    if first is None:
+        return (1, 3, *input_size)
+    path, layer = first
+    channels = input_channels_of(layer)
+    if isinstance(layer, nn.modules.conv._ConvNd) and len(layer.kernel_size) != len(input_size):
+        rank = len(layer.kernel_size)
+        size = _EXAMPLE_SIZE.get(rank, (32,) * rank)
+        example = ", ".join(str(d) for d in (1, channels, *size))
+        raise TraceError(
+            f"{type(model).__name__} cannot run on an input of size {tuple(input_size)}: its first layer "
+            f"{path or '<root>'} is a {type(layer).__name__} over {rank} dimension(s), taking {channels} channels",
+            f"pass example_inputs=(torch.randn({example}),) or input_size={size!r}.")
+    return (1, channels, *input_size)
 
 
 def input_channels_of(model: nn.Module) -> int:

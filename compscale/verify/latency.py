@@ -1,9 +1,22 @@
-"""Measured latency of a model, timed by ``torch.utils.benchmark``.
+"""Measured latency of a model, timed by ``torch.utils.benchmark``, by a procedure meant to hold still on a busy
+machine.
 
-:func:`profile` counts what a model costs; :func:`latency` measures what it takes on the device its
-parameters are on, in their dtype: a few warm-up calls, then ``Timer.blocked_autorange`` (which synchronises
-an accelerator around each block of calls). The model runs in eval mode under ``torch.no_grad()``; its
-train/eval flags are restored afterwards and its weights are not touched.
+:func:`profile` counts what a model costs; :func:`latency` measures what it takes on the device its parameters are
+on, in their dtype, with ``threads`` CPU threads (restored afterwards):
+
+1. warm-up until the timings settle: at least ``warmup`` calls, then more until three calls in a row agree within
+   10% (at most :data:`MAX_WARMUP` calls, and once past ``warmup`` calls, no longer than ``min_run_time``);
+2. ``Timer.blocked_autorange`` (which synchronises an accelerator around each block of calls), topped up to at least
+   :data:`MIN_RUNS` runs, so that a spread is never quoted from fewer;
+3. a run beyond ``Q3 + 3 IQR`` (a disturbance: another process, a page fault) is measured again, once.
+
+The figure is the median over the runs, the noise their interquartile range (``±`` in its ``str``). Points to compare
+(a table's rows, a search's candidates) are timed by :func:`compare`: interleaved in rounds, so that a disturbance
+hits every point alike rather than deciding one, and a round far from the point's others timed again.
+
+The model runs in eval mode under ``torch.no_grad()``; its train/eval flags are restored afterwards and its weights
+are not touched. ``torch.utils.benchmark`` is imported on the first call, without the warning about CUDA its import
+prints on a machine without it.
 
 Example:
     >>> from torchvision.models import resnet18
@@ -16,24 +29,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
-from collections.abc import Callable, Sequence
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
-from torch.utils.benchmark.utils.common import set_torch_threads
 
 from compscale.planning.plan import as_size, format_size
 from compscale.trace.tracer import check_module, eval_mode, input_channels_of
 
-__all__ = ["Latency", "latency"]
+__all__ = ["MAX_WARMUP", "MIN_RUNS", "Latency", "compare", "latency", "pinned_threads"]
+
+MIN_RUNS = 5
+"""The fewest timed runs a median and an interquartile range are quoted from."""
+
+MAX_WARMUP = 50
+"""The most warm-up calls before timing, however unsettled the timings still are."""
+
+_SETTLED = 0.10  # three warm-up calls in a row within 10% of each other: the caches and the allocator are warm
+_OUTLIER_IQRS = 3.0  # a run beyond Q3 + 3 IQR is a disturbance (Tukey's "far out")
 
 
 @dataclasses.dataclass(frozen=True)
 class Latency:
     """Seconds per call of a batch of ``batch_size`` inputs: the median and interquartile range over ``times``
-    (each the mean of one block of calls)."""
+    (each the mean of one block of calls), after ``warmup_runs`` untimed calls; ``remeasured`` runs (or rounds, for
+    :func:`compare`) were timed again as outliers."""
 
     median: float
     iqr: float
@@ -43,6 +68,9 @@ class Latency:
     device: str
     compiled: bool
     threads: int
+    warmup_runs: int = 0
+    remeasured: int = 0
+    rounds: int = 1
 
     @property
     def per_sample(self) -> float:
@@ -54,12 +82,21 @@ class Latency:
         """The IQR relative to the median: 0.05 means the middle half of the runs lie within 5% of a median."""
         return self.iqr / self.median if self.median > 0 else math.inf
 
+    noise = spread
+
     def __str__(self) -> str:
         scale, unit = _unit(self.median)
         at = f" at {format_size(self.input_size)}" if self.input_size else ""
         threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
-        return (f"{self.median * scale:.3g} {unit} ± {self.iqr * scale:.2g} {unit} (IQR, {len(self.times)} runs), "
-                f"batch {self.batch_size}{at} on {self.device}, {threads}{', compiled' if self.compiled else ''}")
+        rounds = f" in {self.rounds} rounds" if self.rounds > 1 else ""
+        return (f"{self.median * scale:.3g} {unit} ± {self.iqr * scale:.2g} {unit} (IQR, {len(self.times)} runs"
+                f"{rounds}), batch {self.batch_size}{at} on {self.device}, {threads}"
+                f"{', compiled' if self.compiled else ''}")
+
+    def agrees_with(self, seconds: float) -> bool:
+        """Whether ``seconds`` lies within this figure's noise: inside its runs' interquartile range, widened to 5% of
+        the median at least."""
+        return abs(seconds - self.median) <= max(self.iqr, 0.05 * self.median)
 
 
 def _unit(seconds: float) -> tuple[float, str]:
@@ -69,6 +106,25 @@ def _unit(seconds: float) -> tuple[float, str]:
     if seconds >= 1e-3:
         return 1e3, "ms"
     return 1e6, "µs"
+
+
+def _quartiles(times: Sequence[float]) -> tuple[float, float, float]:
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q1, q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[int]:
+    """Run with ``threads`` CPU threads (``None``: as many as now), and restore torch's count afterwards."""
+    before = torch.get_num_threads()
+    n = before if threads is None else threads
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def latency(
@@ -83,7 +139,7 @@ def latency(
     warmup: int = 3,
     threads: int | None = None,
 ) -> Latency:
-    """Time one forward of a batch through ``model`` on its own device and dtype.
+    """Time one forward of a batch through ``model`` on its own device and dtype (see the module's procedure).
 
     Args:
         model: the network, on the device to time it on (not meta); it is not modified.
@@ -94,30 +150,114 @@ def latency(
             the first input's batch dim becomes ``batch_size``. Floating inputs take the model's dtype.
         in_channels: input channels; read off the model's first conv when omitted.
         compile: time ``torch.compile(model)`` (compiled during the warm-up, which then runs at least once).
-        min_run_time: seconds of timed calls, at least (``Timer.blocked_autorange``).
-        warmup: untimed calls before timing.
-        threads: CPU threads torch uses meanwhile; by default ``torch.get_num_threads()``.
+        min_run_time: seconds of timed calls, at least (``Timer.blocked_autorange``); at least :data:`MIN_RUNS`
+            runs are timed however long they take.
+        warmup: untimed calls before timing, at least; more follow until the timings settle.
+        threads: CPU threads torch uses meanwhile (pinned, and shown in the result); by default
+            ``torch.get_num_threads()``. Torch's thread count is restored afterwards.
 
     Raises:
         ValueError: the model is on the meta device, or an argument is out of range.
         TypeError: ``model`` is not a module, or ``batch_size``/``warmup``/``threads`` not an int.
     """
+    Timer = _timer_class()
     check_module(model, "latency")
     _check_args(batch_size, min_run_time, warmup, threads)
     device, dtype = _device_and_dtype(model)
     inputs, size = _make_inputs(model, input_size, batch_size, example_inputs, in_channels, device, dtype)
-    num_threads = threads if threads is not None else torch.get_num_threads()
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with eval_mode(model), torch.no_grad(), on_device:
+    with eval_mode(model), torch.no_grad(), on_device, pinned_threads(threads) as num_threads:
         run: Callable[..., object] = torch.compile(model) if compile else model
-        with set_torch_threads(num_threads):
-            for _ in range(max(warmup, 1 if compile else 0)):
-                run(*inputs)
+        warmed = _warm_up(lambda: run(*inputs), max(warmup, 1 if compile else 0), device, min_run_time)
         timer = Timer("run(*inputs)", globals={"run": run, "inputs": inputs}, num_threads=num_threads,
                       label="compscale.latency", description=type(model).__name__)
         measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return Latency(float(measurement.median), float(measurement.iqr), tuple(float(t) for t in measurement.times),
-                   batch_size, size, str(device), compile, num_threads)
+        number = measurement.number_per_run
+        times = [float(t) for t in measurement.times]
+        while len(times) < MIN_RUNS:
+            times.append(float(timer.timeit(number).times[0]))
+        remeasured = _remeasure_outliers(times, lambda: float(timer.timeit(number).times[0]))
+    q1, median, q3 = _quartiles(times)
+    return Latency(median, q3 - q1, tuple(times), batch_size, size, str(device), compile, num_threads, warmed,
+                   remeasured)
+
+
+def _timer_class() -> Any:
+    """``torch.utils.benchmark.Timer``, imported on first use without the warning its import logs (through
+    ``torch.utils.cpp_extension``) on a machine without a CUDA runtime."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        quiet.setLevel(level)
+    return Timer
+
+
+def _warm_up(call: Callable[[], object], least: int, device: torch.device, budget: float) -> int:
+    """Call ``call`` ``least`` times, then until three calls in a row agree within 10% (at most ``MAX_WARMUP``
+    calls in all, and no more once ``budget`` seconds have passed); the number of calls made."""
+    recent: list[float] = []
+    began = time.perf_counter()
+    for i in range(MAX_WARMUP):
+        if i >= least and time.perf_counter() - began > budget:
+            return i
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        recent = [*recent[-2:], time.perf_counter() - start]
+        if i + 1 >= least and len(recent) == 3 and max(recent) <= (1 + _SETTLED) * min(recent):
+            return i + 1
+    return MAX_WARMUP
+
+
+def _remeasure_outliers(times: list[float], again: Callable[[], float]) -> int:
+    """Time again, once, each run beyond ``Q3 + 3 IQR`` of ``times`` (in place); how many were."""
+    q1, _, q3 = _quartiles(times)
+    fence = q3 + _OUTLIER_IQRS * max(q3 - q1, 0.01 * q3)
+    far = [i for i, t in enumerate(times) if t > fence]
+    for i in far:
+        times[i] = again()
+    return len(far)
+
+
+def compare(measures: Sequence[Callable[[], Latency]], rounds: int = 3) -> list[Latency]:
+    """Time several points to be compared, interleaved: ``rounds`` rounds, each timing every point once, in turn
+    (``measures[i]()`` times point ``i``, e.g. ``lambda: latency(net, size, min_run_time=0.2)``).
+
+    A disturbance of a few seconds then falls on one round of every point rather than on all of one point's runs.
+    A point's round whose median is more than 1.5x (or less than 1/1.5 of) the median of its rounds' medians is
+    timed again, once (with three rounds or more). Each point's figure pools the runs of its rounds.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    per_point: list[list[Latency]] = [[] for _ in measures]
+    for _ in range(rounds):
+        for i, measure in enumerate(measures):
+            per_point[i].append(measure())
+    out = []
+    for i, got in enumerate(per_point):
+        redone = 0
+        if len(got) >= 3:
+            typical = statistics.median(x.median for x in got)
+            for r, lat in enumerate(got):
+                if not typical / 1.5 <= lat.median <= typical * 1.5:
+                    got[r] = measures[i]()
+                    redone += 1
+        out.append(_pool(got, redone))
+    return out
+
+
+def _pool(rounds: Sequence[Latency], redone: int) -> Latency:
+    """One figure from a point's rounds: the median and IQR over all their runs."""
+    times = tuple(t for lat in rounds for t in lat.times)
+    q1, median, q3 = _quartiles(times)
+    first = rounds[0]
+    return dataclasses.replace(first, median=median, iqr=q3 - q1, times=times,
+                               warmup_runs=sum(lat.warmup_runs for lat in rounds),
+                               remeasured=redone + sum(lat.remeasured for lat in rounds), rounds=len(rounds))
 
 
 def _check_args(batch_size: int, min_run_time: float, warmup: int, threads: int | None) -> None:

@@ -2,8 +2,10 @@
 
 One panel per metric (MACs, parameters, activations, latency), one line per scaling strategy, phi along x and
 the cost on a log scale: as a multiple of the strategy's phi=0 row where every strategy has one, else in
-absolute units. matplotlib is an optional dependency (``compscale[recipes]``), imported only here, and drawn
-through its Agg canvas directly so that the user's pyplot backend is left as it was.
+absolute units. A measured metric's spread (``"latency_iqr"``: its interquartile range) is drawn as error bars
+spanning the IQR around the median, so that a difference within the noise shows as one.
+matplotlib is an optional dependency (``compscale[recipes]``), imported only here, and drawn through its Agg canvas
+directly so that the user's pyplot backend is left as it was.
 
 Example:
     >>> rows = [{"strategy": "compound", "phi": phi, "macs": 4.1e9 * 2**phi, "params": 25.6e6 * 1.6**phi}
@@ -48,6 +50,7 @@ def plot_costs(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     Args:
         rows: one mapping per (strategy, phi): ``"strategy"``, ``"phi"`` and any of ``"macs"``, ``"params"``,
             ``"acts"``, ``"latency"`` (seconds); a metric missing or ``None`` in a row leaves that point out.
+            ``"<metric>_iqr"`` (``"latency_iqr"``) gives the metric's spread, drawn as error bars.
         path: the PNG to write; its directory must exist.
         title: the figure's title.
         metrics: the panels, in order; by default every metric of :data:`METRICS` that some row has.
@@ -105,12 +108,14 @@ def _metrics_to_plot(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] |
     return names
 
 
-def _series(rows: Sequence[Mapping[str, Any]], name: str) -> dict[str, list[tuple[float, float]]]:
-    """Each strategy's (phi, value) points of one metric, by phi, in the order the strategies first appear."""
-    series: dict[str, list[tuple[float, float]]] = {}
+def _series(rows: Sequence[Mapping[str, Any]], name: str) -> dict[str, list[tuple[float, float, float]]]:
+    """Each strategy's (phi, value, spread) points of one metric, by phi, in the order the strategies first appear
+    (the spread is the row's ``<name>_iqr``, 0 without one)."""
+    series: dict[str, list[tuple[float, float, float]]] = {}
     for row in rows:
         if row.get(name) is not None:
-            series.setdefault(str(row["strategy"]), []).append((float(row["phi"]), float(row[name])))
+            spread = float(row.get(f"{name}_iqr") or 0.0)
+            series.setdefault(str(row["strategy"]), []).append((float(row["phi"]), float(row[name]), spread))
     return {strategy: sorted(points) for strategy, points in series.items()}
 
 
@@ -120,13 +125,19 @@ def _draw_metric(ax: Any, rows: Sequence[Mapping[str, Any]], name: str, strategi
 
     metric = METRICS[name]
     series = _series(rows, name)
-    bases = {s: dict(points).get(0.0) for s, points in series.items()}
+    bases = {s: next((v for phi, v, _ in points if phi == 0.0), None) for s, points in series.items()}
     relative = all(base is not None and base > 0 for base in bases.values())
     for strategy, points in series.items():
         i, base = strategies.index(strategy), bases[strategy]
         divisor = base if relative and base is not None else 1 / metric.scale
-        ax.plot([phi for phi, _ in points], [value / divisor for _, value in points],
-                marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", label=strategy)
+        xs, ys = [phi for phi, _, _ in points], [value / divisor for _, value, _ in points]
+        spreads = [spread / divisor for _, _, spread in points]
+        if any(spreads):  # the IQR around the median, kept above zero on the log scale
+            low = [min(s / 2, y * 0.999) for s, y in zip(spreads, ys)]
+            ax.errorbar(xs, ys, yerr=[low, [s / 2 for s in spreads]], marker=_MARKERS[i % len(_MARKERS)],
+                        color=f"C{i % 10}", label=strategy, capsize=3)
+        else:
+            ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", label=strategy)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     if relative:
         ax.set_yscale("log", base=2)  # compound scaling aims at 2**phi: powers of two are the natural ticks
