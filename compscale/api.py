@@ -3,7 +3,6 @@ pipeline (:func:`compscale.pipeline.build`): trace -> analyse -> plan -> rewrite
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,11 +11,12 @@ from torch import nn
 
 from compscale.analyse.rules import ChannelRules
 from compscale.analyse.stages import StageFilter
+from compscale.arguments import check_forward_takes, check_number, check_seed, check_unwrapped
 from compscale.errors import CompscaleError, TooLargeError
 from compscale.pipeline import build
 from compscale.planning.budget import params_limit, rough_params
 from compscale.planning.options import ScaleOptions
-from compscale.planning.plan import Multipliers, resolve_multipliers
+from compscale.planning.plan import Multipliers, plan_input_size, resolve_multipliers
 from compscale.planning.planner import Planner, pick_target, strategy_of
 from compscale.planning.policy import RoundFn
 from compscale.planning.rounding import make_divisible
@@ -115,9 +115,11 @@ def scale(
             ``compscale.analyse.stages.find_stages``, marks such stages ``guessed``).
 
     Raises:
-        TypeError, ValueError: a bad multiplier, or a ``model`` that is not an ``nn.Module``.
+        TypeError, ValueError: a bad argument, named with the form it takes (every one is checked before the model
+            is traced: :mod:`compscale.arguments`), or a ``model`` that is not an ``nn.Module``.
         TooLargeError: the plan has more than ``max_params`` parameters.
-        CompscaleError: the model cannot be scaled (its subclasses say why and give a hint).
+        CompscaleError: the model cannot be scaled (its subclasses say why and give a hint); a wrapped model
+            (``torch.compile``, scripted, DataParallel) is refused with the hint to pass the module it wraps.
 
     Example:
         >>> from torchvision.models import resnet50
@@ -125,7 +127,9 @@ def scale(
         >>> [len(s) for s in (deeper.layer1, deeper.layer2, deeper.layer3, deeper.layer4)]
         [6, 8, 12, 6]
     """
+    check_unwrapped(model, "scale")
     check_module(model, "scale")
+    seed = check_seed(seed)
     growth = _growth(init, noise, seed)
     if growth is not None and any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("init='preserve' grows the model's weights, and this model's are on the meta device "
@@ -134,6 +138,7 @@ def scale(
                                 resolution_divisor=resolution_divisor, round_width=round_width, stages=stages,
                                 fixed=fixed, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                                 rules=rules, strict=strict)
+    check_forward_takes(model, 1 + len(options.extra_inputs))
     planner: Planner | None = None
     target = pick_target(target_macs, target_acts, target_latency)
     if target is not None:
@@ -149,6 +154,7 @@ def scale(
     else:
         mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy_of(vary, strategy),
                                    rank=len(options.input_size))
+        plan_input_size(options.input_size, mult.resolution, options.resolution_divisor)  # refuses one too large
     _check_size(model, mult, max_params, planner, options)
     result = build(model, mult, options, growth, seed)
     if target is not None and target[0] == "latency":
@@ -158,17 +164,14 @@ def scale(
 
 
 def _growth(init: str, noise: float, seed: int | None) -> Growth | None:
-    """The ``init="preserve"`` state, or ``None`` for ``init="fresh"``; bad arguments raise."""
+    """The ``init="preserve"`` state, or ``None`` for ``init="fresh"``; bad arguments raise (``seed`` is checked)."""
     if not isinstance(init, str):
         raise TypeError(f"init must be 'fresh' or 'preserve', not {type(init).__name__}")
     if init not in ("fresh", "preserve"):
         raise ValueError(f"init must be 'fresh' or 'preserve', not {init!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)):
-        raise TypeError(f"noise must be a number, not {type(noise).__name__}")
-    if not math.isfinite(noise) or noise < 0:
+    noise = check_number(noise, "noise", positive=False, form="a number")
+    if noise < 0:
         raise ValueError(f"noise must be a finite number >= 0, not {noise}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
     if noise and init != "preserve":
         raise ValueError("noise= breaks the symmetry of copied channels: it goes with init='preserve'")
     return Growth(float(noise), 0 if seed is None else seed) if init == "preserve" else None

@@ -24,12 +24,20 @@ from torch import nn
 from compscale.analyse.channels import analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
+from compscale.arguments import check_positive_number, give_hooks, take_hooks
 from compscale.errors import RewriteError, TooLargeError
 from compscale.planning.budget import PHI_LIMIT, params_limit
 from compscale.planning.depth import check_evidence, dense_costs, stage_counts, transition_ratios
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
-from compscale.planning.planner import Planner, derive_widths, no_stage_error, plan_widths, search_phi
+from compscale.planning.planner import (
+    TARGET_FORMS,
+    Planner,
+    derive_widths,
+    no_stage_error,
+    plan_widths,
+    search_phi,
+)
 from compscale.planning.strategy import StrategyLike
 from compscale.rewrite.depth import deepen
 from compscale.rewrite.init import Draws, InitRules, drawing_from
@@ -45,7 +53,7 @@ from compscale.verify.function import output_error
 if TYPE_CHECKING:
     from compscale.verify.latency import Latency
 
-__all__ = ["PHI_STEP", "build", "solve_latency"]
+__all__ = ["PHI_STEP", "PRESERVE_TOLERANCE", "build", "preserve_tolerance", "solve_latency"]
 
 log = logging.getLogger("compscale")
 
@@ -60,6 +68,7 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
     """
     with channel_rules(options.rules), _seeded(model, 0 if seed is None and growth is not None else seed):
         work = copy.deepcopy(model)
+        hooks = take_hooks(work)  # run on proxies by the tracer otherwise; the result gets them back
         kept = {id(p) for p in work.parameters()}
         if growth is not None:
             growth.kept = kept
@@ -72,7 +81,7 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         table = find_stages(traced, options.stages)
         if options.stages is None:  # stages named by the user are theirs, not a guess
             check_evidence(table, mult.depth, options.strict, type(model).__name__)
-        work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth)
+        work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth, options)
         deepened = any(s.blocks_before != s.blocks_after for s in plan.stages)
         same_graph = not deepened  # the graph traced above is still the network's: verify without re-tracing
         if mult.width != 1.0:
@@ -101,7 +110,8 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         _unfreeze_new(work, kept | (growth.grown if growth is not None else set()))
         if growth is not None:
             plan.inexact = dict(growth.inexact)
-            _warn_inexact(type(model).__name__, plan, growth.noise)
+            _warn_inexact(type(model).__name__, plan, growth.noise, _dtype(model))
+        give_hooks(work, hooks)
         work.scaling = plan  # type: ignore[assignment]
         update_metadata(work, model, plan)  # what the model's library reads back describes the scaled network
         log.info("scaled %s:\n%s", type(model).__name__, plan)
@@ -117,9 +127,30 @@ def _seeded(model: nn.Module, seed: int | None) -> Iterator[Draws]:
         yield draws
 
 
-def _warn_inexact(name: str, plan: ScalingPlan, noise: float) -> None:
+def _dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in (of its first floating parameter; float32 without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+PRESERVE_TOLERANCE = 1e-4
+"""The output difference (relative to the output's largest value) within which ``init="preserve"`` counts as exact in
+float32; in a dtype with a coarser epsilon, 8 of its epsilons (float16: 7.8e-3, bfloat16: 6.3e-2), for rounding that
+changes with the order of sums. resnet18 grown in float16 and bfloat16 differs by 0.72 epsilon."""
+
+
+def preserve_tolerance(dtype: torch.dtype) -> float:
+    """The output difference beyond which ``init="preserve"`` in ``dtype`` is not exact (:data:`PRESERVE_TOLERANCE`).
+
+    >>> preserve_tolerance(torch.float32), preserve_tolerance(torch.float16)
+    (0.0001, 0.0078125)
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(PRESERVE_TOLERANCE, 8 * eps)
+
+
+def _warn_inexact(name: str, plan: ScalingPlan, noise: float, dtype: torch.dtype = torch.float32) -> None:
     """One warning naming what ``init="preserve"`` could not grow exactly, or a measured difference it cannot
-    explain."""
+    explain (beyond the tolerance of ``dtype``: :func:`preserve_tolerance`)."""
     err = plan.init_error if plan.init_error is not None else 0.0
     if plan.inexact:
         items = [f"{path} ({why})" for path, why in plan.inexact.items()]
@@ -129,7 +160,7 @@ def _warn_inexact(name: str, plan: ScalingPlan, noise: float) -> None:
             "they are listed in result.scaling.inexact",
             stacklevel=4,
         )
-    elif err > 1e-4 and not noise:
+    elif err > preserve_tolerance(dtype) and not noise:
         warnings.warn(
             f"compscale: init='preserve' grew {name}, but its outputs differ by {err:.3g} of their largest value and "
             "compscale cannot tell which layer is to blame; please report this with the model",
@@ -158,11 +189,11 @@ def _unfreeze_new(work: nn.Module, kept: set[int]) -> None:
     )
 
 
-def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float,
-                 rules: InitRules, growth: Growth | None) -> tuple[nn.Module, list[StagePlan]]:
+def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float, rules: InitRules,
+                 growth: Growth | None, options: ScaleOptions) -> tuple[nn.Module, list[StagePlan]]:
     counts = stage_counts(table, d, dense_costs(traced, table))
     if d != 1.0 and not len(table):
-        raise no_stage_error(type(work).__name__, table)
+        raise no_stage_error(type(work).__name__, table, options.stages)
     work, added = deepen(work, traced, table, counts, rules, growth) if d != 1.0 else (work, {})
     if any(s.grows and counts[s.index] != len(s.blocks) for s in table):  # dense blocks feed more channels on
         before = dict(work.named_modules()) if growth is not None else {}
@@ -241,8 +272,7 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
     """
     from compscale.verify.latency import compare
 
-    if isinstance(target, bool) or not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
-        raise ValueError(f"target_latency must be a positive number of seconds, got {target!r}")
+    target = check_positive_number(target, "target_latency", TARGET_FORMS["latency"])
 
     def plan_at(phi: float) -> ScalingPlan:
         return planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
@@ -418,8 +448,8 @@ def _next_phi(measured: Mapping[float, float], target: float) -> float:
     return x0 + max(-2.0, min(2.0, step))
 
 
-def _timing_inputs(options: ScaleOptions, size: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+def _timing_inputs(options: ScaleOptions, size: tuple[int, ...]) -> tuple[torch.Tensor, ...] | None:
     """The example inputs to time with at spatial ``size``, when the options have them (shapes only)."""
     if options.input_shape is None:
-        return ()
+        return None
     return (torch.empty((*options.input_shape[:2], *size)), *options.extra_inputs)

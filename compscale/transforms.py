@@ -60,8 +60,9 @@ def train_transform(
 
 def image_processor(scaled: nn.Module, processor: Any = None) -> Any:
     """The Hugging Face image processor for ``scaled``'s input size: a copy of ``processor`` (by default, the one
-    transformers pairs with the model's ``config.model_type``) that crops ``scaled.scaling.input_size``, resizing
-    in the same ratio to the crop as before.
+    transformers pairs with the model's ``config.model_type``) whose pixels are ``scaled.scaling.input_size``: the
+    crop is that size, and the resize keeps its ratio to the crop (or is that size, where the processor does not
+    crop).
 
     Example:
         >>> r = compscale.scale(transformers.ResNetForImageClassification(config), phi=1)   # doctest: +SKIP
@@ -80,11 +81,12 @@ def image_processor(scaled: nn.Module, processor: Any = None) -> Any:
     cfg = processor.to_dict()
     size, crop = dict(cfg.get("size") or {}), dict(cfg.get("crop_size") or {})
     crop = {k: v for k, v in crop.items() if v is not None}
+    cropping = bool(crop.get("height")) and cfg.get("do_center_crop", True) is not False  # else size is the input
     if size.get("height") and size.get("width"):
-        ratio = (size["height"] / crop["height"], size["width"] / crop["width"]) if crop.get("height") else (1, 1)
+        ratio = (size["height"] / crop["height"], size["width"] / crop["width"]) if cropping else (1, 1)
         size.update(height=round(h * ratio[0]), width=round(w * ratio[1]))
     elif size.get("shortest_edge"):
-        ratio_edge = size["shortest_edge"] / min(crop["height"], crop["width"]) if crop.get("height") else 1
+        ratio_edge = size["shortest_edge"] / min(crop["height"], crop["width"]) if cropping else 1
         size["shortest_edge"] = round(min(h, w) * ratio_edge)
     if crop.get("height"):
         crop.update(height=h, width=w)

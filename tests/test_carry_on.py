@@ -124,6 +124,33 @@ def test_mixed_conv_keeps_its_channels() -> None:
         assert m.out_channels == sum(c.out_channels for c in convs)
 
 
+class _Block(nn.Module):
+    """A block of one's own that keeps its channels beside its layers (read by nothing in forward)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def _own_net() -> nn.Module:
+    return nn.Sequential(_Block(3, 16, 2), _Block(16, 16, 1), _Block(16, 32, 2), _Block(32, 32, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("width", [0.5, 1.5, 2.0])
+def test_your_blocks_channel_attributes_follow_their_layers(width: float) -> None:
+    r = compscale.scale(_own_net(), width=width)
+    blocks = [m for m in r.modules() if isinstance(m, _Block)]
+    assert [(b.in_chs, b.out_chs) for b in blocks] == [(b.conv.in_channels, b.conv.out_channels) for b in blocks]
+    assert blocks[0].in_chs == 3 and blocks[-1].out_chs != 32
+    assert [b.stride for b in blocks] == [2, 1, 2, 1]  # not a channel count: kept
+
+
 # -- Hugging Face ------------------------------------------------------------------------------------------------
 
 
@@ -217,8 +244,10 @@ def test_hf_refuses_a_config_that_cannot_describe_the_net(tmp_path: Path) -> Non
     assert not (tmp_path / "out").exists()
 
 
-def test_image_processor_for_the_new_size() -> None:
-    r = compscale.scale(_hf_model("resnet"), phi=1)
+@pytest.mark.parametrize("kind", ["resnet", pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+                                  pytest.param("bit", marks=pytest.mark.slow)])
+def test_image_processor_for_the_new_size(kind: str) -> None:
+    r = compscale.scale(_hf_model(kind), phi=1)
     processor = compscale.image_processor(r)
     from PIL import Image
 

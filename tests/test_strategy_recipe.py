@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import compscale
-from recipes import ablation, strategies, train
+from recipes import ablation, models, strategies, train
 
 TINY = ["--steps", "2", "--batch-size", "4", "--train-images", "16", "--eval-images", "16", "--latency-batch", "2",
         "--latency-time", "0.02", "--latency-rounds", "2"]
@@ -41,8 +41,16 @@ def test_every_arm_lands_on_the_compound_models_macs(two_seeds: tuple[list[dict[
     assert [r["arm"] for r in rows] == ARMS
     compound = rows[1]
     assert compound["input_size"] == [40, 40] and compound["macs_ratio"] == 1.0
-    for r in rows[2:]:  # whole blocks, channels to multiples of 2, inputs to multiples of 8: within 5%
-        assert r["macs"] == pytest.approx(compound["macs"], rel=0.05), r["arm"]
+    for r in rows[2:]:  # channels to multiples of 2, inputs to multiples of 8: within 5%
+        if r["arm"] != "depth":
+            assert r["macs"] == pytest.approx(compound["macs"], rel=0.05), r["arm"]
+    # Depth moves in whole blocks: one more block in each of tiny_resnet's three stages is about 18% of compound's
+    # MACs here, so the depth arm is the block count whose MACs are nearest compound's, one block either way worse.
+    depth = {r["arm"]: r for r in rows}["depth"]
+    blocks = compscale.plan(models.tiny_resnet(), depth=depth["depth"], input_size=32).stages[0].blocks_after
+    for other in (blocks - 1, blocks + 1):
+        macs = compscale.plan(models.tiny_resnet(), depth=other / 2, input_size=32).macs
+        assert abs(depth["macs"] - compound["macs"]) < abs(macs - compound["macs"]), other
     assert rows[0]["macs"] < compound["macs"] / 2  # the base is phi 0
     by_arm = {r["arm"]: r for r in rows}
     assert by_arm["depth"]["width"] == by_arm["depth"]["resolution"] == 1.0 < by_arm["depth"]["depth"]

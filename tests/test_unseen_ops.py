@@ -468,9 +468,7 @@ def test_probing_and_concrete_tracing_print_nothing(model: type[nn.Module], capf
     assert (out, err) == ("", "")
 
 
-PYTORCHCV = ["cbam_resnet18", pytest.param("bam_resnet18", marks=pytest.mark.xfail(
-    reason="stage discovery takes each ResUnit inside a BamResUnit for a one-block stage (MACs x3.85)")),
-    "shufflenet_g1_w1"]
+PYTORCHCV = ["cbam_resnet18", "bam_resnet18", "shufflenet_g1_w1"]
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from compscale.analyse.rules import (
 )
 from compscale.errors import UnsupportedOpError
 from compscale.trace import Traced, module_path
+from compscale.trace.tracer import splits_channels
 
 __all__ = [
     "ChannelGraph", "ChannelGroup", "LayerChannels", "Part", "RuleContext", "SizeLiteral", "analyse_channels",
@@ -409,6 +410,26 @@ class RuleContext:
         self.literals.append((path, name, entries, is_list, None))
         return True
 
+    def follow_bound(self, node: fx.Node, module: nn.Module, maps: Sequence[Desc], side: str, taken: set[str],
+                     required: bool) -> None:
+        """Record the attribute of ``module`` that its ``forward`` reads and that holds the channels of ``maps``
+        together (where an octave convolution cuts its weight: ``self.h_in_channels``), so that the width pass
+        writes it; ``taken`` names attributes already found. Of several, the one whose name says its ``side``
+        (``in`` or ``out``, as ``in_channels`` does) is taken, and only such a one for the bound after the last map (not
+        ``required``: ``forward`` may not cut there). When none or several do, fail if ``required``."""
+        value = sum(self.width(m) for m in maps)
+        names = [n for n in attributes_holding(module, value) if n not in taken and _forward_reads(module, n)]
+        if len(names) > 1 or not required:  # a bound at the end is optional: only one named for its side
+            names = [n for n in names if side in n.lower().split("_")] or (names if required else [])
+        if len(names) == 1:
+            taken.add(names[0])
+            self.literals.append((str(node.target), names[0], (tuple(s for m in maps for s in m),), False, None))
+        elif required:
+            self.unsupported(node, f"it cuts its weight at {value} channels, and {len(names) or 'no'} attributes its "
+                             f"forward reads hold that number ({', '.join(names) or 'none'})",
+                             "keep the channel count where a layer splits its maps in one attribute (as "
+                             "`self.h_in_channels`), or register a channel rule for it.")
+
     def member(self, desc: Desc, path: str, role: str) -> None:
         for s, _ in desc:
             self.members.append((s, path, role))
@@ -695,6 +716,12 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         frule = get_function_rule(node)
         assert frule is not None
         frule(ctx, node)  # records ctx.multi[node]
+        return None
+    if node.op == "call_module" and splits_channels(node, ctx.traced.module(node)):  # an octave conv's maps
+        module = ctx.traced.module(node)
+        rule = get_module_rule(module)
+        if rule is None or rule(ctx, node, module) is not None or node not in ctx.multi:
+            ctx.unsupported(node, f"{type(module).__name__} returns several maps and its rule does not follow them")
         return None
     if not ctx.traced.has_shape(node) or len(ctx.shape(node)) < 2:
         return None  # shapes, sizes, scalars: no channels

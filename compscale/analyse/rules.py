@@ -92,6 +92,9 @@ class ChannelRules:
             self.register(target, rule)
 
     def register(self, target: Target, rule: Callable[..., Desc | None]) -> None:
+        if not callable(rule):
+            raise TypeError(f"rule must be a function rule(ctx, node, module) -> channels (e.g. "
+                            f"compscale.analyse.rules.elementwise), got {type(rule).__name__} {rule!r:.40}")
         if isinstance(target, type) and issubclass(target, nn.Module):
             self.modules[target] = rule
         else:
@@ -157,12 +160,12 @@ def register_channel_rule(target: type[nn.Module] | Callable[..., Any] | str,
     For one call or one block of code, prefer ``compscale.scale(..., rules={target: rule})`` or
     ``with compscale.channel_rules({target: rule}):``.
     """
+    _USER.register(target, rule)  # checks the rule first
     builtin = BUILTIN.own(target)
     if builtin is not None and builtin is not rule:
         warnings.warn(f"compscale: register_channel_rule({getattr(target, '__name__', target)!r}) overrides a "
                       f"built-in rule for every later call in this process; scope it with "
                       f"`with compscale.channel_rules(...)` or scale(..., rules=...)", stacklevel=2)
-    _USER.register(target, rule)
 
 
 def unregister_channel_rule(target: type[nn.Module] | Callable[..., Any] | str) -> None:
@@ -229,8 +232,10 @@ def fixed(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> D
     return ctx.new_space(node, ctx.channels(node), fixed_reason=f"output of {node.name}")
 
 
-def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc | None:
     assert isinstance(module, nn.modules.conv._ConvNd)
+    if not ctx.traced.has_shape(node):  # maps in and out that split its channels (an octave convolution)
+        return conv_maps(ctx, node, module)
     src_node = ctx.input_node(node)
     if ctx.channel_dim(src_node) != 1 and module.in_channels == module.out_channels == ctx.shape(src_node)[1]:
         # a conv sliding along the channels (ECA's Conv1d over (N, 1, C)): its weights do not depend on them
@@ -254,6 +259,32 @@ def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
         if g == module.in_channels:  # depthwise with a channel multiplier
             ctx.tie(out, src, module.out_channels // g, interleaved=True)
     return out
+
+
+def conv_maps(ctx: RuleContext, node: fx.Node, module: nn.Module) -> None:
+    """A convolution reading several maps and returning several (an octave convolution's high- and low-frequency
+    maps, ``None`` where there is none), their channels summing to its ``in_channels`` and ``out_channels``: each map
+    out is a new space, the layer writes their sum, and the channel counts at which ``forward`` cuts its weight
+    between the maps (attributes it reads, as ``self.h_in_channels``) follow the maps' widths. Records
+    ``ctx.multi[node]`` for the ``getitem`` of each map; returns ``None``.
+    """
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    path = str(node.target)
+    src = tuple(p for a in node.all_input_nodes for p in ctx.desc(a))
+    ctx.expect_width(node, src, module.in_channels)
+    metas = node.meta["tensor_meta"]
+    pieces = [ctx.new_space(node, m.shape[1]) if m is not None else () for m in metas]
+    outs = tuple(p for piece in pieces for p in piece)
+    out = outs if len(outs) == 1 else ctx.new_space(node, module.out_channels)
+    if len(outs) > 1:
+        ctx.sums[out[0][0]] = outs
+    ctx.layer(path, src, out, node)
+    taken: set[str] = {"in_channels", "out_channels"}
+    for side, maps in (("in", [(a,) for a in ctx.refine(src)]), ("out", [(p,) for p in outs])):
+        for k in range(1, len(maps) + 1):  # the bound after the k-th map: needed inside, kept current at the end
+            ctx.follow_bound(node, module, maps[:k], side, taken, required=k < len(maps))
+    ctx.multi[node] = [piece if piece else out for piece in pieces]
+    return None
 
 
 def norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:

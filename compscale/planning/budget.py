@@ -23,12 +23,18 @@ import torch
 
 from compscale.errors import TooLargeError
 
-__all__ = ["PHI_LIMIT", "WIDTH_FLOOR", "available_bytes", "available_params", "check_divisor", "check_max_params",
-           "check_phi", "check_size", "check_width", "params_limit", "rough_params"]
+__all__ = ["MULTIPLIER_LIMIT", "PHI_LIMIT", "WIDTH_FLOOR", "available_bytes", "available_params", "check_divisor",
+           "check_max_params", "check_multipliers", "check_phi", "check_size", "check_width", "params_limit",
+           "rough_params"]
 
 PHI_LIMIT = 20.0
 """The largest |phi| accepted: compound scaling at phi=20 is 38x deeper, 6.7x wider and 16x the resolution
 (resnet50: 37.5 G parameters); searches bracket phi within it."""
+
+MULTIPLIER_LIMIT = 1e9
+"""The largest depth, width or resolution multiplier accepted, given or derived from phi (the ``"depth"`` strategy at
+phi=20 is 2**20, a million): beyond it block counts, widths and sizes overflow before any size check could refuse
+them."""
 
 WIDTH_FLOOR = 8
 """The channels a group keeps at the least (``make_divisible``'s floor). A width multiplier that takes the widest
@@ -42,6 +48,16 @@ def check_phi(phi: float) -> float:
                          f"(compound scaling at phi={PHI_LIMIT:g} is already {1.2 ** PHI_LIMIT:.0f}x deeper and "
                          f"{1.15 ** PHI_LIMIT:.0f}x the resolution)")
     return phi
+
+
+def check_multipliers(multipliers: dict[str, float], source: str | None = None) -> None:
+    """Refuse a depth, width or resolution multiplier (by name) above :data:`MULTIPLIER_LIMIT`; ``source`` says where
+    it came from when not given as itself (``"phi=2 by strategy 'compound'"``)."""
+    for name, value in multipliers.items():
+        if value > MULTIPLIER_LIMIT:
+            what = f"{source} takes {name} to x{value:.3g}," if source else f"{name}={value:g} is"
+            raise ValueError(f"{what} more than compscale builds (at most x{MULTIPLIER_LIMIT:.0e} per dimension); "
+                             f"give a smaller {name} multiplier{' or phi' if source else ''}")
 
 
 def check_width(width: float, widest: int, floor: int = WIDTH_FLOOR) -> None:

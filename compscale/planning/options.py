@@ -18,6 +18,7 @@ from torch import nn
 
 from compscale.analyse.rules import ChannelRules, as_rules
 from compscale.analyse.stages import StageFilter
+from compscale.arguments import check_count, check_example_inputs, check_paths
 from compscale.errors import CompscaleError, TraceError
 from compscale.planning.budget import check_divisor
 from compscale.planning.plan import as_size
@@ -62,20 +63,20 @@ class ScaleOptions:
         rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
         strict: bool = False,
     ) -> ScaleOptions:
-        """The options from :func:`compscale.scale`'s keyword arguments, checked."""
+        """The options from :func:`compscale.scale`'s keyword arguments, checked (:mod:`compscale.arguments`)."""
         shape, size, extra = _resolve_inputs(example_inputs, input_size)
-        if isinstance(resolution_divisor, bool) or not isinstance(resolution_divisor, int) or resolution_divisor < 1:
-            raise ValueError(f"resolution_divisor must be an int >= 1, got {resolution_divisor!r}")
-        check_divisor(resolution_divisor, as_size(size, len(shape) - 2 if shape else 2))
+        rank = len(shape) - 2 if shape else 2
+        resolution_divisor = check_count(resolution_divisor, "resolution_divisor")
+        check_divisor(resolution_divisor, as_size(size, rank))
+        if not callable(round_width):
+            raise TypeError(f"round_width must be a function round_width(channels, divisor) -> int, got "
+                            f"{type(round_width).__name__}")
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, not {type(strict).__name__}")
-        if isinstance(fixed, str):
-            fixed = [fixed]
-        if isinstance(stages, str):
-            stages = [stages]
-        return cls(as_size(size, len(shape) - 2 if shape else 2), shape, extra, resolution_divisor, round_width,
-                   stages if stages is None or callable(stages) else tuple(stages), tuple(fixed),
-                   tuple(leaf_modules), tuple(autowrap_functions), as_rules(rules), strict)
+        return cls(as_size(size, rank), shape, extra, resolution_divisor, round_width,
+                   None if stages is None else check_paths(stages, "stages", predicate=True),
+                   check_paths(fixed, "fixed"),  # type: ignore[arg-type]  # no predicate: a tuple of paths
+                   _types(leaf_modules), _functions(autowrap_functions), _rules(rules), strict)
 
     def replace(self, **changes: Any) -> ScaleOptions:
         return dataclasses.replace(self, **changes)
@@ -110,13 +111,9 @@ def _resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None, input_size:
                     ) -> tuple[tuple[int, ...] | None, int | Sequence[int], tuple[torch.Tensor, ...]]:
     """The first input's full shape (when ``example_inputs`` give it), the spatial size to scale from, and the
     other inputs (which keep their shapes)."""
+    example_inputs = check_example_inputs(example_inputs)
     if example_inputs is None:
         return None, 224 if input_size is None else input_size, ()
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise TypeError(f"example_inputs must be a tuple of tensors, as torch.export takes them; got "
-                        f"{type(example_inputs).__name__}")
     shape = tuple(example_inputs[0].shape)
     if len(shape) < 3:
         raise TraceError(f"the example input has shape {shape}: compscale needs (N, C, *spatial)",
@@ -124,3 +121,28 @@ def _resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None, input_size:
     if input_size is not None and as_size(input_size, len(shape) - 2) != shape[2:]:
         raise ValueError(f"input_size={input_size!r} disagrees with the example input's shape {shape}; give one")
     return (1, *shape[1:]), shape[2:], tuple(example_inputs[1:])
+
+
+def _types(leaf_modules: object) -> tuple[type[nn.Module], ...]:
+    """``leaf_modules`` as a tuple of ``nn.Module`` subclasses."""
+    items = tuple(leaf_modules) if isinstance(leaf_modules, Iterable) and not isinstance(leaf_modules, str) else None
+    if items is None or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in items):
+        raise TypeError(f"leaf_modules must be a sequence of nn.Module subclasses, got {leaf_modules!r:.60}")
+    return items
+
+
+def _functions(autowrap_functions: object) -> tuple[Callable[..., Any], ...]:
+    """``autowrap_functions`` as a tuple of functions."""
+    items = (tuple(autowrap_functions) if isinstance(autowrap_functions, Iterable)
+             and not isinstance(autowrap_functions, str) else None)
+    if items is None or not all(callable(f) for f in items):
+        raise TypeError(f"autowrap_functions must be a sequence of functions, got {autowrap_functions!r:.60}")
+    return items
+
+
+def _rules(rules: object) -> ChannelRules | None:
+    """``rules`` as a registry: ``None``, a ``ChannelRules``, or a mapping of targets to rules."""
+    if rules is not None and not isinstance(rules, (Mapping, ChannelRules)):
+        raise TypeError(f"rules must be a mapping {{module type or function: rule}} or a ChannelRules, got "
+                        f"{type(rules).__name__} {rules!r:.60}")
+    return as_rules(rules)

@@ -7,10 +7,12 @@ beta, gamma or phi.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
-from compscale.planning.budget import check_phi
+from compscale.arguments import INPUT_LIMIT, check_input_size
+from compscale.planning.budget import check_multipliers, check_phi
 from compscale.planning.rounding import round_resolution
 from compscale.planning.strategy import Compound, StrategyLike, check_multiplier, get_strategy
 
@@ -187,9 +189,12 @@ def resolve_multipliers(
     derived = rule.multipliers(p) if p is not None else (1.0, 1.0, 1.0)
     if p is not None:
         check_phi(p)  # after the rule, which names a multiplier that overflows
-    explicit = (depth, width, resolution)
-    d, w, r = (check_multiplier(name, e) if e is not None else v
-               for name, e, v in zip(("depth", "width", "resolution"), explicit, derived))
+    explicit, names = (depth, width, resolution), ("depth", "width", "resolution")
+    d, w, r = (check_multiplier(name, e) if e is not None else v for name, e, v in zip(names, explicit, derived))
+    check_multipliers({name: v for name, v, e in zip(names, (d, w, r), explicit) if e is not None})
+    if p is not None:
+        check_multipliers({name: v for name, v, e in zip(names, derived, explicit) if e is None},
+                          f"phi={p:g} by strategy {rule.name!r}")
     if resolution is None and rank not in (0, 2):  # rank 0: no spatial dims to scale
         r = r ** (2 / rank)
     return Multipliers(d, w, r, p, rule.name if p is not None and None in explicit else None)
@@ -200,12 +205,11 @@ def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def as_size(size: int | Sequence[int], rank: int = 2) -> tuple[int, ...]:
+def as_size(size: object, rank: int = 2, name: str = "input_size") -> tuple[int, ...]:
     """The spatial size of an input (every dim after the channels): one int is a square (of ``rank`` dims),
-    a sequence is taken as it is (``(16000,)`` for audio, ``(16, 112, 112)`` for video)."""
-    if isinstance(size, int):
-        return (size,) * rank
-    return tuple(int(s) for s in size)
+    a sequence is taken as it is (``(16000,)`` for audio, ``(16, 112, 112)`` for video); checked
+    (:func:`compscale.arguments.check_input_size`: a ``TypeError``/``ValueError`` naming ``name``)."""
+    return check_input_size(size, name, rank)
 
 
 def format_size(size: Sequence[int]) -> str:
@@ -218,4 +222,8 @@ def plan_input_size(base: tuple[int, ...], resolution: float, divisor: int = 8) 
     :func:`~compscale.planning.rounding.round_resolution`)."""
     if resolution == 1.0:
         return base
-    return tuple(round_resolution(s, resolution, divisor, fine=len(base) != 2) for s in base)
+    size = tuple(round_resolution(s, resolution, divisor, fine=len(base) != 2) for s in base)
+    if math.prod(size) > INPUT_LIMIT:
+        raise ValueError(f"resolution={resolution:.4g} takes the input size {format_size(base)} past {INPUT_LIMIT:,} "
+                         "elements per channel, more than compscale plans for; give a smaller resolution (or phi)")
+    return size

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -23,7 +22,8 @@ from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.rules import channel_rules
-from compscale.analyse.stages import StageTable, find_stages
+from compscale.analyse.stages import StageFilter, StageTable, find_stages
+from compscale.arguments import check_forward_takes, check_positive_number, check_unwrapped, strip_hooks
 from compscale.errors import NoStageError, WidthError
 from compscale.planning.budget import PHI_LIMIT, check_max_params, check_size, check_width
 from compscale.planning.cost import CostModel, Costs
@@ -44,6 +44,7 @@ from compscale.trace.tracer import Traced, check_module, meta_copy
 
 __all__ = [
     "METRICS",
+    "TARGET_FORMS",
     "Metric",
     "Planner",
     "derive_widths",
@@ -83,10 +84,14 @@ class Planner:
         """Analyse ``model`` with ``options`` (or :meth:`ScaleOptions.make`'s keyword arguments: ``input_size``,
         ``example_inputs``, ``resolution_divisor``, ``round_width``, ``stages``, ``fixed``, ``leaf_modules``,
         ``autowrap_functions``, ``rules``)."""
+        check_unwrapped(model, "plan")
         check_module(model, "plan")
         if options is not None and kwargs:
             raise TypeError(f"give Planner either options= or keyword arguments, not both ({', '.join(kwargs)})")
+        if options is not None and not isinstance(options, ScaleOptions):
+            raise TypeError(f"options must be a ScaleOptions, got {type(options).__name__}")
         self.options = options if options is not None else ScaleOptions.make(**kwargs)
+        check_forward_takes(model, 1 + len(self.options.extra_inputs))
         self.model = model  # never modified: measured metrics build from it
         with channel_rules(self.options.rules):
             self._analyse(model)
@@ -99,7 +104,7 @@ class Planner:
         opts = self.options
         self.model_name = type(model).__name__
         self.base_size = opts.input_size
-        self._model = meta_copy(model)
+        self._model = strip_hooks(meta_copy(model))  # the model's forward hooks would run on proxies
         self._base = trace(meta_copy(self._model), opts.input_shape, input_size=self.base_size,
                            leaf_modules=opts.leaf_modules, autowrap_functions=opts.autowrap_functions,
                            extra_inputs=opts.extra_inputs)
@@ -185,9 +190,8 @@ class Planner:
         if measure:
             raise TypeError(f"solve() got {', '.join(measure)}: only metric='latency' takes measuring options")
         value = metric_of(metric)
-        if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
-            raise ValueError(f"the target {metric if isinstance(metric, str) else 'metric'} must be a positive "
-                             f"number, got {target!r}")
+        target = check_positive_number(target, f"target_{metric}" if isinstance(metric, str) else "target",
+                                       TARGET_FORMS.get(metric) if isinstance(metric, str) else None)
 
         def plan_at(phi: float) -> ScalingPlan:
             return self.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width,
@@ -206,7 +210,7 @@ class Planner:
 
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
         if mult.depth != 1.0 and not len(self.table):
-            raise no_stage_error(self.model_name, self.table)
+            raise no_stage_error(self.model_name, self.table, self.options.stages)
         if self.options.strict and self.options.stages is None:
             check_evidence(self.table, mult.depth, True, self.model_name)
         counts = stage_counts(self.table, mult.depth, self.dense_costs)
@@ -333,8 +337,17 @@ def derive_widths(traced: Traced, cg: ChannelGraph, table: StageTable | None = N
     return derivations
 
 
-def no_stage_error(name: str, table: StageTable) -> NoStageError:
-    """The error for a depth multiplier on a model without stages (shared with ``scale``)."""
+def no_stage_error(name: str, table: StageTable, stages: StageFilter | None = None) -> NoStageError:
+    """The error for a depth multiplier on a model without stages (shared with ``scale``); with a ``stages=`` filter,
+    that it matched no block."""
+    if stages is not None:
+        shown = "a predicate" if callable(stages) else repr(list(stages))
+        return NoStageError(
+            f"stages={shown} matched no block of {name} to deepen: depth scaling is restricted to blocks under these "
+            "module paths (or that the predicate accepts), and none is a block",
+            "name module paths of blocks or of their containers as model.named_modules() gives them (e.g. "
+            "stages=['layer3']), or leave stages= out to deepen every stage.",
+        )
     seen = [b.path for b in table.blocks if b.path.count(".") <= 1][:3]
     looked = f"; its blocks ({', '.join(repr(p) for p in seen)}, ...) do not" if seen else ""
     return NoStageError(
@@ -375,24 +388,37 @@ def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta
     :class:`~compscale.planning.options.ScaleOptions`'s (``input_size``,
     ``round_width``, ``stages``, ``fixed``...).
     """
-    planner = Planner(model, **options)
+    check_unwrapped(model, "plan")
+    check_module(model, "plan")
+    opts = ScaleOptions.make(**options)
+    max_params = check_max_params(max_params)
     target = pick_target(target_macs, target_acts, target_latency)
     if target is not None:
         if phi is not None:
             raise ValueError(f"target_{target[0]} searches phi: give no phi with it")
-        return planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta, gamma=gamma,
-                             depth=depth, width=width, resolution=resolution, max_params=max_params)
+        return Planner(model, opts).solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta,
+                                          gamma=gamma, depth=depth, width=width, resolution=resolution,
+                                          max_params=max_params)
     strategy = strategy_of(vary, strategy)
-    found = planner.plan(phi, alpha=alpha, beta=beta, gamma=gamma, depth=depth, width=width, resolution=resolution,
-                         strategy=strategy)
-    check_size(planner.model_name, found, check_max_params(max_params))
+    # the arguments checked before the model is traced
+    mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy, rank=len(opts.input_size))
+    plan_input_size(opts.input_size, mult.resolution, opts.resolution_divisor)
+    planner = Planner(model, opts)
+    found = planner.plan_for(mult)
+    check_size(planner.model_name, found, max_params)
     return found
+
+
+TARGET_FORMS = {"macs": "a positive number of MACs (4.1e9)", "acts": "a positive number of activations",
+                "params": "a positive number of parameters", "latency": "a positive number of seconds"}
+"""What each target takes, as its errors say."""
 
 
 def pick_target(macs: float | None, acts: float | None, latency: float | None,
                 ) -> tuple[Literal["macs", "acts", "latency"], float] | None:
     """The one target given, as ``(metric, value)``; two of them raise."""
-    given = [(name, v) for name, v in (("macs", macs), ("acts", acts), ("latency", latency)) if v is not None]
+    given = [(name, check_positive_number(v, f"target_{name}", TARGET_FORMS[name]))
+             for name, v in (("macs", macs), ("acts", acts), ("latency", latency)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"give one target, not {' and '.join('target_' + n for n, _ in given)}")
     return given[0] if given else None  # type: ignore[return-value]

@@ -31,25 +31,21 @@ import numbers
 import re
 from typing import Protocol, runtime_checkable
 
+from compscale.arguments import check_number
+
 __all__ = ["Compound", "Shares", "Strategy", "StrategyLike", "check_multiplier", "fast", "get_strategy",
            "list_strategies"]
 
 
 def check_multiplier(name: str, value: object, *, positive: bool = True) -> float:
-    """``value`` as a float; a bool, a non-number, NaN, infinity (or, when ``positive``, a value <= 0) raises.
+    """``value`` as a float; a bool, a non-number, NaN, infinity (or, when ``positive``, a value <= 0) raises
+    (:func:`compscale.arguments.check_number`).
 
     Raises:
         TypeError: not a real number.
         ValueError: not finite, or not > 0.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
+    return check_number(value, name, positive=positive)
 
 
 def _power(name: str, base: float, phi: float, exponent: float = 1.0) -> float:

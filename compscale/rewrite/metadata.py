@@ -19,7 +19,7 @@ names, and measures their new values on the scaled network:
 Example:
     >>> r = compscale.scale(timm.create_model("resnet18"), phi=1)         # doctest: +SKIP
     >>> r.num_features, r.pretrained_cfg["input_size"]                    # doctest: +SKIP
-    (576, (3, 256, 256))
+    (560, (3, 256, 256))
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor
     shapes: Shapes = {}
     handles = [m.register_forward_hook(functools.partial(_record, shapes, path), with_kwargs=True)
                for path, m in meta.named_modules() if path]
-    x = torch.empty(shape, device="meta")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    x = torch.empty(shape, device="meta", dtype=dtype)
     inputs = (x, *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in extra))
     try:
         with torch.no_grad(), eval_mode(meta), warnings.catch_warnings():
@@ -273,10 +274,13 @@ def _update_data_config(cfg: dict[str, Any], plan: ScalingPlan, features_before:
     cfg["input_size"] = (old[0], *plan.input_size)
     pool = cfg.get("pool_size")
     if isinstance(pool, (tuple, list)) and features_before is not None and features_after is not None:
-        old, new = features_before[1], features_after[1]
-        if old is not None and new is not None and len(old) == len(new) == len(pool) + 2 and tuple(old[2:]) == tuple(
-                pool):
-            cfg["pool_size"] = tuple(new[2:])
+        (x, maps), new = features_before, features_after[1]
+        if x is None or maps is None or new is None or not len(maps) == len(new) == len(pool) + 2:
+            return
+        # the final map at the config's input size, by the reduction measured at the size scaled from
+        at_cfg = tuple(round(o * m / i) for o, m, i in zip(old[1:], maps[2:], x[2:]))
+        if at_cfg == tuple(pool):
+            cfg["pool_size"] = tuple(new[2:])  # measured at the new input size, the config's from now on
 
 
 # -- Hugging Face ------------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ layers that read the input are rebuilt for the wider input each new layer reads.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections import OrderedDict
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch.fx as fx
@@ -29,7 +31,7 @@ from compscale.analyse.ops import is_add, is_residual_add
 from compscale.analyse.stages import Block, Stage
 from compscale.errors import RewriteError
 from compscale.layers import resize
-from compscale.planning.policy import resolve_widths
+from compscale.planning.policy import Derivation, derive, resolve_widths
 from compscale.registry import drop_path_attr, drop_path_types
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths
@@ -79,7 +81,7 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
             "give its class a residual flag (a stride-1, in == out instance of it), or leave this stage out "
             "with `stages=`.",
         )
-    gm = _rewidened(traced, block, block.out_shape[1], rules)
+    gm = _rewidened(traced, block, block.out_shape[1], rules, blocks)
     _unstride(gm)
     if not stage.plain:
         _make_identity_residual(gm, block, traced, blocks)
@@ -143,7 +145,7 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
     else:
         flags = _differing_flags(template, traced.root.get_submodule(peer.path))
     try:
-        base = _rewidened_copy(traced, template, block, rules)
+        base = _rewidened_copy(traced, template, block, rules, blocks)
     except Exception:
         return None
     _unstride(base)
@@ -300,9 +302,11 @@ def _differing_flags(mine: nn.Module, peer: nn.Module) -> list[tuple[str, str, b
     return flags
 
 
-def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: InitRules | None) -> nn.Module:
+def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: InitRules | None,
+                    blocks: Sequence[Block] = ()) -> nn.Module:
     """A deep copy of ``template`` whose input group (and output, and the groups derived) are the block's output
-    width, resized in place so that the copy keeps its class."""
+    width, resized in place so that the copy keeps its class; its inner widths follow what ``blocks`` of its class
+    show (:func:`_peer_derivations`)."""
     new = copy.deepcopy(template)
     sub = traced.retrace(new, block.in_shape)
     cg = analyse_channels(sub, pin_io=False)
@@ -312,8 +316,9 @@ def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: In
     if len(entry) != 1:
         raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
     width = block.out_shape[1]
-    apply_widths(new, cg, resolve_widths(cg, lambda g, d: g.base, seeds=_repeat_seeds(cg, entry[0], exits, width)),
-                 rules)
+    derivations = _peer_derivations(traced, block, blocks, cg, entry[0], exits)
+    seeds = _repeat_seeds(cg, entry[0], exits, width)
+    apply_widths(new, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds, derivations=derivations), rules)
     return new
 
 
@@ -331,6 +336,116 @@ def _repeat_seeds(cg: ChannelGraph, entry: int, exits: Sequence[int], width: int
         elif entry not in exits:  # the output's pieces keep their widths (the two halves of GhostNet's module)
             seeds.update({g: cg.groups[g].base for g in exits})
     return seeds
+
+
+_INNER = ("independent", "squeeze", "expansion", "stage")
+_MAX_PEERS = 12
+
+
+def _peer_derivations(traced: Traced, block: Block, blocks: Sequence[Block], cg: ChannelGraph, entry: int,
+                      exits: Sequence[int]) -> dict[int, Derivation]:
+    """How each inner width of a repeat of ``block`` follows from its input or its output, as the other blocks of
+    its class in the network show.
+
+    A lone block cannot tell whether an inner width is a function of the block's input or of its output: a
+    ResNet/RegNet bottleneck's middle is ``out / b``, an MBConv's hidden width ``t x in``, RegNet's SE squeeze
+    ``in / 4`` (torchvision, timm, Hugging Face) where an SE-ResNet's is ``out / 16``. Its peers can: each inner
+    group keeps :func:`~compscale.planning.policy.derive`'s derivation, unless ``width x base / base(input)`` or
+    ``width x base / base(output)`` predicts the peers' widths of that group (found by layer path, in peers of the
+    same structure) more often. Hugging Face's ``RegNetYLayer`` 32 -> 128 (squeeze 8) repeats with a 32-wide squeeze
+    (``round(128 / 4)``), as ``RegNetConfig(depths=[2, ...])`` builds it, not 8 (``128 x 8 / 128``).
+    """
+    derivations = derive(cg)
+    exit = exits[0] if len(exits) == 1 else None
+    peers = [w for w in _peer_widths(traced, block, blocks, cg, entry, exit) if w]
+    if not peers:
+        return derivations
+    for g in cg.groups:
+        d = derivations[g.id]
+        if g.id in (entry, exit) or d.rule not in _INNER or d.never_narrower or g.fixed:
+            continue
+        candidates = [d, *(_ratio_derivation(cg, g.id, p, p == exit) for p in (entry, exit)
+                           if p is not None and p != d.parent and not cg.groups[p].fixed)]
+        scores = [sum(_explains(c, g.base, widths, g.id) for widths in peers) for c in candidates]
+        derivations[g.id] = candidates[scores.index(max(scores))]  # a tie keeps derive's
+    return derivations
+
+
+def _ratio_derivation(cg: ChannelGraph, gid: int, parent: int, is_exit: bool) -> Derivation:
+    ratio = Fraction(cg.groups[gid].base, cg.groups[parent].base)
+    rule = "squeeze" if ratio < 1 else "stage" if ratio == 1 and is_exit else "expansion"
+    return Derivation(rule, parent, ratio)
+
+
+def _explains(d: Derivation, base: int, widths: dict[int, int], gid: int) -> bool:
+    """Whether derivation ``d`` of group ``gid`` (``base`` wide) gives a peer's width of it, from the peer's own
+    width of its parent."""
+    if gid not in widths:
+        return False
+    if d.parent is None:
+        return widths[gid] == base
+    if d.parent not in widths:
+        return False
+    w = math.floor(widths[d.parent] * d.ratio)
+    return (max(1, w) if d.rule == "squeeze" else w) == widths[gid]
+
+
+def _peer_widths(traced: Traced, block: Block, blocks: Sequence[Block], cg: ChannelGraph, entry: int,
+                 exit: int | None) -> list[dict[int, int]]:
+    """For each other block of ``block``'s kind (one per pair of input and output widths), the width it gives each
+    group of ``cg`` (``block``'s channel groups), read at the layers of the same path and class; empty for a peer
+    whose layers disagree (another structure: an MBConv without its expansion conv)."""
+    if block.layers:
+        return []
+    template = traced.root.get_submodule(block.path)
+    seen = {(block.in_shape[1], block.out_shape[1])}
+    result: list[dict[int, int]] = []
+    for peer in blocks:
+        pair = (peer.in_shape[1], peer.out_shape[1])
+        if peer.kind != block.kind or peer.layers or pair in seen or len(result) >= _MAX_PEERS:
+            continue
+        try:  # a peer that is not (or no longer) in the model, or cannot be traced alone, tells nothing
+            module = traced.root.get_submodule(peer.path)
+            pcg = analyse_channels(traced.retrace(module, peer.in_shape), pin_io=False)
+        except Exception:
+            continue
+        seen.add(pair)
+        widths = {entry: pair[0], **({exit: pair[1]} if exit is not None else {})}
+        result.append(_matched_widths(cg, pcg, template, module, widths))
+    return result
+
+
+def _matched_widths(cg: ChannelGraph, pcg: ChannelGraph, template: nn.Module, module: nn.Module,
+                    widths: dict[int, int]) -> dict[int, int]:
+    """``widths`` completed with the peer's width (``pcg``) of each group of ``cg`` at its members' paths; empty if
+    two members of one group disagree or a member is a layer of another class in the peer."""
+    for g in cg.groups:
+        for path, role in g.members:
+            w = _member_width(pcg, path, role)
+            if w is None:
+                continue
+            if _class_at(template, path) is not _class_at(module, path):
+                return {}
+            if widths.setdefault(g.id, w) != w:
+                return {}
+    return widths
+
+
+def _class_at(module: nn.Module, path: str) -> type | None:
+    try:
+        return type(module.get_submodule(path))
+    except AttributeError:
+        return None
+
+
+def _member_width(cg: ChannelGraph, path: str, role: str) -> int | None:
+    """The width of a layer's output (``out``), norm or depthwise channels in ``cg``, ``None`` if it has no such."""
+    table = {"norm": cg.norms, "depthwise": cg.depthwise}.get(role)
+    if table is not None:
+        return cg.groups[table[path][0]].base if path in table else None
+    if role == "out" and path in cg.layers:
+        return cg.groups[cg.layers[path].output].base
+    return None
 
 
 def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...], need_residual: bool = True) -> bool:
@@ -389,15 +504,18 @@ def _block_channels(traced: Traced, block: Block) -> tuple[fx.GraphModule, Chann
     return gm, cg, entry_group[0], cg.node_groups.get(out.name, ())
 
 
-def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules | None) -> fx.GraphModule:
+def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules | None,
+               blocks: Sequence[Block] = ()) -> fx.GraphModule:
     """The block's subgraph with its input channel group (and the groups derived from it) at ``in_channels``.
 
     Its output keeps ``in_channels`` too, whatever it derived from before: a repeat maps its width to
-    itself (a plain conv block ``160 -> 960`` repeats as ``960 -> 960``, not ``960 -> 6 x 960``).
+    itself (a plain conv block ``160 -> 960`` repeats as ``960 -> 960``, not ``960 -> 6 x 960``). Its inner widths
+    follow what ``blocks`` of its class show (:func:`_peer_derivations`).
     """
     gm, cg, entry_group, exit_groups = _block_channels(traced, block)
     seeds = _repeat_seeds(cg, entry_group, exit_groups, in_channels)
-    apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds), rules)
+    derivations = _peer_derivations(traced, block, blocks, cg, entry_group, exit_groups)
+    apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds, derivations=derivations), rules)
     return gm
 
 

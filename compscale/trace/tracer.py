@@ -38,7 +38,7 @@ from compscale.errors import CompscaleError, NotACNNError, TraceError, Unsupport
 from compscale.layers import channels, resize
 from compscale.registry import drop_path_types
 
-__all__ = ["CompscaleTracer", "Traced", "check_module", "eval_mode", "module_path", "trace"]
+__all__ = ["CompscaleTracer", "Traced", "check_module", "eval_mode", "module_path", "splits_channels", "trace"]
 
 log = logging.getLogger("compscale")
 
@@ -325,25 +325,42 @@ def _linear_over_tokens(traced: Traced, node: fx.Node) -> bool:
 
 
 def check_layer_outputs(traced: Traced) -> None:
-    """Refuse a layer compscale would resize (a conv, norm or linear, or a subclass) that returns several values.
+    """Refuse a layer compscale would resize (a conv, norm or linear, or a subclass) that returns several values,
+    unless it is a convolution whose maps in and out split its channels (an octave convolution: its high- and
+    low-frequency maps, whose channels sum to its ``in_channels`` and ``out_channels``), which the channel analysis
+    follows as several channel groups.
 
     Raises:
-        UnsupportedOpError: naming the first such layer (an octave convolution returns its high- and
-            low-frequency maps, with channel counts it slices its weight by in ``forward``).
+        UnsupportedOpError: naming the first such layer.
     """
     for node in traced.graph.nodes:
         if node.op != "call_module" or traced.has_shape(node) or not isinstance(node.meta.get("tensor_meta"),
                                                                                  (list, tuple)):
             continue
         module = traced.module(node)
-        if isinstance(module, _LAYER_TYPES):
+        if isinstance(module, _LAYER_TYPES) and not splits_channels(node, module):
             base = next(c.__name__ for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
             raise UnsupportedOpError(
                 f"cannot resize {node.target} ({type(module).__name__}, a {base}): it returns "
-                f"{len(node.meta['tensor_meta'])} values (node %{node.name}), not one tensor",
-                "compscale resizes layers that return one tensor; a layer returning several (an octave "
-                "convolution's two maps) splits its channels in its own forward: scale this network with its "
-                "constructor's width argument.")
+                f"{len(node.meta['tensor_meta'])} values (node %{node.name}), not one tensor, and they do not "
+                "split its channels",
+                "compscale resizes layers that return one tensor, or a convolution whose input and output maps "
+                "(tensors or None) together hold its in_channels and out_channels (an octave convolution); scale "
+                "this network with its constructor's width argument.")
+
+
+def splits_channels(node: fx.Node, module: nn.Module) -> bool:
+    """Whether conv ``module``, called at ``node``, reads and returns maps (or ``None``) whose channels add up to its
+    ``in_channels`` and ``out_channels``, each map in one dimension 1 (an octave convolution's ``(high, low)``)."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups != 1:
+        return False
+    outs = [m for m in node.meta["tensor_meta"] if m is not None]
+    ins = [a.meta["tensor_meta"] for a in node.all_input_nodes if hasattr(a.meta.get("tensor_meta"), "shape")]
+    if not outs or not all(hasattr(m, "shape") and len(m.shape) >= 2 for m in outs + ins) or len(ins) != len(
+            node.all_input_nodes):
+        return False
+    return (sum(m.shape[1] for m in ins) == module.in_channels
+            and sum(m.shape[1] for m in outs) == module.out_channels)
 
 
 def _python_value_error(e: BaseException) -> bool:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compscale.arguments import check_count, check_example_inputs, check_forward_takes, check_number
 from compscale.planning.plan import as_size, format_size
 from compscale.trace.tracer import check_module, eval_mode, input_channels_of
 
@@ -132,7 +133,7 @@ def latency(
     input_size: int | Sequence[int] = (224, 224),
     *,
     batch_size: int = 1,
-    example_inputs: Sequence[torch.Tensor] = (),
+    example_inputs: Sequence[torch.Tensor] | None = None,
     in_channels: int | None = None,
     compile: bool = False,
     min_run_time: float = 0.5,
@@ -162,7 +163,13 @@ def latency(
     """
     Timer = _timer_class()
     check_module(model, "latency")
-    _check_args(batch_size, min_run_time, warmup, threads)
+    _check_args(batch_size, min_run_time, warmup, threads, compile)
+    example_inputs = check_example_inputs(example_inputs) or ()
+    check_forward_takes(model, max(1, len(example_inputs)))
+    if in_channels is not None:
+        in_channels = check_count(in_channels, "in_channels")
+    if not example_inputs:
+        input_size = as_size(input_size)
     device, dtype = _device_and_dtype(model)
     inputs, size = _make_inputs(model, input_size, batch_size, example_inputs, in_channels, device, dtype)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -260,18 +267,15 @@ def _pool(rounds: Sequence[Latency], redone: int) -> Latency:
                                remeasured=redone + sum(lat.remeasured for lat in rounds), rounds=len(rounds))
 
 
-def _check_args(batch_size: int, min_run_time: float, warmup: int, threads: int | None) -> None:
-    for name, value in (("batch_size", batch_size), ("warmup", warmup), ("threads", threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"compscale.latency(): {name} must be an int, got {type(value).__name__} {value!r}")
-    if batch_size < 1:
-        raise ValueError(f"compscale.latency(): batch_size must be at least 1, got {batch_size}")
-    if warmup < 0:
-        raise ValueError(f"compscale.latency(): warmup must be 0 or more, got {warmup}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"compscale.latency(): threads must be at least 1, got {threads}")
-    if not isinstance(min_run_time, (int, float)) or isinstance(min_run_time, bool) or not min_run_time > 0:
-        raise ValueError(f"compscale.latency(): min_run_time must be a number of seconds above 0, got {min_run_time!r}")
+def _check_args(batch_size: int, min_run_time: float, warmup: int, threads: int | None, compile: bool) -> None:
+    check_count(batch_size, "batch_size")
+    check_count(warmup, "warmup", least=0)
+    if threads is not None:
+        check_count(threads, "threads")
+    if check_number(min_run_time, "min_run_time", positive=False) <= 0:
+        raise ValueError(f"min_run_time must be a number of seconds above 0, got {min_run_time!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {type(compile).__name__}")
 
 
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

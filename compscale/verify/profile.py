@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from compscale.arguments import check_count, check_example_inputs, check_forward_takes, check_unwrapped
 from compscale.planning.plan import as_size, format_size
 from compscale.trace.tracer import check_module, eval_mode, input_channels_of
 
@@ -66,7 +67,7 @@ class ConvActivations(TorchDispatchMode):
 
 
 def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_channels: int | None = None, *,
-            example_inputs: Sequence[torch.Tensor] = ()) -> Profile:
+            example_inputs: Sequence[torch.Tensor] | None = None) -> Profile:
     """Count the MACs of one ``input_size`` image through ``model`` and its parameters.
 
     Args:
@@ -75,10 +76,20 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
             (``(16000,)``, ``(16, 112, 112)``).
         in_channels: input channels; read off the model's first conv when omitted.
         example_inputs: the inputs of one call, for a forward of several tensors (or to give the first input's
-            shape, which then overrides ``input_size`` and ``in_channels``); only shapes and dtypes are used.
+            shape, which then overrides ``input_size`` and ``in_channels``); only shapes and dtypes are used. Checked
+            as :func:`compscale.scale` checks them.
+
+    Raises:
+        TypeError, ValueError: a bad argument (named).
+        CompscaleError: a wrapped model (``torch.compile``, scripted, DataParallel): its hint says which to pass.
     """
+    check_unwrapped(model, "profile")
     check_module(model, "profile")
     size = as_size(input_size)
+    example_inputs = check_example_inputs(example_inputs) or ()
+    check_forward_takes(model, max(1, len(example_inputs)))
+    if in_channels is not None:
+        in_channels = check_count(in_channels, "in_channels")
     channels = in_channels if in_channels is not None else input_channels_of(model)
     params = sum(p.numel() for p in model.parameters())
     on_meta = any(p.device.type == "meta" for p in model.parameters())
