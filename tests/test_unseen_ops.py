@@ -312,14 +312,17 @@ class OctaveNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_none_branches_are_traced_with_concrete_values_and_refused_by_layer() -> None:
+def test_none_branches_are_traced_with_concrete_values_and_scaled() -> None:
     """Symbolic tracing takes ``if low is not None`` as true and adds ``None``; the concrete tracer sees the None
-    (no add of it in its graph). The layer returning two values cannot be resized: the error names it."""
+    (no add of it in its graph). A conv returning its map and ``None`` holds all its channels in the one map: it is
+    resized as any conv (octave convolutions proper: tests/test_octave.py)."""
     adds = [n for n in trace_concrete(OctaveNet(), (1, 3, 16, 16)).graph.nodes if n.target is operator.add]
     assert len(adds) == 2  # h + x in each unit, no low + x_l
-    with pytest.raises(compscale.UnsupportedOpError, match=r"units\.0\.conv1 \(OctaveConv, a Conv2d\): it returns "
-                                                           r"2 values.*\nHint: .*one tensor"):
-        compscale.scale(OctaveNet(), phi=1, input_size=16)
+    for w, want in ((1.5, 24), (2.0, 32)):
+        scaled = compscale.scale(OctaveNet(), width=w, depth=1.0, input_size=16)
+        assert {m.out_channels for m in scaled.modules() if isinstance(m, nn.Conv2d)} == {want}
+        with torch.no_grad():
+            assert scaled(torch.randn(1, 3, 16, 16)).shape == (1, 10)
 
 
 class Video(nn.Module):
@@ -488,7 +491,9 @@ def test_pytorchcv_attention_and_shuffle_nets_scale_at_phi_1(name: str) -> None:
 
 
 @pytest.mark.slow
-def test_pytorchcv_octresnet_is_refused_naming_its_octave_conv() -> None:
+def test_pytorchcv_octresnet_widens_but_cannot_deepen_its_octave_units() -> None:
+    """Its octave convs are widened (tests/test_octave.py); its units read and return two maps, which compscale's
+    stages (one tensor in, one out) do not repeat: phi=1 asks for depth and gets a typed error."""
     model_provider = pytest.importorskip("pytorchcv.model_provider", reason="the test extra installs pytorchcv")
-    with pytest.raises(compscale.UnsupportedOpError, match=r"\(OctConv, a Conv2d\): it returns 2 values"):
+    with pytest.raises(compscale.NoStageError, match="OctResNet has no stage to deepen"):
         compscale.scale(model_provider.get_model("octresnet10_ad2", pretrained=False), phi=1)

@@ -7,7 +7,7 @@
   and run at their new input size, the classifier kept (no "rebuilt with fresh weights" warning: a fixed final pool
   follows the new map).
 
-The whole lists are slow (about N s on 2 cores); a few cheap models of each list run by default.
+The whole lists are slow (about 4 min on 2 cores); a few cheap models of each list run by default.
 """
 
 from __future__ import annotations
@@ -71,9 +71,18 @@ PYTORCHCV = [
     "shufflenet_g1_w1", "shufflenetv2_w1", "densenet121", "squeezeresnet_v1_0", "octresnet10_ad2",
 ]
 PCV_FAST = {"resnet10", "mobilenet_w1", "regnetx002"}
+# Octave units read and return two maps (high and low frequency): they widen (tests/test_octave.py) but are no
+# single-entry blocks, so phi=1 finds no stage to deepen. Strict: the day they deepen, this xfail fails.
+OUT_OF_REACH = {"octresnet10_ad2": pytest.mark.xfail(raises=compscale.NoStageError, strict=True,
+                                                     reason="octave units cannot be deepened (docs/out-of-reach.md)")}
 
 
-@pytest.mark.parametrize("name", _cases(PYTORCHCV, PCV_FAST))
+def _pcv_cases() -> list[object]:
+    return [pytest.param(n, marks=[*([] if n in PCV_FAST else [pytest.mark.slow]),
+                                   *([OUT_OF_REACH[n]] if n in OUT_OF_REACH else [])]) for n in PYTORCHCV]
+
+
+@pytest.mark.parametrize("name", _pcv_cases())
 def test_pytorchcv_scales_at_phi_1_and_keeps_its_classifier(name: str) -> None:
     model_provider = pytest.importorskip("pytorchcv.model_provider", reason="the test extra installs pytorchcv")
     base = model_provider.get_model(name, pretrained=False)

@@ -411,14 +411,16 @@ class RuleContext:
         return True
 
     def follow_bound(self, node: fx.Node, module: nn.Module, maps: Sequence[Desc], side: str, taken: set[str],
-                     required: bool) -> None:
+                     required: bool, read: bool = True) -> None:
         """Record the attribute of ``module`` that its ``forward`` reads and that holds the channels of ``maps``
         together (where an octave convolution cuts its weight: ``self.h_in_channels``), so that the width pass
         writes it; ``taken`` names attributes already found. Of several, the one whose name says its ``side``
         (``in`` or ``out``, as ``in_channels`` does) is taken, and only such a one for the bound after the last map (not
-        ``required``: ``forward`` may not cut there). When none or several do, fail if ``required``."""
+        ``required``: ``forward`` may not cut there). When none or several do, fail if ``required``. With ``read``
+        false, an attribute ``forward`` does not read is kept current too (the width of one map: ``l_out_channels``)."""
         value = sum(self.width(m) for m in maps)
-        names = [n for n in attributes_holding(module, value) if n not in taken and _forward_reads(module, n)]
+        names = [n for n in attributes_holding(module, value)
+                 if n not in taken and (not read or _forward_reads(module, n))]
         if len(names) > 1 or not required:  # a bound at the end is optional: only one named for its side
             names = [n for n in names if side in n.lower().split("_")] or (names if required else [])
         if len(names) == 1:

@@ -235,7 +235,8 @@ def fixed(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> D
 def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc | None:
     assert isinstance(module, nn.modules.conv._ConvNd)
     if not ctx.traced.has_shape(node):  # maps in and out that split its channels (an octave convolution)
-        return conv_maps(ctx, node, module)
+        conv_maps(ctx, node, module)
+        return None
     src_node = ctx.input_node(node)
     if ctx.channel_dim(src_node) != 1 and module.in_channels == module.out_channels == ctx.shape(src_node)[1]:
         # a conv sliding along the channels (ECA's Conv1d over (N, 1, C)): its weights do not depend on them
@@ -276,13 +277,15 @@ def conv_maps(ctx: RuleContext, node: fx.Node, module: nn.Module) -> None:
     pieces = [ctx.new_space(node, m.shape[1]) if m is not None else () for m in metas]
     outs = tuple(p for piece in pieces for p in piece)
     out = outs if len(outs) == 1 else ctx.new_space(node, module.out_channels)
-    if len(outs) > 1:
-        ctx.sums[out[0][0]] = outs
+    for i, p in enumerate(outs if len(outs) > 1 else ()):  # the maps follow the layer's width, as it cuts it
+        ctx.part((p,), out, i, [ctx.width((q,)) for q in outs])
     ctx.layer(path, src, out, node)
     taken: set[str] = {"in_channels", "out_channels"}
     for side, maps in (("in", [(a,) for a in ctx.refine(src)]), ("out", [(p,) for p in outs])):
         for k in range(1, len(maps) + 1):  # the bound after the k-th map: needed inside, kept current at the end
             ctx.follow_bound(node, module, maps[:k], side, taken, required=k < len(maps))
+    for p in outs if len(outs) > 1 else ():  # each map's own width, where the layer keeps it (`l_out_channels`)
+        ctx.follow_bound(node, module, [(p,)], "out", taken, required=False, read=False)
     ctx.multi[node] = [piece if piece else out for piece in pieces]
     return None
 

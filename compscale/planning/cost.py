@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -125,6 +126,21 @@ def _layer_cost(layer: _Layer, widths: Mapping[int, int], sizes: Mapping[str, Sp
     return layer_macs(out, fan_in, groups, layer.kernel, positions), weights + (out if layer.bias else 0), acts
 
 
+def _map_pairs(traced: Traced, node: fx.Node, module: nn.Module, bias: bool, cg: ChannelGraph) -> list[_Layer]:
+    """A conv reading and returning several maps (an octave conv), as one conv per (map in, map out): each at the
+    smaller map's positions, where the octave conv runs it (pooling the larger map first, or upsampling after)."""
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    outs = [u for u in node.users if u.target is operator.getitem and traced.has_shape(u)]
+    layers: list[_Layer] = []
+    for i, src in enumerate(node.all_input_nodes):
+        for out in outs:
+            at = min((src, out), key=lambda n: math.prod(spatial_dims(traced.shape(n), 1)))
+            g_in, g_out = cg.node_groups[src.name], cg.node_groups[out.name]
+            layers.append(_Layer(str(node.target), at.name, "conv", tuple((g, 1) for g in g_in), g_out[0], 1, False,
+                                 math.prod(module.kernel_size), bias and i == 0))  # one bias per map out
+    return layers
+
+
 def _inventory(traced: Traced, cg: ChannelGraph) -> list[_Layer]:
     nodes = {n.name: n for n in traced.graph.nodes}
     layers = []
@@ -137,7 +153,9 @@ def _inventory(traced: Traced, cg: ChannelGraph) -> list[_Layer]:
         module = traced.gm.get_submodule(path)
         own = sum(p.numel() for p in module.parameters(recurse=False))
         bias = getattr(module, "bias", None) is not None
-        if path in cg.layers:
+        if path in cg.layers and not traced.has_shape(node):  # maps in and out (an octave conv)
+            layers += _map_pairs(traced, node, module, bias, cg)
+        elif path in cg.layers:
             lc = cg.layers[path]
             kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
             kernel = math.prod(getattr(module, "kernel_size", (1,)))

@@ -12,11 +12,6 @@ here recover those derivations from the channel-group graph (see docs/choosing.m
   outside every block, are rounded on their own (MobileNetV2's head is ``make_divisible(1280 * w)``).
 * ``stage``: a group made inside a block with the width of the block's output, from a narrower input (a basic
   block's downsampling ``conv1``: ``2 x`` its input), is the block's output width: one width per stage.
-* ``narrow``: a group made and read inside one block, ``r`` times narrower (``r >= 2`` an integer) than the group
-  its producers read, or else than the block's output, keeps that ratio: ``floor(new(P) / r)``, at least 1 (BAM's
-  spatial gate, ``channels // 16``; ShuffleNet v1's bottleneck, ``out_channels // 4``); layers that keep its width
-  after it (BAM's dilated convs) follow it. ``P`` must not itself be derived from an expansion or a stage: a ResNet
-  bottleneck's planes are what its output derives from, not the other way round.
 * ``independent``, ``never_narrower``: the head, the conv after the last block that widens the final stage into
   the features a global pool hands to the classifier (MobileNetV2's and MNASNet's 1280), is rounded on its own but
   never narrows: ``max(base, round_width(base * w))``, as torchvision's ``make_divisible(1280 * max(1, w))``.
@@ -100,77 +95,7 @@ def derive(cg: ChannelGraph, blocks: Sequence[str] | Mapping[str, Sequence[int]]
         for g in cg.groups:
             if result[g.id].rule == "independent" and _is_head(cg, g, paths):
                 result[g.id] = Derivation("independent", never_narrower=True)
-    _derive_narrowings(cg, result, paths, outputs)
     return result
-
-
-def _derive_narrowings(cg: ChannelGraph, result: dict[int, Derivation], blocks: Sequence[str] | None,
-                       outputs: Mapping[str, Sequence[int]]) -> None:
-    """Turn the independent inner groups of blocks that narrow a non-derived group into ``narrow`` derivations
-    (see the module docstring), then let the groups made from one of them at its own width follow it."""
-    for g in cg.groups:
-        if result[g.id] == Derivation("independent"):
-            result[g.id] = _narrowing(cg, g, result, blocks, outputs) or result[g.id]
-    changed = True
-    while changed:
-        changed = False
-        for g in cg.groups:
-            if result[g.id] != Derivation("independent") or _inner_block(cg, g, blocks, outputs) is None:
-                continue
-            source = {_read_group(cg, cg.layers[p].inputs) for p in g.producers}
-            if len(source) == 1 and (p := source.pop()) is not None and p != g.id and \
-                    result[p].rule == "narrow" and cg.groups[p].base == g.base:
-                result[g.id] = Derivation("narrow", p, Fraction(1))
-                changed = True
-
-
-def _narrowing(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation], blocks: Sequence[str] | None,
-               outputs: Mapping[str, Sequence[int]]) -> Derivation | None:
-    """``narrow`` from the group ``g``'s producers read, or else from its block's output, or ``None``."""
-    block = _inner_block(cg, g, blocks, outputs)
-    if block is None:
-        return None
-    exits = tuple(outputs.get(block, ()))
-    read = {_read_group(cg, cg.layers[p].inputs) for p in g.producers}
-    if any(p is not None and cg.groups[p].base == g.base for p in read):
-        return None  # a layer that keeps the width of what it reads follows it (below), if anything
-    candidates = [*read, _read_group(cg, tuple((o, 1) for o in exits))]
-    for p in candidates:
-        if p is None or p == g.id:
-            continue
-        parent = cg.groups[p]
-        if parent.fixed or parent.base < 2 * g.base or parent.base % g.base:
-            continue
-        if known[p].rule in ("expansion", "stage", "tied", "narrow"):
-            continue
-        return Derivation("narrow", p, Fraction(g.base, parent.base))
-    return None
-
-
-def _inner_block(cg: ChannelGraph, g: ChannelGroup, blocks: Sequence[str] | None,
-                 outputs: Mapping[str, Sequence[int]]) -> str | None:
-    """The block that makes ``g`` and alone reads it (``""`` when ``cg`` is one block), ``None`` if there is none:
-    ``g`` is made outside blocks, in several, read outside its own, or is its block's output."""
-    if not g.producers:
-        return None
-    homes = {"" if blocks is None else _block_of(p, blocks) for p in g.producers}
-    readers = {"" if blocks is None else _block_of(path, blocks)
-               for path, layer in cg.layers.items() if any(s == g.id for s, _ in layer.inputs)}
-    if len(homes) != 1 or None in homes or not readers <= homes:
-        return None
-    block = homes.pop()
-    assert block is not None
-    return None if g.id in outputs.get(block, ()) or g.id in cg.outputs else block
-
-
-def _read_group(cg: ChannelGraph, inputs: Sequence[tuple[int, int]]) -> int | None:
-    """The one group a layer reads: its input group, or the group its input's segments are the pieces of."""
-    if any(k != 1 for _, k in inputs) or not inputs:
-        return None
-    if len(inputs) == 1:
-        return inputs[0][0]
-    pieces = tuple(s for s, _ in inputs)
-    return next((whole for whole, parts in cg.sums.items() if tuple(parts) == pieces), None)
 
 
 def _block_of(path: str, blocks: Sequence[str]) -> str | None:
@@ -293,7 +218,7 @@ def resolve_widths(
             w = max(g.base, independent(g, divisor_of(g)))
         elif d.parent is not None and d.parent not in visiting:
             pw = width(d.parent, visiting | {gid})
-            w = max(1, math.floor(pw * d.ratio)) if d.rule in ("squeeze", "narrow") else int(pw * d.ratio)
+            w = max(1, math.floor(pw * d.ratio)) if d.rule == "squeeze" else int(pw * d.ratio)
             if any(w % k for k in g.divisors):  # a derived width a grouped conv cannot take: round instead
                 w = independent(g, divisor_of(g))
         else:

@@ -124,7 +124,17 @@ class Traced:
                      extra_inputs=self.extra_inputs if model is self.root else ())
 
     def retrace_graph(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
-        """As :meth:`retrace`, without propagating shapes (the caller does, with its own options)."""
+        """As :meth:`retrace`, without propagating shapes (the caller does, with its own options). A model traced
+        with concrete values (its symbolic graph computes ``None + None`` where Python skipped a branch: an octave
+        network's missing low-frequency map) is traced so again."""
+        if not self.gm.meta.get("compscale_symbolic") and model is self.root:
+            from compscale.trace.concrete import trace_concrete
+
+            try:
+                return trace_concrete(model, input_shape, shapes=False, leaf_modules=self.leaf_modules,
+                                      autowrap_functions=self.autowrap_functions, extra_inputs=self.extra_inputs)
+            except CompscaleError:  # a layer fed other channels: the caller's shape propagation may tolerate it
+                log.debug("concrete retrace of %s failed; tracing symbolically", type(model).__name__)
         return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions,
                      shapes=False, extra_inputs=self.extra_inputs if model is self.root else ())
 
@@ -352,9 +362,11 @@ def check_layer_outputs(traced: Traced) -> None:
 def splits_channels(node: fx.Node, module: nn.Module) -> bool:
     """Whether conv ``module``, called at ``node``, reads and returns maps (or ``None``) whose channels add up to its
     ``in_channels`` and ``out_channels``, each map in one dimension 1 (an octave convolution's ``(high, low)``)."""
-    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups != 1:
+    metas = node.meta.get("tensor_meta")
+    if (not isinstance(module, nn.modules.conv._ConvNd) or module.groups != 1 or hasattr(metas, "shape")
+            or not isinstance(metas, (list, tuple))):
         return False
-    outs = [m for m in node.meta["tensor_meta"] if m is not None]
+    outs = [m for m in metas if m is not None]
     ins = [a.meta["tensor_meta"] for a in node.all_input_nodes if hasattr(a.meta.get("tensor_meta"), "shape")]
     if not outs or not all(hasattr(m, "shape") and len(m.shape) >= 2 for m in outs + ins) or len(ins) != len(
             node.all_input_nodes):
@@ -515,7 +527,8 @@ class _ShapeProp(ShapeProp):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         real = super().fetch_attr(str(target))
         x = args[0] if args else None
-        fed = _fed_mismatch(real, x) if self.tolerate_inputs else None
+        several = sum(isinstance(a, torch.Tensor) for a in args) > 1  # an octave conv's maps: no one input to follow
+        fed = _fed_mismatch(real, x) if self.tolerate_inputs and not several else None
         if fed is not None:
             out = _fed_output(real, fed, self.keep_ratio.get(str(target)))
             self.mismatched[str(target)] = (fed, out)
