@@ -92,13 +92,8 @@ def check_seed(value: object, name: str = "seed") -> int | None:
     """``value`` as a seed (``None`` stays ``None``): an int, Python or numpy, with ``0 <= seed < 2**64``."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int in [0, 2**64), got {_got(value)}")
-    try:
-        seed = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an int in [0, 2**64), got {_got(value)}") from None
-    if not 0 <= seed < SEED_LIMIT:
+    seed = check_count(value, name, least=0)
+    if seed >= SEED_LIMIT:
         raise ValueError(f"{name} must be an int in [0, 2**64), got {seed}")
     return seed
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from compscale.errors import CompscaleError
 
-__all__ = ["Library", "list_models", "load_model", "suggest"]
+__all__ = ["Library", "list_models", "load_model", "suggest", "torchvision_model"]
 
 Library = Literal["torchvision", "timm"]
 
@@ -119,8 +119,20 @@ def load_model(spec: str) -> nn.Module:
 
         if spec not in torchvision.models.list_models():
             raise _unknown(spec)
-        model = torchvision.models.get_model(spec, weights=None)
+        model = torchvision_model(spec)
     if not isinstance(model, nn.Module):
         raise CompscaleError(f"{spec!r} returned {type(model).__name__}, not an nn.Module",
                              "the callable must return a torch.nn.Module.")
     return model
+
+
+def torchvision_model(name: str) -> nn.Module:
+    """torchvision's ``name`` with random weights, its backbone's too (a detector's or segmenter's builder would
+    otherwise download the backbone's ImageNet weights)."""
+    import inspect
+
+    import torchvision.models
+
+    builder = torchvision.models.get_model_builder(name)
+    kwargs = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+    return builder(weights=None, **kwargs)

@@ -66,9 +66,9 @@ def build(library: str, name: str) -> nn.Module:
         import timm
 
         return timm.create_model(name, pretrained=False)
-    import torchvision
+    from compscale.models import torchvision_model
 
-    return torchvision.models.get_model(name, weights=None)
+    return torchvision_model(name)
 
 
 def try_scale(base: nn.Module, base_macs: int, kwargs: dict[str, Any]) -> Outcome:

@@ -368,3 +368,12 @@ def test_the_model_table_script_reports_each_named_model(tmp_path: Path) -> None
     assert re.search(r"\| resnet18 \| x2\.\d\d MACs \| x1\.\d\d MACs \| x2\.\d\d MACs \|", text), text
     assert re.search(r"\| squeezenet1_0 \| x2\.\d\d MACs \|", text), text
     assert "| vit_b_16 | NotACNNError" in text and "3 of the" in text and "2 of 3 scale all three ways" in text
+
+
+def test_a_segmentation_model_loads_without_downloading_its_backbone() -> None:
+    # torchvision's detection and segmentation builders download ImageNet backbone weights unless told not to;
+    # there is no network here, so a download would raise URLError
+    from compscale.models import load_model
+
+    model = load_model("lraspp_mobilenet_v3_large")
+    assert type(model).__name__ == "LRASPP"

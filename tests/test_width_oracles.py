@@ -253,3 +253,19 @@ def test_se_net_widths_whatever_the_trace_size(phi: int) -> None:
     for size in (8, 64):
         scaled = compscale.scale(_se_net(_SE_BASE), width=w, example_inputs=(torch.randn(1, 3, size, size),))
         assert architecture(scaled) == expected, size
+
+
+@pytest.mark.parametrize(("name", "bottleneck", "widths", "units"), [
+    ("resnet18", False, [64, 128, 256, 512], [2, 2, 2, 2]),
+    pytest.param("resnet50", True, [256, 512, 1024, 2048], [3, 4, 6, 3], marks=pytest.mark.slow),
+])
+def test_pytorchcv_resnet_at_width_2_is_its_own_resnet_with_doubled_channels(
+        name: str, bottleneck: bool, widths: list[int], units: list[int]) -> None:
+    model_provider = pytest.importorskip("pytorchcv.model_provider", reason="the test extra installs pytorchcv")
+    from pytorchcv.models.resnet import ResNet
+
+    scaled = compscale.scale(model_provider.get_model(name, pretrained=False), width=2)
+    reference = ResNet(channels=[[2 * c] * n for c, n in zip(widths, units)], init_block_channels=128,
+                       bottleneck=bottleneck, conv1_stride=True)
+    assert {k: tuple(v.shape) for k, v in scaled.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in reference.state_dict().items()}
