@@ -102,10 +102,10 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
                                                                   options.extra_inputs)
         if plan.input_size != base:
             same_graph = False
-            follow_same_padding(work, traced, (*traced.input_shape[:2], *plan.input_size))
-            follow_global_pools(work, traced, (*traced.input_shape[:2], *plan.input_size))
-            adapt_inputs(work, traced, (*traced.input_shape[:2], *plan.input_size), init_rules,
-                         notes=growth.inexact if growth is not None else None)
+            new_shape = (*traced.input_shape[:2], *plan.input_size)
+            follow_same_padding(work, traced, new_shape)
+            follow_global_pools(work, traced, new_shape)
+            adapt_inputs(work, traced, new_shape, init_rules, notes=growth.inexact if growth is not None else None)
         _verify(work, traced, plan, same_graph and traced.root is work)
         _unfreeze_new(work, kept | (growth.grown if growth is not None else set()))
         if growth is not None:
