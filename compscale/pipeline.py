@@ -258,8 +258,9 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
 
     The measured points nearest the target, on either side, are then timed again, interleaved over ``rounds`` rounds
     (:func:`~compscale.verify.latency.compare`), so that one disturbed measurement cannot decide; the closest is
-    returned, with its median and IQR in ``plan.latency``/``plan.latency_iqr``. A miss beyond the noise and 5% warns,
-    as the counted targets do.
+    returned (between one below the target and one above it, the one above only when it is closer by more than
+    their noise: see :func:`_pick`), with its median and IQR in ``plan.latency``/``plan.latency_iqr``. A miss beyond
+    the noise and 5% warns, as the counted targets do.
 
     Args:
         planner: the analysed model (its ``model`` is built and timed; its options decide the build).
@@ -290,7 +291,7 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
     phi = search_phi(lambda x: float(plan_at(x).acts or 0) / float(base.acts or 1), target / measured[0.0].median)
     for _ in range(2):  # search, confirm; search on from the confirmed figures when they moved
         for _ in range(candidates):
-            phi = _on_grid(phi, low, high)
+            phi = _unmeasured_in_bracket(phi, {x: t.median for x, t in measured.items()}, target, low, high)
             if phi in measured:
                 break
             measured[phi] = timer(plan_at(phi))
@@ -306,7 +307,7 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
     if high < PHI_LIMIT and high in measured and measured[high].median < target and not measured[high].agrees_with(
             target):
         raise _too_large(planner.model_name, target, high, measured[high].median, limit)
-    best = min(confirmed, key=lambda x: abs(math.log(confirmed[x].median / target)))
+    best = _pick(confirmed, target)
     result = plan_at(best)
     result.latency, result.latency_iqr = confirmed[best].median, confirmed[best].iqr
     log.info("target latency %.4g s: measured %s; confirmed %s", target,
@@ -369,6 +370,26 @@ def _on_grid(phi: float, low: float, high: float) -> float:
     return round(min(high, max(low, round(phi / PHI_STEP) * PHI_STEP)), 6)
 
 
+def _unmeasured_in_bracket(phi: float, measured: Mapping[float, float], target: float, low: float, high: float
+                           ) -> float:
+    """``phi`` on the grid; when that point is timed already but the tightest bracket of the target still holds an
+    untimed grid point, the one of those nearest ``phi`` (else a bracket two steps wide ends the search on whichever
+    side the load of the moment put the estimate)."""
+    on = _on_grid(phi, low, high)
+    if on not in measured:
+        return on
+    below = [x for x, t in measured.items() if t < target]
+    above = [x for x, t in measured.items() if t >= target]
+    if not (below and above):
+        return on
+    x0 = max(below, key=lambda x: measured[x])
+    x1 = min(above, key=lambda x: measured[x])
+    inside = [_on_grid(x0 + k * PHI_STEP * (1 if x1 > x0 else -1), low, high)
+              for k in range(1, round(abs(x1 - x0) / PHI_STEP))]
+    untimed = [x for x in inside if x not in measured]
+    return min(untimed, key=lambda x: abs(x - phi)) if untimed else on
+
+
 _REACH = 4.0  # latency grows at most about as MACs or activations do; 4x covers a slow layer kind and the noise
 
 
@@ -402,6 +423,23 @@ def _nearest(measured: Mapping[float, Latency], target: float) -> list[float]:
     if below and above:
         return sorted({max(below, key=lambda x: measured[x].median), min(above, key=lambda x: measured[x].median)})
     return sorted(sorted(measured, key=lambda x: abs(math.log(measured[x].median / target)))[:2])
+
+
+def _pick(confirmed: Mapping[float, Latency], target: float) -> float:
+    """The confirmed phi to return: the one whose latency is closest to ``target``, except that between a network
+    below the target and one above it, the one above wins only when it is closer by more than the two timings' noise
+    together. Near the midpoint the choice would otherwise follow the machine's load from run to run; a target reads
+    as a budget there, so the network that keeps to it is returned, and the same machine gives the same phi."""
+    below = [x for x, t in confirmed.items() if t.median <= target]
+    above = [x for x, t in confirmed.items() if t.median > target]
+    if not (below and above):
+        return min(confirmed, key=lambda x: abs(math.log(confirmed[x].median / target)))
+    lo = max(below, key=lambda x: confirmed[x].median)
+    hi = min(above, key=lambda x: confirmed[x].median)
+    noise = math.log1p(max(confirmed[lo].spread, 0.05)) + math.log1p(max(confirmed[hi].spread, 0.05))
+    over = math.log(confirmed[hi].median / target)
+    under = math.log(target / confirmed[lo].median)
+    return hi if over + noise < under else lo
 
 
 _TOO_NOISY = 0.5  # an IQR above half the median: the timings cannot tell neighbouring phis apart

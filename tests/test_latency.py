@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -225,3 +227,27 @@ def test_a_latency_search_on_timings_too_noisy_to_decide_warns(planner: object) 
 
     with pytest.warns(UserWarning, match=r"too noisy to find 0\.003 s per call.*IQR 150% of the median"):
         planner.solve(3e-3, "latency", measure_plan=noisy)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("target_between", [0.3, 0.5, 0.7])
+def test_a_latency_search_on_a_busy_machine_gives_one_phi_whatever_the_load_of_the_moment(
+        planner: object, target_between: float) -> None:
+    """A busy machine: each search's timings spread by +-15%, and the load of the moment makes a whole search up to 5%
+    slower or faster (another job starting or ending). With the target anywhere between two grid points, every load
+    gives the same phi (the old rule, the closer point, flipped at the midpoint)."""
+    from compscale.pipeline import PHI_STEP
+
+    def at_load(load: float) -> object:
+        def measure(p: object) -> Latency:
+            seconds = load * 1e-3 * p.acts / p.base_acts  # type: ignore[attr-defined]
+            times = tuple(seconds * f for f in (0.85, 0.92, 1.0, 1.08, 1.15))
+            return Latency(seconds, 0.16 * seconds, times, 1, (64, 64), "cpu", False, 1)
+        return measure
+
+    lo, hi = (planner.plan(phi).acts / planner.plan(0).acts for phi in (PHI_STEP, 2 * PHI_STEP))  # type: ignore
+    target = 1e-3 * lo * (hi / lo) ** target_between
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a target between grid points misses by up to half a step
+        phis = {planner.solve(target, "latency", measure_plan=at_load(load)).multipliers.phi  # type: ignore
+                for load in (0.95, 0.98, 1.0, 1.02, 1.05)}
+    assert phis == {PHI_STEP}, phis  # the network within the target: the one above is not closer beyond the noise
