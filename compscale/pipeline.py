@@ -27,14 +27,19 @@ from compscale.analyse.stages import StageTable, find_stages
 from compscale.arguments import check_positive_number, give_hooks, take_hooks
 from compscale.errors import RewriteError, TooLargeError
 from compscale.planning.budget import PHI_LIMIT, params_limit
-from compscale.planning.depth import check_evidence, dense_costs, stage_counts, transition_ratios
+from compscale.planning.depth import (
+    check_evidence,
+    dense_costs,
+    depth_to_apply,
+    stage_counts,
+    transition_ratios,
+)
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
 from compscale.planning.planner import (
     TARGET_FORMS,
     Planner,
     derive_widths,
-    no_stage_error,
     plan_widths,
     search_phi,
 )
@@ -75,10 +80,11 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         base = options.input_size
         traced = trace(work, options.input_shape, input_size=base, leaf_modules=options.leaf_modules,
                        autowrap_functions=options.autowrap_functions, extra_inputs=options.extra_inputs)
+        table = find_stages(traced, options.stages)
+        mult = depth_to_apply(table, mult, options, type(model).__name__)
         plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, options.resolution_divisor),
                            options=options.stored())
         init_rules = InitRules(model)
-        table = find_stages(traced, options.stages)
         if options.stages is None:  # stages named by the user are theirs, not a guess
             check_evidence(table, mult.depth, options.strict, type(model).__name__)
         work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth, options)
@@ -192,8 +198,6 @@ def _unfreeze_new(work: nn.Module, kept: set[int]) -> None:
 def _scale_depth(work: nn.Module, traced: Traced, table: StageTable, d: float, rules: InitRules,
                  growth: Growth | None, options: ScaleOptions) -> tuple[nn.Module, list[StagePlan]]:
     counts = stage_counts(table, d, dense_costs(traced, table))
-    if d != 1.0 and not len(table):
-        raise no_stage_error(type(work).__name__, table, options.stages)
     work, added = deepen(work, traced, table, counts, rules, growth) if d != 1.0 else (work, {})
     if any(s.grows and counts[s.index] != len(s.blocks) for s in table):  # dense blocks feed more channels on
         before = dict(work.named_modules()) if growth is not None else {}
@@ -243,7 +247,7 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
                   resolution: float | None = None, candidates: int = 4, max_params: int | None = None,
                   rounds: int = 3, measure_plan: Callable[[ScalingPlan], Latency] | None = None,
                   **measure: Any) -> ScalingPlan:
-    """The plan whose measured latency comes closest to ``target`` seconds per call, along ``strategy``.
+    """The largest plan along ``strategy`` whose measured latency is within ``target`` seconds per call.
 
     Latency is timed on built networks (fresh weights drawn with seed 0, the model's device and dtype), which costs
     seconds each, so the search plans on a counted metric and measures few candidates: the network at phi = 0
@@ -257,10 +261,10 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
     below the target beyond its noise, ``TooLargeError`` says so before anything larger than the base is built.
 
     The measured points nearest the target, on either side, are then timed again, interleaved over ``rounds`` rounds
-    (:func:`~compscale.verify.latency.compare`), so that one disturbed measurement cannot decide; the closest is
-    returned (between one below the target and one above it, the one above only when it is closer by more than
-    their noise: see :func:`_pick`), with its median and IQR in ``plan.latency``/``plan.latency_iqr``. A miss beyond
-    the noise and 5% warns, as the counted targets do.
+    (:func:`~compscale.verify.latency.compare`), so that one disturbed measurement cannot decide; the target is a
+    budget: the largest network measured within it is returned (the fastest when none is; see :func:`_pick`), with
+    its median and IQR in ``plan.latency``/``plan.latency_iqr``. A miss beyond the noise and 5% warns, as the counted
+    targets do.
 
     Args:
         planner: the analysed model (its ``model`` is built and timed; its options decide the build).
@@ -301,8 +305,11 @@ def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | N
                                               rounds)))
         moved = any(not confirmed[x].agrees_with(measured[x].median) for x in nearest)
         measured.update(confirmed)
-        if not moved:
+        gap = _gap(measured, confirmed, low, high)
+        if not moved and not gap:
             break
+        for x in gap:  # timed out of order with the confirmed points around it (disturbed): timed again
+            measured.pop(x, None)
         phi = _next_phi({x: t.median for x, t in measured.items()}, target)
     if high < PHI_LIMIT and high in measured and measured[high].median < target and not measured[high].agrees_with(
             target):
@@ -370,6 +377,19 @@ def _on_grid(phi: float, low: float, high: float) -> float:
     return round(min(high, max(low, round(phi / PHI_STEP) * PHI_STEP)), 6)
 
 
+def _gap(measured: Mapping[float, Latency], confirmed: Mapping[float, Latency], low: float, high: float
+         ) -> list[float]:
+    """The grid points between two confirmed phis that bracket the target and are not neighbours, that are untimed or
+    were timed out of order with them (a disturbed timing): what the search must still time to return the largest
+    network within the target, not one a step or more below it."""
+    if len(confirmed) < 2:
+        return []
+    x0, x1 = sorted(confirmed)[:2]
+    t0, t1 = confirmed[x0].median, confirmed[x1].median
+    inside = [_on_grid(x0 + k * PHI_STEP, low, high) for k in range(1, round((x1 - x0) / PHI_STEP))]
+    return [x for x in inside if x not in measured or not min(t0, t1) <= measured[x].median <= max(t0, t1)]
+
+
 def _unmeasured_in_bracket(phi: float, measured: Mapping[float, float], target: float, low: float, high: float
                            ) -> float:
     """``phi`` on the grid; when that point is timed already but the tightest bracket of the target still holds an
@@ -426,20 +446,15 @@ def _nearest(measured: Mapping[float, Latency], target: float) -> list[float]:
 
 
 def _pick(confirmed: Mapping[float, Latency], target: float) -> float:
-    """The confirmed phi to return: the one whose latency is closest to ``target``, except that between a network
-    below the target and one above it, the one above wins only when it is closer by more than the two timings' noise
-    together. Near the midpoint the choice would otherwise follow the machine's load from run to run; a target reads
-    as a budget there, so the network that keeps to it is returned, and the same machine gives the same phi."""
-    below = [x for x, t in confirmed.items() if t.median <= target]
-    above = [x for x, t in confirmed.items() if t.median > target]
-    if not (below and above):
-        return min(confirmed, key=lambda x: abs(math.log(confirmed[x].median / target)))
-    lo = max(below, key=lambda x: confirmed[x].median)
-    hi = min(above, key=lambda x: confirmed[x].median)
-    noise = math.log1p(max(confirmed[lo].spread, 0.05)) + math.log1p(max(confirmed[hi].spread, 0.05))
-    over = math.log(confirmed[hi].median / target)
-    under = math.log(target / confirmed[lo].median)
-    return hi if over + noise < under else lo
+    """The confirmed phi to return: a latency target is a budget, so the largest network measured within it, or the
+    fastest when none is. Not the closer of the two around the target: on a busy machine a whole run can time 10-15%
+    slower or faster than the last, and between two networks a block apart (resnet18 gains a block per stage from
+    phi=0 to 0.25: +50% latency) the closer one then changes from run to run (phi 0.25, 0.25, 0 in three runs), while
+    the networks on either side of a target stay there unless the target lies within the noise of one of them."""
+    within = [x for x, t in confirmed.items() if t.median <= target]
+    if within:
+        return max(within, key=lambda x: confirmed[x].median)
+    return min(confirmed, key=lambda x: confirmed[x].median)
 
 
 _TOO_NOISY = 0.5  # an IQR above half the median: the timings cannot tell neighbouring phis apart
@@ -458,7 +473,7 @@ def _warn_miss(name: str, target: float, phi: float, got: Latency, plan: Scaling
     if abs(miss) <= 0.05 or got.agrees_with(target):
         return
     warnings.warn(
-        f"compscale: the network of {name} closest to {target:.4g} s per call along strategy "
+        f"compscale: the largest network of {name} within {target:.4g} s per call along strategy "
         f"{plan.multipliers.strategy!r} measured {got.median:.4g} s ± {got.iqr:.2g} s ({miss:+.0%}, phi={phi:g}, "
         f"{len(got.times)} runs): latency moves in steps (phi on a grid of {PHI_STEP}, whole blocks, widths and "
         "sizes rounded to 8), and a target below the smallest network is out of reach",

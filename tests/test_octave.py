@@ -62,10 +62,24 @@ def test_octresnet10_runs_at_its_scaled_resolution() -> None:
         assert scaled.eval()(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
 
 
-def test_octresnet10_at_phi_1_cannot_deepen_its_one_unit_octave_stages() -> None:
-    """Depth needs a repeat of a unit that reads and returns two maps; compscale's stages carry one tensor."""
+def test_octresnet10_at_phi_1_widens_and_resizes_but_says_it_cannot_deepen_its_octave_units() -> None:
+    """Depth needs a repeat of a unit that reads and returns two maps; compscale's stages carry one tensor. phi=1
+    widens and resizes, leaves the depth, and says so; strict=True and an explicit depth refuse."""
+    base = octresnet.octresnet10_ad2()
+    with pytest.warns(compscale.GuessWarning, match=r"OctResNet was widened and resized but not deepened \(depth "
+                                                    r"x1\.2 of phi=1 left at x1\): it has no stage to deepen"):
+        scaled = compscale.scale(base, phi=1)
+    assert scaled.scaling.multipliers.depth == 1.0 and scaled.scaling.multipliers.width == pytest.approx(1.1)
+    assert scaled.scaling.input_size == (256, 256)
+    assert_same_architecture(scaled, compscale.scale(base, width=1.1, resolution=1.15), input_size=256)
+    with torch.no_grad():
+        assert scaled.eval()(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
+    plan = compscale.plan(base, phi=1)
+    assert plan.multipliers.depth == 1.0 and plan.macs == pytest.approx(compscale.profile(scaled, 256).macs, rel=0.02)
     with pytest.raises(compscale.NoStageError, match="OctResNet has no stage to deepen"):
-        compscale.scale(octresnet.octresnet10_ad2(), phi=1)
+        compscale.scale(base, phi=1, strict=True)
+    with pytest.raises(compscale.NoStageError, match="OctResNet has no stage to deepen"):
+        compscale.scale(base, phi=1, depth=1.2)
 
 
 def _small(bottleneck: bool, chans: list[list[int]], init: int) -> nn.Module:

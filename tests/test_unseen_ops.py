@@ -493,7 +493,7 @@ def test_pytorchcv_attention_and_shuffle_nets_scale_at_phi_1(name: str) -> None:
 @pytest.mark.slow
 def test_pytorchcv_octresnet_widens_but_cannot_deepen_its_octave_units() -> None:
     """Its octave convs are widened (tests/test_octave.py); its units read and return two maps, which compscale's
-    stages (one tensor in, one out) do not repeat: phi=1 asks for depth and gets a typed error."""
+    stages (one tensor in, one out) do not repeat: an explicit depth gets a typed error."""
     model_provider = pytest.importorskip("pytorchcv.model_provider", reason="the test extra installs pytorchcv")
     with pytest.raises(compscale.NoStageError, match="OctResNet has no stage to deepen"):
-        compscale.scale(model_provider.get_model("octresnet10_ad2", pretrained=False), phi=1)
+        compscale.scale(model_provider.get_model("octresnet10_ad2", pretrained=False), depth=1.2)

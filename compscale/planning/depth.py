@@ -14,21 +14,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 from torch import nn
 
-from compscale.analyse.stages import Block, Evidence, StageTable
-from compscale.errors import GuessError, GuessWarning
+from compscale.analyse.stages import Block, Evidence, StageFilter, StageTable
+from compscale.errors import GuessError, GuessWarning, NoStageError
 from compscale.planning.cost import layer_macs
 from compscale.planning.rounding import dense_repeats, repeats
 from compscale.trace import Traced
 
-__all__ = ["block_macs", "check_evidence", "dense_costs", "stage_counts", "transition_ratios"]
+if TYPE_CHECKING:
+    from compscale.planning.options import ScaleOptions
+    from compscale.planning.plan import Multipliers
+
+__all__ = ["block_macs", "check_evidence", "dense_costs", "depth_to_apply", "no_stage_error", "stage_counts",
+           "transition_ratios"]
 
 _WHY: dict[Evidence, str] = {
     "place": "a lone block known only by its container's place among the stages",
@@ -66,6 +73,50 @@ def check_evidence(table: StageTable, depth: float, strict: bool, name: str, war
         warnings.warn(f"compscale: {name} was deepened in {_stages(len(guessed))} found on a weaker signal than a "
                       f"repeat of its own: {items}; they are marked in the stage table (evidence), and strict=True "
                       "refuses them; name the stages to deepen with `stages=` to choose", GuessWarning, stacklevel=4)
+
+
+def depth_to_apply(table: StageTable, mult: Multipliers, options: ScaleOptions, name: str, warn: bool = True
+                   ) -> Multipliers:
+    """``mult``, or ``mult`` at depth 1 when the model has no stage and the depth came from ``phi``.
+
+    A compound step on a model whose units compscale cannot repeat (two-map octave units, layers called by name)
+    still widens and resizes it: the depth is left as it is, in one :class:`~compscale.GuessWarning` (when
+    ``warn``) and in the plan's multipliers. An explicit ``depth=``, a ``stages=`` filter or ``strict=True`` raises
+    :class:`~compscale.NoStageError` instead.
+    """
+    if mult.depth == 1.0 or len(table):
+        return mult
+    if mult.phi is None or mult.depth_given or options.stages is not None or options.strict:
+        raise no_stage_error(name, table, options.stages)
+    if warn:
+        reason = str(no_stage_error(name, table)).partition("\nHint: ")[0].partition(": ")[2]
+        warnings.warn(f"compscale: {name} was widened and resized but not deepened (depth x{mult.depth:.3g} of "
+                      f"phi={mult.phi:g} left at x1): it has no stage to deepen ({reason}); strict=True refuses "
+                      "instead", GuessWarning, stacklevel=4)
+    return dataclasses.replace(mult, depth=1.0)
+
+
+def no_stage_error(name: str, table: StageTable, stages: StageFilter | None = None) -> NoStageError:
+    """The error for a depth multiplier on a model without stages (shared with ``scale``); with a ``stages=`` filter,
+    that it matched no block."""
+    if stages is not None:
+        shown = "a predicate" if callable(stages) else repr(list(stages))
+        return NoStageError(
+            f"stages={shown} matched no block of {name} to deepen: depth scaling is restricted to blocks under these "
+            "module paths (or that the predicate accepts), and none is a block",
+            "name module paths of blocks or of their containers as model.named_modules() gives them (e.g. "
+            "stages=['layer3']), or leave stages= out to deepen every stage.",
+        )
+    seen = [b.path for b in table.blocks if b.path.count(".") <= 1][:3]
+    looked = f"; its blocks ({', '.join(repr(p) for p in seen)}, ...) do not" if seen else ""
+    return NoStageError(
+        f"{name} has no stage to deepen: no block of its graph merges its own input back into its output "
+        f"(a residual add, or a concat of a dense layer or channel split, with stride 1), no container holds "
+        f"several blocks of one type, and no flat nn.Sequential holds runs of convolutions{looked}",
+        "compscale repeats blocks that carry their input through, or the units of a plain network kept in "
+        "containers (nn.Sequential, nn.ModuleList); keep the units so, scale width and resolution only (depth=1), "
+        "or restrict depth scaling to some blocks with `stages=`.",
+    )
 
 
 def _stages(n: int) -> str:

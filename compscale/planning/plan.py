@@ -29,6 +29,7 @@ class Multipliers:
     resolution: float
     phi: float | None = None
     strategy: str | None = None  # the rule that turned phi into the multipliers (``None``: none did)
+    depth_given: bool = dataclasses.field(default=False, compare=False)  # depth= given, not derived from phi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +198,8 @@ def resolve_multipliers(
                           f"phi={p:g} by strategy {rule.name!r}")
     if resolution is None and rank not in (0, 2):  # rank 0: no spatial dims to scale
         r = r ** (2 / rank)
-    return Multipliers(d, w, r, p, rule.name if p is not None and None in explicit else None)
+    return Multipliers(d, w, r, p, rule.name if p is not None and None in explicit else None,
+                       depth_given=depth is not None)
 
 
 def as_hw(size: int | Sequence[int]) -> tuple[int, int]:

@@ -22,12 +22,12 @@ from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.rules import channel_rules
-from compscale.analyse.stages import StageFilter, StageTable, find_stages
+from compscale.analyse.stages import StageTable, find_stages
 from compscale.arguments import check_forward_takes, check_positive_number, check_unwrapped, strip_hooks
-from compscale.errors import NoStageError, WidthError
+from compscale.errors import WidthError
 from compscale.planning.budget import PHI_LIMIT, check_max_params, check_size, check_width
 from compscale.planning.cost import CostModel, Costs
-from compscale.planning.depth import check_evidence, dense_costs, stage_counts, transition_ratios
+from compscale.planning.depth import check_evidence, dense_costs, depth_to_apply, stage_counts, transition_ratios
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import (
     GroupPlan,
@@ -50,7 +50,6 @@ __all__ = [
     "derive_widths",
     "fixed_widths",
     "meta_copy",
-    "no_stage_error",
     "pick_target",
     "plan",
     "plan_widths",
@@ -209,8 +208,7 @@ class Planner:
         return found
 
     def plan_for(self, mult: Multipliers) -> ScalingPlan:
-        if mult.depth != 1.0 and not len(self.table):
-            raise no_stage_error(self.model_name, self.table, self.options.stages)
+        mult = depth_to_apply(self.table, mult, self.options, self.model_name, warn=False)
         if self.options.strict and self.options.stages is None:
             check_evidence(self.table, mult.depth, True, self.model_name)
         counts = stage_counts(self.table, mult.depth, self.dense_costs)
@@ -335,29 +333,6 @@ def derive_widths(traced: Traced, cg: ChannelGraph, table: StageTable | None = N
                 if derivations[g].rule == "expansion":
                     derivations[g] = Derivation("independent")
     return derivations
-
-
-def no_stage_error(name: str, table: StageTable, stages: StageFilter | None = None) -> NoStageError:
-    """The error for a depth multiplier on a model without stages (shared with ``scale``); with a ``stages=`` filter,
-    that it matched no block."""
-    if stages is not None:
-        shown = "a predicate" if callable(stages) else repr(list(stages))
-        return NoStageError(
-            f"stages={shown} matched no block of {name} to deepen: depth scaling is restricted to blocks under these "
-            "module paths (or that the predicate accepts), and none is a block",
-            "name module paths of blocks or of their containers as model.named_modules() gives them (e.g. "
-            "stages=['layer3']), or leave stages= out to deepen every stage.",
-        )
-    seen = [b.path for b in table.blocks if b.path.count(".") <= 1][:3]
-    looked = f"; its blocks ({', '.join(repr(p) for p in seen)}, ...) do not" if seen else ""
-    return NoStageError(
-        f"{name} has no stage to deepen: no block of its graph merges its own input back into its output "
-        f"(a residual add, or a concat of a dense layer or channel split, with stride 1), no container holds "
-        f"several blocks of one type, and no flat nn.Sequential holds runs of convolutions{looked}",
-        "compscale repeats blocks that carry their input through, or the units of a plain network kept in "
-        "containers (nn.Sequential, nn.ModuleList); keep the units so, scale width and resolution only (depth=1), "
-        "or restrict depth scaling to some blocks with `stages=`.",
-    )
 
 
 def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float) -> float:
