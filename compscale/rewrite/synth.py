@@ -30,7 +30,7 @@ from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.ops import is_add, is_residual_add
 from compscale.analyse.stages import Block, Stage
 from compscale.errors import RewriteError
-from compscale.layers import resize
+from compscale.layers import channels, resize
 from compscale.planning.policy import Derivation, derive, resolve_widths
 from compscale.registry import drop_path_attr, drop_path_types
 from compscale.rewrite.init import InitRules
@@ -404,31 +404,46 @@ def _peer_widths(traced: Traced, block: Block, blocks: Sequence[Block], cg: Chan
         pair = (peer.in_shape[1], peer.out_shape[1])
         if peer.kind != block.kind or peer.layers or pair in seen or len(result) >= _MAX_PEERS:
             continue
-        try:  # a peer that is not (or no longer) in the model, or cannot be traced alone, tells nothing
+        try:  # a peer that is not (or no longer) in the model tells nothing
             module = traced.root.get_submodule(peer.path)
-            pcg = analyse_channels(traced.retrace(module, peer.in_shape), pin_io=False)
-        except Exception:
+        except AttributeError:
             continue
         seen.add(pair)
         widths = {entry: pair[0], **({exit: pair[1]} if exit is not None else {})}
-        result.append(_matched_widths(cg, pcg, template, module, widths))
+        result.append(_matched_widths(cg, template, module, widths))
     return result
 
 
-def _matched_widths(cg: ChannelGraph, pcg: ChannelGraph, template: nn.Module, module: nn.Module,
-                    widths: dict[int, int]) -> dict[int, int]:
-    """``widths`` completed with the peer's width (``pcg``) of each group of ``cg`` at its members' paths; empty if
-    two members of one group disagree or a member is a layer of another class in the peer."""
+def _matched_widths(cg: ChannelGraph, template: nn.Module, module: nn.Module, widths: dict[int, int]
+                    ) -> dict[int, int]:
+    """``widths`` completed with the peer's width of each group of ``cg`` (the template's groups), read from the
+    peer's layers at the group's members' paths (no trace: the layers say their widths); empty if two members of one
+    group disagree or a member is a layer of another class in the peer."""
     for g in cg.groups:
         for path, role in g.members:
-            w = _member_width(pcg, path, role)
-            if w is None:
+            if role not in ("out", "norm", "depthwise"):
                 continue
             if _class_at(template, path) is not _class_at(module, path):
                 return {}
-            if widths.setdefault(g.id, w) != w:
+            w = _layer_width(module, path, role)
+            if w is not None and widths.setdefault(g.id, w) != w:
                 return {}
     return widths
+
+
+def _layer_width(module: nn.Module, path: str, role: str) -> int | None:
+    """The width of a layer's output (``out``), or of a norm's or depthwise conv's channels."""
+    try:
+        layer = module.get_submodule(path)
+    except AttributeError:
+        return None
+    if not isinstance(layer, _WIDE_LAYERS):
+        return None
+    c_in, c_out = channels(layer)
+    return c_out if role == "out" else c_in
+
+
+_WIDE_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 
 
 def _class_at(module: nn.Module, path: str) -> type | None:
@@ -436,16 +451,6 @@ def _class_at(module: nn.Module, path: str) -> type | None:
         return type(module.get_submodule(path))
     except AttributeError:
         return None
-
-
-def _member_width(cg: ChannelGraph, path: str, role: str) -> int | None:
-    """The width of a layer's output (``out``), norm or depthwise channels in ``cg``, ``None`` if it has no such."""
-    table = {"norm": cg.norms, "depthwise": cg.depthwise}.get(role)
-    if table is not None:
-        return cg.groups[table[path][0]].base if path in table else None
-    if role == "out" and path in cg.layers:
-        return cg.groups[cg.layers[path].output].base
-    return None
 
 
 def _adds_its_input(traced: Traced, block: nn.Module, shape: tuple[int, ...], need_residual: bool = True) -> bool:
