@@ -234,6 +234,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}", type=_number, default=default, help=f"compound base (default {default})")
     p.add_argument("--stages", type=_paths, default=None, metavar="PATHS",
                    help="deepen only the blocks under these comma-separated module paths (e.g. layer3,layer4)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse what would be decided on a guess (a stage found on a weak signal, a phi whose depth "
+                        "cannot be applied) instead of warning")
     p.add_argument("--input-size", type=int, default=224, help="the base model's input size (default 224)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -293,6 +296,7 @@ _FLAG_HINTS = {
     "`resolution=1`": "`--resolution 1`",
     "`stages=`": "`--stages`",
     "`fixed=`": "`--fixed`",
+    "strict=True": "--strict",
 }
 
 
@@ -424,6 +428,8 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["max_params"] = args.max_params
     if args.stages is not None:
         kwargs["stages"] = args.stages
+    if args.strict:
+        kwargs["strict"] = True
     if args.fixed:
         kwargs["fixed"] = args.fixed
     for name in ("target_macs", "target_acts", "target_latency"):
@@ -549,7 +555,7 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
     from compscale.planning.planner import Planner
 
     with progress.step(f"analysing {args.model}"):
-        planner = Planner(model, input_size=args.input_size, stages=args.stages)
+        planner = Planner(model, input_size=args.input_size, stages=args.stages, strict=args.strict)
     factor = args.alpha * args.beta**2 * args.gamma**2
     rows = []
     with progress.step(f"planning {len(args.phi)} phi x {len(strategies)} strategies"):

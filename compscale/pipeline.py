@@ -52,7 +52,7 @@ from compscale.rewrite.preserve import Growth, cancel_new_channels
 from compscale.rewrite.resolution import adapt_inputs, follow_global_pools
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
-from compscale.trace.tracer import Traced, graph_module, propagate_shapes
+from compscale.trace.tracer import Traced
 from compscale.verify.function import output_error
 
 if TYPE_CHECKING:
@@ -106,13 +106,15 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         if growth is not None:
             plan.init, plan.init_error = "preserve", output_error(model, work, traced.input_shape,
                                                                   options.extra_inputs)
+        # the graph still describes the network: the passes below rebind it instead of tracing again
+        current = same_graph and traced.root is work and bool(traced.gm.meta.get("compscale_symbolic"))
         if plan.input_size != base:
-            same_graph = False
             new_shape = (*traced.input_shape[:2], *plan.input_size)
             follow_same_padding(work, traced, new_shape)
             follow_global_pools(work, traced, new_shape)
-            adapt_inputs(work, traced, new_shape, init_rules, notes=growth.inexact if growth is not None else None)
-        _verify(work, traced, plan, same_graph and traced.root is work)
+            adapt_inputs(work, traced, new_shape, init_rules, notes=growth.inexact if growth is not None else None,
+                         current=current)
+        _verify(work, traced, plan, current)
         _unfreeze_new(work, kept | (growth.grown if growth is not None else set()))
         if growth is not None:
             plan.inexact = dict(growth.inexact)
@@ -217,9 +219,9 @@ def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan, same_graph: bool
     before = [tuple(traced.shape(n)) for n in traced.output_nodes]
     shape = (*traced.input_shape[:2], *plan.input_size)
     after_traced = None
-    if same_graph and traced.gm.meta.get("compscale_symbolic"):
+    if same_graph:
         try:
-            after_traced = _rebind(traced, work, shape)
+            after_traced = traced.rebind(work, shape)
         except Exception:  # a number the forward read from a layer is baked into the graph: trace it again
             after_traced = None
     if after_traced is None:
@@ -231,15 +233,6 @@ def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan, same_graph: bool
             f"the scaled {type(work).__name__} returns {after} where the model returned {before}",
             "report this with the model; meanwhile scale the dimensions one at a time to find the culprit.",
         )
-
-
-def _rebind(traced: Traced, model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
-    """``traced``'s graph over ``model``'s current layers, its shapes propagated again at ``input_shape``."""
-    gm = graph_module(model, copy.deepcopy(traced.graph), type(model).__name__)
-    gm.meta.update(traced.gm.meta)
-    new = Traced(model, gm, tuple(input_shape), traced.leaf_modules, traced.autowrap_functions, traced.extra_inputs)
-    propagate_shapes(new)
-    return new
 
 
 def solve_latency(planner: Planner, target: float, *, strategy: StrategyLike | None = None, alpha: float = 1.2,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import compscale
 from compscale.cli import main
 
 MYNETS = textwrap.dedent("""
@@ -154,9 +155,13 @@ def test_save_says_what_it_wrote_and_reloads(mynets: Path, capsys: pytest.Captur
 
 
 def test_no_stage_hints_name_the_flags(mynets: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(["scale", "mynets:plain", "--phi", "1"], capsys)
-    assert_one_line_error(code, err, "has no stage to deepen")
-    assert "--depth 1" in err and "--stages" in err and "depth=1" not in err and "stages=" not in err
+    for argv in (["--depth", "2"], ["--phi", "1", "--strict"]):
+        code, _, err = run(["scale", "mynets:plain", *argv], capsys)
+        assert_one_line_error(code, err, "has no stage to deepen")
+        assert "--depth 1" in err and "--stages" in err and "depth=1" not in err and "stages=" not in err
+    with pytest.warns(compscale.GuessWarning, match="widened and resized but not deepened"):
+        code, out, _ = run(["scale", "mynets:plain", "--phi", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out)["input_size"] == [256, 256]
     code, out, err = run(["stages", "mynets:plain"], capsys)
     assert_one_line_error(code, err, "has no stage to deepen")
     assert "compscale scale mynets:plain --width" in err and out == ""

@@ -224,7 +224,7 @@ def _warn_functional(root: nn.Module, node: fx.Node, size: tuple[int, ...]) -> N
 
 def adapt_inputs(
     root: nn.Module, traced: Traced, input_shape: Sequence[int], rules: InitRules | None, warn: bool = True,
-    keep_ratio: Mapping[str, Fraction] | None = None, notes: dict[str, str] | None = None,
+    keep_ratio: Mapping[str, Fraction] | None = None, notes: dict[str, str] | None = None, current: bool = False,
 ) -> list[str]:
     """Resize the layers of ``root`` fed a different number of channels at ``input_shape``.
 
@@ -233,9 +233,10 @@ def adapt_inputs(
     follow its input) and a conv or linear of ``keep_ratio`` (path -> out / in: a DenseNet transition's
     compression), whose new outputs feed the layers after it in turn. Returns the paths of the layers changed.
     Given ``notes`` (``init="preserve"``'s record of what is not exact), a rebuilt head is noted there instead of
-    warned about.
+    warned about. ``current``: ``traced``'s graph still describes ``root`` (symbolic, the same leaves): it is
+    rebound to ``root``'s layers instead of traced again.
     """
-    probe = traced.retrace_graph(root, input_shape)
+    probe = traced.rebind(root, input_shape, shapes=False) if current else traced.retrace_graph(root, input_shape)
     try:
         mismatched = propagate_shapes(probe, tolerate_inputs=True, keep_ratio=keep_ratio)
     except TraceError as e:

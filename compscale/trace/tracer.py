@@ -123,6 +123,18 @@ class Traced:
         return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions,
                      extra_inputs=self.extra_inputs if model is self.root else ())
 
+    def rebind(self, model: nn.Module, input_shape: Sequence[int], shapes: bool = True) -> Traced:
+        """This graph over ``model``'s current layers (the same module paths: ``model`` rewritten in place, without
+        a new trace), its shapes propagated at ``input_shape`` unless ``shapes`` is false. Only for a graph that
+        still describes ``model`` (its forward calls the same leaves in the same order), traced symbolically (a
+        concrete trace bakes the input's size in)."""
+        gm = graph_module(model, copy.deepcopy(self.graph), type(model).__name__)
+        gm.meta.update(self.gm.meta)
+        new = Traced(model, gm, tuple(input_shape), self.leaf_modules, self.autowrap_functions, self.extra_inputs)
+        if shapes:
+            propagate_shapes(new)
+        return new
+
     def retrace_graph(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
         """As :meth:`retrace`, without propagating shapes (the caller does, with its own options). A model traced
         with concrete values (its symbolic graph computes ``None + None`` where Python skipped a branch: an octave

@@ -1,0 +1,62 @@
+"""docs/model_table.py, the script behind docs/torchvision.md and docs/timm.md: models built on the meta device, run
+by chunked workers, each row what the model gives or the exception it raises, the page's counts."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "docs" / "model_table.py"
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("model_table", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def table() -> ModuleType:
+    return _script()
+
+
+def test_named_models_are_built_on_meta_and_counted_on_the_page(table: ModuleType, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    page = tmp_path / "models.md"
+    start = time.monotonic()
+    table.main(["--names", "resnet18,alexnet,r3d_18", "--jobs", "1", "--chunk", "3", "--quiet", "--write", str(page)])
+    assert time.monotonic() - start < 60
+    text = page.read_text()
+    assert re.search(r"\| resnet18 \| x2\.\d\d MACs \| x1\.\d\d MACs \| x2\.\d\d MACs \|", text), text
+    assert re.search(r"\| alexnet \| x\d\.\d\d MACs \| x\d\.\d\d MACs \| x\d\.\d\d MACs \|", text), text
+    # a video model takes (N, 3, T, H, W) clips: scaled at 16 frames of 112x112, its phi=1 size grows every dim
+    assert re.search(r"\| r3d_18 \| depth x1\.5 \| 16x112x112 \|", text), text
+    assert re.search(r"\| r3d_18 \| phi=1 \| 18x128x128 \|", text), text
+    assert "built on the meta device (shapes only, no weights)" in text
+    assert "3 of the 121 models" in text or re.search(r"3 of the \d+ models", text)
+    assert "- scale all three ways: 3\n" in text and "3 of 3 scale all three ways" in text
+    assert "## Failures\n\nNone." in text
+    assert "| resnet18 |" in capsys.readouterr().out
+
+
+def test_counts_and_failures_tell_compscale_errors_from_bugs(table: ModuleType) -> None:
+    ok = table.Success(2.0, 10, 20, (256, 256))
+    ours = table.Failure("NotACNNError", "no convolution: a ViT", "use a CNN.", True)
+    bug = table.Failure("AttributeError", "'X' object has no attribute 'y'", None, False)
+    results = {"a": dict.fromkeys(table.MODES, ok),
+               "b": {"phi=1": ok, "depth x1.5": ours, "width x1.5": ok},
+               "c": {"phi=1": ours, "depth x1.5": bug, "width x1.5": ours}}
+    assert table.counts(results) == (1, 1, 1)
+    failures = table.failures(results)
+    assert "- **b**, depth x1.5: `NotACNNError`: no convolution: a ViT\n  Hint: use a CNN." in failures
+    assert "- **c**, depth x1.5: `AttributeError` (not a `CompscaleError`: a compscale bug): 'X' object" in failures
+    assert "| c | NotACNNError: a ViT | AttributeError: 'X' object has no attribute 'y' |" in table.table(results)
