@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from compscale.analyse.rules import ChannelRules, channel_rules, register_channel_rule, unregister_channel_rule
     from compscale.api import scale
     from compscale.grid import SearchResult, search
+    from compscale.planner import Planner, plan
     from compscale.planning.options import ScaleOptions
     from compscale.planning.plan import ScalingPlan
-    from compscale.planning.planner import Planner, plan
     from compscale.planning.strategy import Compound, Shares, Strategy, fast
     from compscale.registry import register_drop_path
     from compscale.rewrite.metadata import MetadataError
@@ -56,8 +56,8 @@ _LAZY = {
     "unregister_channel_rule": "compscale.analyse.rules",
     "scale": "compscale.api",
     "ScalingPlan": "compscale.planning.plan",
-    "Planner": "compscale.planning.planner",
-    "plan": "compscale.planning.planner",
+    "Planner": "compscale.planner",
+    "plan": "compscale.planner",
     "register_drop_path": "compscale.registry",
     "MetadataError": "compscale.rewrite.metadata",
     "image_processor": "compscale.transforms",

@@ -14,12 +14,13 @@ from compscale.analyse.stages import StageFilter
 from compscale.arguments import check_forward_takes, check_number, check_seed, check_unwrapped
 from compscale.errors import CompscaleError, TooLargeError
 from compscale.pipeline import build
+from compscale.planner import Planner
 from compscale.planning.budget import params_limit, rough_params
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import Multipliers, plan_input_size, resolve_multipliers
-from compscale.planning.planner import Planner, pick_target, strategy_of
 from compscale.planning.policy import RoundFn
 from compscale.planning.rounding import make_divisible
+from compscale.planning.search import pick_target, strategy_of
 from compscale.planning.strategy import StrategyLike
 from compscale.rewrite.preserve import Growth
 from compscale.trace.tracer import check_module
@@ -92,7 +93,7 @@ def scale(
         target_acts: likewise, to about this many activations (conv output elements for one input).
         target_latency: likewise, to about this many seconds per call (batch 1) on the model's device: planned on
             activations, then confirmed by building and timing a few candidates
-            (:func:`compscale.pipeline.solve_latency`); the result's ``scaling.latency`` is the measured figure.
+            (:func:`compscale.latency_search.solve_latency`); the result's ``scaling.latency`` is the measured figure.
         vary: ``"depth"``, ``"width"`` or ``"resolution"`` is ``strategy=`` that dimension (the older spelling).
         max_params: refuse, before allocating anything, a plan with more parameters than this; by default what
             fits in half the free memory of the model's device.

@@ -552,7 +552,7 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'compscale[recipes]'") from None
     model = _load(args.model, progress)
-    from compscale.planning.planner import Planner
+    from compscale import Planner
 
     with progress.step(f"analysing {args.model}"):
         planner = Planner(model, input_size=args.input_size, stages=args.stages, strict=args.strict)

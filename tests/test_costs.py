@@ -204,7 +204,7 @@ def test_an_unreachable_target_warns_and_gives_the_closest_plan() -> None:
 
 
 def test_latency_search_steps_stay_near_what_was_measured() -> None:
-    from compscale.pipeline import _next_phi
+    from compscale.latency_search import _next_phi
 
     assert -0.5 <= _next_phi({0.0: 1e-4, 2.5: 1.02e-4}, 3e-4) <= 4.5  # flat latency: no jump to phi = 139
     assert 0.0 < _next_phi({0.0: 1e-3, 2.0: 4e-3}, 2e-3) < 2.0  # bracketed: stays inside

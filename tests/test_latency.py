@@ -192,7 +192,7 @@ def planner() -> object:
 
 
 def test_the_latency_search_gives_one_phi_and_one_disturbed_measurement_does_not_change_it(planner: object) -> None:
-    from compscale.pipeline import PHI_STEP
+    from compscale.latency_search import PHI_STEP
 
     target = 3e-3
     plain = [planner.solve(target, "latency", measure_plan=plan_latency(planner)) for _ in range(2)]  # type: ignore
@@ -235,7 +235,7 @@ def test_a_latency_search_on_a_busy_machine_gives_one_phi_whatever_the_load_of_t
     """A busy machine: each search's timings spread by +-15%, and the load of the moment makes a whole search up to 5%
     slower or faster (another job starting or ending). With the target anywhere between two grid points, every load
     gives the same phi: the network within the target (the closer of the two flipped with the load)."""
-    from compscale.pipeline import PHI_STEP
+    from compscale.latency_search import PHI_STEP
 
     def at_load(load: float) -> object:
         def measure(p: object) -> Latency:

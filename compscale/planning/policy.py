@@ -34,12 +34,20 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 from compscale.analyse.channels import ChannelGraph, ChannelGroup
+from compscale.analyse.stages import StageTable, find_stages
 from compscale.errors import WidthError
+from compscale.planning.budget import check_width
 from compscale.planning.rounding import make_divisible
+from compscale.trace import Traced
 
-__all__ = ["Derivation", "RoundFn", "derive", "partition", "resolve_widths"]
+if TYPE_CHECKING:
+    from compscale.planning.options import ScaleOptions
+
+__all__ = ["Derivation", "RoundFn", "derive", "derive_widths", "fixed_widths", "partition", "plan_widths",
+           "resolve_widths"]
 
 RoundFn = Callable[[float, int], int]
 
@@ -310,3 +318,43 @@ def _checked_width(round_width: RoundFn, channels: float, divisor: int) -> int:
         raise TypeError(f"round_width must return an int (a number of channels), but round_width({channels:g}, "
                         f"{divisor}) returned {type(got).__name__} {got!r:.40}")
     return width
+
+
+def plan_widths(cg: ChannelGraph, derivations: Mapping[int, Derivation], width: float,
+                options: ScaleOptions) -> dict[int, int]:
+    """The new width of every channel group at width multiplier ``width``: the step ``scale`` and the planner share."""
+    seeds = fixed_widths(cg, options.fixed)
+    if width < 1.0:
+        check_width(width, max((g.base for g in cg.groups if g.fixed is None), default=0))
+    if width == 1.0 and not seeds:
+        return {g.id: g.base for g in cg.groups}
+    return resolve_widths(cg, default_independent(width, options.round_width), derivations=derivations, seeds=seeds)
+
+
+def fixed_widths(cg: ChannelGraph, fixed: tuple[str, ...] | list[str]) -> dict[int, int]:
+    """Seeds that keep the output group of each layer in ``fixed`` at its width."""
+    seeds = {}
+    for path in fixed:
+        if path not in cg.layers and path not in cg.norms and path not in cg.depthwise:
+            raise WidthError(f"fixed={path!r} names no conv, linear or norm layer of the model",
+                             "give module paths as in model.named_modules(), e.g. 'layer4.2.conv3'.")
+        g = cg.group_of(path)
+        seeds[g.id] = g.base
+    return seeds
+
+
+def derive_widths(traced: Traced, cg: ChannelGraph, table: StageTable | None = None) -> dict[int, Derivation]:
+    """How each channel group's width follows from others (:func:`~compscale.planning.policy.derive`), given the
+    network's blocks (all of them, whatever ``stages=`` picks: ``table`` when the caller has found them so).
+
+    A unit of a plain stage hands its output to the next unit as a stage width, which the published plain
+    families round on its own (timm's MobileNetV1 at ``channel_multiplier=1.2``: 128 -> 152, not 2 x 80).
+    """
+    table = find_stages(traced) if table is None else table
+    derivations = derive(cg, {b.path: cg.node_groups.get(b.exit, ()) for s in table for b in s.blocks})
+    for stage in (s for s in table if s.plain):
+        for block in stage.blocks:
+            for g in cg.node_groups.get(block.exit, ()):
+                if derivations[g].rule == "expansion":
+                    derivations[g] = Derivation("independent")
+    return derivations

@@ -13,10 +13,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -24,8 +23,7 @@ from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
 from compscale.arguments import check_forward_takes, check_positive_number, check_unwrapped, strip_hooks
-from compscale.errors import WidthError
-from compscale.planning.budget import PHI_LIMIT, check_max_params, check_size, check_width
+from compscale.planning.budget import check_max_params, check_size
 from compscale.planning.cost import CostModel, Costs
 from compscale.planning.depth import check_evidence, dense_costs, depth_to_apply, stage_counts, transition_ratios
 from compscale.planning.options import ScaleOptions
@@ -37,28 +35,25 @@ from compscale.planning.plan import (
     plan_input_size,
     resolve_multipliers,
 )
-from compscale.planning.policy import Derivation, default_independent, derive, resolve_widths
+from compscale.planning.policy import Derivation, derive_widths, plan_widths
+from compscale.planning.search import (
+    DIMENSIONS,
+    TARGET_FORMS,
+    Metric,
+    check_movable,
+    metric_name,
+    metric_of,
+    pick_target,
+    search_phi,
+    strategy_of,
+)
 from compscale.planning.strategy import StrategyLike
+from compscale.rewrite.depth import deepen
+from compscale.rewrite.resolution import adapt_inputs
 from compscale.trace import trace
 from compscale.trace.tracer import Traced, check_module, meta_copy
 
-__all__ = [
-    "METRICS",
-    "TARGET_FORMS",
-    "Metric",
-    "Planner",
-    "derive_widths",
-    "fixed_widths",
-    "meta_copy",
-    "pick_target",
-    "plan",
-    "plan_widths",
-    "strategy_of",
-]
-
-Metric = Literal["macs", "params", "acts", "latency"] | Callable[[ScalingPlan], float]
-METRICS = ("macs", "params", "acts", "latency")
-
+__all__ = ["Planner", "plan"]
 
 @dataclasses.dataclass
 class _Probe:
@@ -126,9 +121,6 @@ class Planner:
             return self._build_probe(dense)
 
     def _build_probe(self, dense: tuple[int, ...]) -> _Probe:
-        from compscale.rewrite.depth import deepen  # the probe is built by the depth pass itself
-        from compscale.rewrite.resolution import adapt_inputs
-
         counts = dict(zip((s.index for s in self.table if s.grows), dense))
         counts.update({s.index: len(s.blocks) + 1 for s in self.table if not s.grows})
         # the first probe deepens the analysed copy itself; later ones a fresh copy of the pristine ``_model``
@@ -158,7 +150,7 @@ class Planner:
         """The plan whose ``metric`` comes closest to ``target``, searching phi along ``strategy``.
 
         ``metric`` is ``"macs"``, ``"params"``, ``"acts"`` (counted on the plan, no weights built), ``"latency"``
-        (seconds per call, measured: :func:`compscale.pipeline.solve_latency`, ``measure`` goes to
+        (seconds per call, measured: :func:`compscale.latency_search.solve_latency`, ``measure`` goes to
         :func:`compscale.verify.latency.latency`), or any ``metric(plan) -> float`` that grows with phi (a latency
         table). Explicit ``depth``/``width``/``resolution`` stay fixed while phi moves the others. ``vary="width"``
         (or ``"depth"``, ``"resolution"``) is ``strategy="width"``: that multiplier alone, the others as given or 1.
@@ -170,7 +162,7 @@ class Planner:
 
             planner.solve(planner.plan(1).macs, strategy="width")
         """
-        if isinstance(metric, str) and metric in _DIMENSIONS:  # the older solve(target_macs, vary)
+        if isinstance(metric, str) and metric in DIMENSIONS:  # the older solve(target_macs, vary)
             warnings.warn(f"solve(target, {metric!r}) is solve(target, 'macs', vary={metric!r}) (or "
                           f"strategy={metric!r}); the second argument is now the metric", DeprecationWarning,
                           stacklevel=2)
@@ -179,10 +171,10 @@ class Planner:
             depth, width, resolution = (None if vary == name else v for name, v in
                                         (("depth", depth), ("width", width), ("resolution", resolution)))
         strategy = strategy_of(vary, strategy)
-        _check_movable(strategy, alpha, beta, gamma, depth, width, resolution)
+        check_movable(strategy, alpha, beta, gamma, depth, width, resolution)
         max_params = check_max_params(max_params)
         if metric == "latency":
-            from compscale.pipeline import solve_latency  # builds and times candidates
+            from compscale.latency_search import solve_latency  # builds and times candidates
 
             return solve_latency(self, target, strategy=strategy, alpha=alpha, beta=beta, gamma=gamma, depth=depth,
                                  width=width, resolution=resolution, max_params=max_params, **measure)
@@ -228,128 +220,6 @@ class Planner:
         )
 
 
-def metric_name(metric: Metric) -> str:
-    return metric if isinstance(metric, str) else getattr(metric, "__name__", "of the metric")
-
-
-def _check_movable(strategy: StrategyLike | None, alpha: float, beta: float, gamma: float, depth: float | None,
-                   width: float | None, resolution: float | None) -> None:
-    """A search needs a dimension that phi moves and no explicit multiplier holds."""
-    moved = resolve_multipliers(1.0, alpha, beta, gamma, strategy=strategy)
-    free = [name for name, v, given in (("depth", moved.depth, depth), ("width", moved.width, width),
-                                        ("resolution", moved.resolution, resolution)) if v != 1.0 and given is None]
-    if not free:
-        raise ValueError("nothing to search: the strategy moves only dimensions given explicitly "
-                         f"(depth={depth}, width={width}, resolution={resolution}); leave one of them out")
-
-
-def metric_of(metric: Metric) -> Callable[[ScalingPlan], float]:
-    """A plan's figure for ``metric``: a counted one by name, or the given function."""
-    if callable(metric):
-        return metric
-    if metric not in ("macs", "params", "acts"):
-        raise ValueError(f"metric must be one of {METRICS} or a function of the plan, got {metric!r}")
-
-    def value(plan: ScalingPlan) -> float:
-        figure = getattr(plan, metric)
-        assert figure is not None  # the planner counts every plan
-        return float(figure)
-
-    return value
-
-
-def strategy_of(vary: str, strategy: StrategyLike | None) -> StrategyLike | None:
-    """``vary`` (the older spelling of a single-dimension strategy) and ``strategy``, as one strategy."""
-    if vary not in _DIMENSIONS:
-        raise ValueError(f"vary must be one of {_DIMENSIONS}, got {vary!r}")
-    if vary == "phi":
-        return strategy
-    if strategy not in (None, "compound", vary):
-        raise ValueError(f"vary={vary!r} is strategy={vary!r}; give one of them, not strategy={strategy!r} too")
-    return vary
-
-
-def search_phi(cost: Callable[[float], float], target: float) -> float:
-    """The phi whose (monotone, stepwise) ``cost`` comes closest to ``target``: bracket, then bisect.
-
-    The bracket grows by 2 at a time up to |phi| = :data:`~compscale.planning.budget.PHI_LIMIT`, and stops where
-    the multipliers would leave what a network can have (``ValueError`` there).
-    """
-    cost = functools.cache(cost)  # each plan is costed once: the bracket and the bisection revisit points
-    lo, hi = -1.0, 1.0
-    while hi < PHI_LIMIT and _within(cost, min(hi + 2, PHI_LIMIT)) and cost(hi) < target:
-        hi = min(hi + 2, PHI_LIMIT)
-    while lo > -PHI_LIMIT and _within(cost, max(lo - 2, -PHI_LIMIT)) and cost(lo) > target:
-        lo = max(lo - 2, -PHI_LIMIT)
-    return _bisect(cost, target, lo, hi)
-
-
-def _within(cost: Callable[[float], float], phi: float) -> bool:
-    try:
-        cost(phi)
-    except ValueError:
-        return False
-    return True
-
-
-def plan_widths(cg: ChannelGraph, derivations: Mapping[int, Derivation], width: float,
-                options: ScaleOptions) -> dict[int, int]:
-    """The new width of every channel group at width multiplier ``width``: the step ``scale`` and the planner share."""
-    seeds = fixed_widths(cg, options.fixed)
-    if width < 1.0:
-        check_width(width, max((g.base for g in cg.groups if g.fixed is None), default=0))
-    if width == 1.0 and not seeds:
-        return {g.id: g.base for g in cg.groups}
-    return resolve_widths(cg, default_independent(width, options.round_width), derivations=derivations, seeds=seeds)
-
-
-def fixed_widths(cg: ChannelGraph, fixed: tuple[str, ...] | list[str]) -> dict[int, int]:
-    """Seeds that keep the output group of each layer in ``fixed`` at its width."""
-    seeds = {}
-    for path in fixed:
-        if path not in cg.layers and path not in cg.norms and path not in cg.depthwise:
-            raise WidthError(f"fixed={path!r} names no conv, linear or norm layer of the model",
-                             "give module paths as in model.named_modules(), e.g. 'layer4.2.conv3'.")
-        g = cg.group_of(path)
-        seeds[g.id] = g.base
-    return seeds
-
-
-_DIMENSIONS = ("phi", "depth", "width", "resolution")
-
-
-def derive_widths(traced: Traced, cg: ChannelGraph, table: StageTable | None = None) -> dict[int, Derivation]:
-    """How each channel group's width follows from others (:func:`~compscale.planning.policy.derive`), given the
-    network's blocks (all of them, whatever ``stages=`` picks: ``table`` when the caller has found them so).
-
-    A unit of a plain stage hands its output to the next unit as a stage width, which the published plain
-    families round on its own (timm's MobileNetV1 at ``channel_multiplier=1.2``: 128 -> 152, not 2 x 80).
-    """
-    table = find_stages(traced) if table is None else table
-    derivations = derive(cg, {b.path: cg.node_groups.get(b.exit, ()) for s in table for b in s.blocks})
-    for stage in (s for s in table if s.plain):
-        for block in stage.blocks:
-            for g in cg.node_groups.get(block.exit, ()):
-                if derivations[g].rule == "expansion":
-                    derivations[g] = Derivation("independent")
-    return derivations
-
-
-def _bisect(cost: Callable[[float], float], target: float, lo: float, hi: float) -> float:
-    """The argument in [lo, hi] whose (monotone, stepwise) cost is closest to ``target``."""
-    best = min((lo, hi), key=lambda x: abs(cost(x) / target - 1))
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        c = cost(mid)
-        if abs(c / target - 1) < abs(cost(best) / target - 1):
-            best = mid
-        if c < target:
-            lo = mid
-        else:
-            hi = mid
-    return best
-
-
 def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
          depth: float | None = None, width: float | None = None, resolution: float | None = None,
          strategy: StrategyLike | None = None, target_macs: float | None = None, target_acts: float | None = None,
@@ -384,16 +254,3 @@ def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta
     return found
 
 
-TARGET_FORMS = {"macs": "a positive number of MACs (4.1e9)", "acts": "a positive number of activations",
-                "params": "a positive number of parameters", "latency": "a positive number of seconds"}
-"""What each target takes, as its errors say."""
-
-
-def pick_target(macs: float | None, acts: float | None, latency: float | None,
-                ) -> tuple[Literal["macs", "acts", "latency"], float] | None:
-    """The one target given, as ``(metric, value)``; two of them raise."""
-    given = [(name, check_positive_number(v, f"target_{name}", TARGET_FORMS[name]))
-             for name, v in (("macs", macs), ("acts", acts), ("latency", latency)) if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"give one target, not {' and '.join('target_' + n for n, _ in given)}")
-    return given[0] if given else None  # type: ignore[return-value]
