@@ -74,30 +74,31 @@ def _number(text: str) -> float:
     return value
 
 
-def _macs(text: str) -> float:
-    """``8.2G``, ``600M`` or ``8.2e9``."""
-    factor = {"G": 1e9, "M": 1e6, "K": 1e3}.get(text[-1:].upper(), 1.0)
-    try:
-        value = float(text[:-1] if factor != 1.0 else text) * factor
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"not a positive MACs count (like 8.2G, 600M or 8.2e9): {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """``40ms``, ``0.04s``, ``800us`` or ``0.04`` (seconds)."""
-    units = (("ms", 1e-3), ("us", 1e-6), ("µs", 1e-6), ("s", 1.0))
-    factor = next((f for u, f in units if text.endswith(u)), 1.0)
-    unit = next((u for u, _ in units if text.endswith(u)), "")
+def _positive_with_unit(text: str, units: Sequence[tuple[str, float]], what: str) -> float:
+    """``text`` as a positive finite number, times the factor of the first unit of ``units`` it ends with (case
+    matters only for units listed twice); ``what`` names the accepted form in the error."""
+    unit, factor = next(((u, f) for u, f in units if text.endswith(u)), ("", 1.0))
     try:
         value = float(text[: len(text) - len(unit)]) * factor
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"not a positive time (like 40ms, 0.04s or 800us): {text!r}")
+        raise argparse.ArgumentTypeError(f"not a positive {what}: {text!r}")
     return value
+
+
+_COUNT_UNITS = (("G", 1e9), ("g", 1e9), ("M", 1e6), ("m", 1e6), ("K", 1e3), ("k", 1e3))
+_TIME_UNITS = (("ms", 1e-3), ("us", 1e-6), ("µs", 1e-6), ("s", 1.0))
+
+
+def _macs(text: str) -> float:
+    """``8.2G``, ``600M`` or ``8.2e9``."""
+    return _positive_with_unit(text, _COUNT_UNITS, "MACs count (like 8.2G, 600M or 8.2e9)")
+
+
+def _seconds(text: str) -> float:
+    """``40ms``, ``0.04s``, ``800us`` or ``0.04`` (seconds)."""
+    return _positive_with_unit(text, _TIME_UNITS, "time (like 40ms, 0.04s or 800us)")
 
 
 def _count(text: str) -> int:
