@@ -34,8 +34,9 @@ from compscale.planning.depth import (
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
 from compscale.planning.policy import derive_widths, plan_widths
+from compscale.randomness import Draws, drawing_from
 from compscale.rewrite.depth import deepen
-from compscale.rewrite.init import Draws, InitRules, drawing_from
+from compscale.rewrite.init import InitRules
 from compscale.rewrite.metadata import update_metadata
 from compscale.rewrite.padding import follow_same_padding
 from compscale.rewrite.preserve import Growth, cancel_new_channels

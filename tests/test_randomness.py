@@ -121,3 +121,28 @@ def test_four_threads_of_five_seeded_resnet18_calls_equal_the_serial_one() -> No
         lambda: results.extend(in_threads(lambda: compscale.scale(copy.deepcopy(base), phi=1, seed=0), 4, 5)))
     assert len(results) == 20 and all(states_equal(r, serial) for r in results)
     assert all(torch.equal(a, b) for a, b in zip(got, alone))
+
+
+def _jitter(x: torch.Tensor) -> torch.Tensor:
+    """A per-channel op with no channel rule, which draws: compscale probes it by running it."""
+    return x + 0.01 * torch.randn_like(x)
+
+
+class _Jittery(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_jitter(self.conv(x)))
+
+
+def test_probing_an_op_that_draws_leaves_the_global_generator_to_other_threads() -> None:
+    """The probe runs the user's op several times with the same draws: from a generator of compscale's own, not by
+    seeding torch's global one, which would repeat another thread's numbers."""
+    nets = [_Jittery() for _ in range(3)]  # built first: a constructor draws from the global generator
+    scaled: list[nn.Module] = []
+    got, alone = global_draws_during(lambda: scaled.extend(
+        compscale.scale(net, width=2.0, input_size=16, autowrap_functions=[_jitter], seed=0) for net in nets))
+    assert all(torch.equal(a, b) for a, b in zip(got, alone))
+    assert all(s.conv.out_channels == 16 and s.head.in_channels == 16 for s in scaled)  # probed: one channel to one

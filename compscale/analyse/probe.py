@@ -12,8 +12,9 @@ channels is told apart once. Changes below 1e-6 of the output's magnitude count 
 An op that fails with the other channel count (a module with weights sized to its channels, a literal
 reshape), returns no tensor, or reads another graph value is not probed: the analysis refuses it as before.
 An op that mixes channels is refused with the channels that showed it. Probing has no side effects: a leaf
-module runs as an eval-mode deep copy, under ``no_grad``, with the random state of torch and of ``random``
-restored afterwards (each run starts from one seed, so a stochastic per-channel op probes consistently).
+module runs as an eval-mode deep copy, under ``no_grad``; each run draws from a generator of its own seeded alike
+(:mod:`compscale.randomness`: torch's global generator is neither seeded nor drawn from, so a stochastic
+per-channel op probes consistently), and Python's ``random`` is seeded alike and restored afterwards.
 Verdicts are cached per analysis, by target, constant arguments and input shape.
 
 Example:
@@ -48,10 +49,11 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 import torch.fx as fx
 
-from compscale.analyse.rules import Desc
+from compscale.randomness import Draws, drawing_from
 
 if TYPE_CHECKING:
     from compscale.analyse.channels import RuleContext
+    from compscale.analyse.rules import Desc
 
 __all__ = ["probed_rule"]
 
@@ -172,13 +174,13 @@ class _Call:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         args = cast(tuple[Any, ...], fx.node.map_arg(self.node.args, lambda _: x.clone()))
         kwargs = cast(dict[str, Any], fx.node.map_arg(self.node.kwargs, lambda _: x.clone()))
-        torch.default_generator.manual_seed(_SEED)  # a stochastic op draws the same numbers in every run
         random.seed(_SEED)
-        try:
-            if self.node.op == "call_method":
-                out = getattr(args[0], str(self.node.target))(*args[1:], **kwargs)
-            else:
-                out = self.fn(*args, **kwargs)
+        try:  # a stochastic op draws the same numbers in every run, from a generator of its own
+            with drawing_from(Draws(_SEED)):
+                if self.node.op == "call_method":
+                    out = getattr(args[0], str(self.node.target))(*args[1:], **kwargs)
+                else:
+                    out = self.fn(*args, **kwargs)
         except Exception as e:  # any failure of the user's op: it is not probed, the analysis refuses it
             raise _NotProbed(f"it fails on a probe tensor of shape {tuple(x.shape)}: {type(e).__name__}: {e}") from e
         if not isinstance(out, torch.Tensor) or out.is_complex():
@@ -193,7 +195,7 @@ def _probe(ctx: RuleContext, node: fx.Node, src: fx.Node) -> _Verdict:
     small = tuple(d if i == cdim else min(d, _SMALL) for i, d in enumerate(shape))
     py_state = random.getstate()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad():
             call = _Call(node, _callable(ctx, node))
             if small != shape:
                 with contextlib.suppress(_NotProbed):

@@ -9,79 +9,22 @@ model best, and whether they look uniform or normal; :func:`reinit` draws a new 
 A layer of which the model holds one copy only (a classifier) keeps PyTorch's default law when its
 weights fit it, else a constant std.
 
-Every draw comes from generators compscale owns (:class:`Draws`): :func:`drawing_from` hands them to each random
-fill made in its scope on this thread (``nn.init``'s functions, ``reset_parameters``, ``Tensor.normal_``...), so that
-a ``scale()`` call neither reseeds nor consumes torch's global generator, and threads do not meet.
+Every draw comes from generators compscale owns (:mod:`compscale.randomness`): ``drawing_from`` hands them to each
+random fill made in its scope on this thread (``nn.init``'s functions, ``reset_parameters``, ``Tensor.normal_``...),
+so that a ``scale()`` call neither reseeds nor consumes torch's global generator, and threads do not meet.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-__all__ = ["Draws", "InitRules", "drawing_from", "redrawn", "reinit"]
-
-
-class Draws:
-    """The random draws of one ``scale()`` call: one ``torch.Generator`` per device, all seeded from ``seed``.
-
-    Without a seed, the seed is one draw of torch's global generator (so ``torch.manual_seed`` still makes the call
-    reproducible), which is neither reseeded nor drawn from again.
-
-    Example:
-        >>> a, b = Draws(3), Draws(3)
-        >>> torch.equal(torch.randn(4, generator=a.on("cpu")), torch.randn(4, generator=b.on("cpu")))
-        True
-    """
-
-    def __init__(self, seed: int | None = None) -> None:
-        self.seed = int(torch.randint(2**62, (1,)).item()) if seed is None else int(seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def on(self, device: torch.device | str) -> torch.Generator:
-        """The generator for tensors on ``device`` (made, seeded, on first use)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self._generators[device]
+__all__ = ["InitRules", "redrawn", "reinit"]
 
 
-_B = torch._C.TensorBase
-_FILLS = frozenset({_B.uniform_, _B.normal_, _B.random_, _B.exponential_, _B.geometric_, _B.log_normal_, _B.cauchy_})
-
-
-class _Drawing(TorchFunctionMode):
-    """Gives every random fill without a generator (a tensor method, or any function taking ``generator=``, as
-    ``nn.init``'s do) the generator of its tensor's device. Torch function modes are per thread."""
-
-    def __init__(self, draws: Draws) -> None:
-        super().__init__()
-        self.draws = draws
-
-    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
-                           kwargs: Mapping[str, Any] | None = None) -> Any:
-        kw = dict(kwargs or {})
-        if (func in _FILLS or "generator" in kw) and kw.get("generator") is None:
-            tensor = args[0] if args else kw.get("tensor")
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                kw["generator"] = self.draws.on(tensor.device)
-        return func(*args, **kw)
-
-
-@contextlib.contextmanager
-def drawing_from(draws: Draws) -> Iterator[Draws]:
-    """Within this block, on this thread, random fills draw from ``draws`` instead of torch's global generator."""
-    with _Drawing(draws):
-        yield draws
 
 _LAWS = ("fan_out", "fan_in", "const")
 

@@ -32,10 +32,11 @@ from compscale.analyse.stages import Block, Stage
 from compscale.errors import RewriteError
 from compscale.layers import channels, resize
 from compscale.planning.policy import Derivation, derive, resolve_widths
-from compscale.registry import drop_path_attr, drop_path_types
+from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.width import apply_widths
 from compscale.trace import Traced
+from compscale.trace.tracer import CompscaleTracer
 
 __all__ = ["extract_block", "own_class_repeat", "synthesize_dense", "synthesize_repeat"]
 
@@ -88,15 +89,6 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
     return _finish(traced, gm, block, block.out_shape)
 
 
-class _LeafTracer(fx.Tracer):
-    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
-
-
 def _mode_dependent(traced: Traced, block: Block) -> bool:
     """Whether the block's ``forward`` records other ops in training mode than in eval mode (``if self.training:``):
     a ``GraphModule`` of its eval-mode graph would silently drop them. ``False`` when it cannot be traced alone."""
@@ -105,7 +97,7 @@ def _mode_dependent(traced: Traced, block: Block) -> bool:
     for mode in (True, False):
         module.train(mode)
         try:
-            graph = _LeafTracer((*traced.leaf_modules, *drop_path_types())).trace(module)
+            graph = CompscaleTracer(traced.leaf_modules).trace(module)  # under the trace lock, as every trace
         except Exception:
             return False
         graphs.append([(n.op, str(n.target), len(n.args)) for n in graph.nodes])
