@@ -31,7 +31,7 @@ from torch import nn
 
 from compscale.errors import CompscaleError
 
-__all__ = ["INPUT_LIMIT", "SEED_LIMIT", "check_count", "check_example_inputs", "check_forward_takes",
+__all__ = ["INPUT_LIMIT", "SEED_LIMIT", "as_hw", "check_count", "check_example_inputs", "check_forward_takes",
            "check_input_size", "check_number", "check_paths", "check_positive_number", "check_seed",
            "check_unwrapped", "give_hooks", "strip_hooks", "take_hooks"]
 
@@ -121,6 +121,11 @@ def check_input_size(value: object, name: str = "input_size", rank: int = 2) -> 
         raise ValueError(f"{name}={value!r:.60} has more than {INPUT_LIMIT:,} elements per channel, more than "
                          "compscale plans for")
     return size
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` from one int (a square) or a pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def check_paths(value: object, name: str, *, predicate: bool = False) -> tuple[str, ...] | Callable[[str], bool]:

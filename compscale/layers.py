@@ -1,4 +1,5 @@
-"""Layer surgery below the pipeline: the channels of a conv/norm/linear and a copy of it with other channels.
+"""Layer surgery below the pipeline: the channels of a conv/norm/linear, a copy of it with other channels, and a
+module put in place at a path.
 
 The shape propagation of :mod:`compscale.trace` (a layer fed another number of channels) and the rewrite
 passes both resize layers; this is the one place that knows how.
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["STANDARD_TENSORS", "channels", "init_like", "memory_format", "resize"]
+__all__ = ["STANDARD_TENSORS", "channels", "init_like", "memory_format", "resize", "set_submodule"]
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -89,6 +90,13 @@ def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) 
         raise TypeError(f"cannot resize {type(module).__name__}")
     _resize_extras(new, channels(module)[1], out_ch)
     return new
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` of ``root`` (the parent's forward then calls it)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
 
 
 @torch.no_grad()

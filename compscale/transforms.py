@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from compscale.planning.plan import as_hw
+from compscale.arguments import as_hw
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "image_processor", "train_transform"]
 

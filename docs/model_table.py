@@ -10,7 +10,9 @@ depth only (``depth=1.5``) and width only (``width=1.5``). A success reports MAC
 with ``compscale.profile`` at its own input size; a failure reports the exception (a model that cannot even be built
 or profiled at its base input size too). The base input size is the model's own: 224x224 for an image model unless
 timm's ``pretrained_cfg`` (or torchvision's Inception, 299) says otherwise, ``(16, H, W)`` clips for torchvision's
-video models, two 224x224 images for RAFT (optical flow).
+video models, two 224x224 images for RAFT (optical flow). A model whose constructor computes with tensors (which the
+meta device cannot) is built on the CPU and moved to the meta device; one that fails on the meta device for the meta
+device's own sake (an op with no meta kernel: a detector's ``nonzero``) is run again on the CPU with random weights.
 
 Workers (``--jobs`` at a time) each take a chunk of names (``--chunk``), so that torch is imported once per chunk,
 and report one JSON line per model as they go. A worker that crashes or runs past ``--timeout`` seconds on one model
@@ -146,28 +148,32 @@ def meta_only(outcomes: dict[str, Outcome]) -> bool:
 
 
 def run_model(library: str, name: str) -> tuple[dict[str, Outcome], str]:
-    """The model's outcomes, and the device they were found on: the meta device, or the CPU (with random weights)
-    where the meta device itself was what failed."""
-    outcomes = run_on(library, name, "meta")
-    if meta_only(outcomes) and params_of(library, name) <= CPU_PARAMS_LIMIT:
-        return run_on(library, name, "cpu"), "cpu"
-    return outcomes, "meta"
-
-
-def params_of(library: str, name: str) -> int:
-    """The model's parameters, counted on the meta device (0 when it cannot be built there)."""
+    """The model's outcomes, and where they were found: ``"meta"`` (built on the meta device), ``"moved"`` (its
+    constructor computes with tensors, which the meta device cannot: built on the CPU, then moved to the meta device),
+    or ``"cpu"`` (random weights, where the meta device itself was what failed: an op with no meta kernel)."""
+    where = "meta"
     try:
-        return sum(p.numel() for p in build(library, name).parameters())
+        base = build(library, name, "meta")
     except Exception:
-        return 0
+        try:
+            base, where = build(library, name, "cpu").to("meta"), "moved"
+        except Exception as e:  # the library's own constructor: a row in every column
+            failed = failure(e, "building the model: ")
+            return {mode: failed for mode in MODES}, where
+    outcomes = run_on(library, name, base.eval(), "meta")
+    if meta_only(outcomes) and sum(p.numel() for p in base.parameters()) <= CPU_PARAMS_LIMIT:
+        del base
+        try:
+            base = build(library, name, "cpu")
+        except Exception as e:
+            failed = failure(e, "building the model: ")
+            return {mode: failed for mode in MODES}, "cpu"
+        return run_on(library, name, base.eval(), "cpu"), "cpu"
+    return outcomes, where
 
 
-def run_on(library: str, name: str, device: str) -> dict[str, Outcome]:
-    try:
-        base = build(library, name, device).eval()
-    except Exception as e:  # the library's own constructor: a row in every column
-        failed = failure(e, "building the model: ")
-        return {mode: failed for mode in MODES}
+def run_on(library: str, name: str, base: nn.Module, device: str) -> dict[str, Outcome]:
+    """Profile ``base`` (on ``device``) at its own input size, then scale it each way."""
     inputs = inputs_of(library, name, base)
     try:
         base_macs = compscale.profile(base, example_inputs=inputs.make(device=device)).macs
@@ -219,6 +225,8 @@ def run_chunk(library: str, names: list[str], timeout: float, report: Report) ->
             line = proc.stdout.readline()
             if not line:  # the worker exited (a crash, or killed for memory)
                 break
+            if not line.startswith('{"name": '):  # something the model's own code printed
+                continue
             data = json.loads(line)
             pending.remove(data["name"])
             report(data["name"], decode(data["outcomes"]), float(data["seconds"]), data["device"])
@@ -246,7 +254,7 @@ def run_chunk(library: str, names: list[str], timeout: float, report: Report) ->
 def run_all(library: str, names: list[str], jobs: int, chunk: int, timeout: float,
             progress: bool = True) -> tuple[dict[str, dict[str, Outcome]], dict[str, float], dict[str, str]]:
     """Every model of ``names``, ``jobs`` workers at a time, ``chunk`` models per worker; the results in the
-    order of ``names``, the seconds each took in its worker, and the device each was built on."""
+    order of ``names``, the seconds each took in its worker, and where each ran (:func:`run_model`)."""
     chunks: queue.Queue[list[str]] = queue.Queue()
     for i in range(0, len(names), max(1, chunk)):
         chunks.put(names[i:i + max(1, chunk)])
@@ -261,7 +269,7 @@ def run_all(library: str, names: list[str], jobs: int, chunk: int, timeout: floa
             results[name], seconds[name], devices[name] = outcomes, took, device
             if progress:
                 ok = sum(isinstance(o, Success) for o in outcomes.values())
-                where = " (on the CPU)" if device == "cpu" else ""
+                where = {"cpu": " (on the CPU)", "moved": " (built on the CPU, moved to meta)"}.get(device, "")
                 print(f"[{len(results)}/{len(names)} {time.monotonic() - start:.0f} s] {name}: {took:.1f} s, "
                       f"{ok}/{len(outcomes)} scaled{where}", file=sys.stderr, flush=True)
 
@@ -342,17 +350,22 @@ def counts(results: dict[str, dict[str, Outcome]]) -> tuple[int, int, int]:
     return scaled, ours, other
 
 
-def page(library: str, results: dict[str, dict[str, Outcome]], on_cpu: list[str] | None = None) -> str:
+def page(library: str, results: dict[str, dict[str, Outcome]], where: dict[str, str] | None = None) -> str:
     scaled, ours, other = counts(results)
     listed = len(names_of(library))
     which = f"each of the {listed} models" if len(results) == listed else f"{len(results)} of the {listed} models"
     sizes = {"torchvision": "224x224, 299x299 for Inception v3, 16-frame clips (16x112x112 or 16x224x224) for the "
                             "video models, two 224x224 images for RAFT",
              "timm": "the `input_size` of the model's `pretrained_cfg`, 224x224 for most"}[library]
-    cpu = ""
+    notes = ""
+    moved = [n for n, w in (where or {}).items() if w == "moved"]
+    on_cpu = [n for n, w in (where or {}).items() if w == "cpu"]
+    if moved:
+        notes += (f" {len(moved)} compute with tensors in their constructor, which the meta device cannot: they were "
+                  f"built on the CPU, then moved to the meta device: {', '.join(moved)}.")
     if on_cpu:
-        cpu = (f" {len(on_cpu)} failed on the meta device for the meta device's own sake (an op with no meta kernel) "
-               f"and were run on the CPU with random weights instead: {', '.join(on_cpu)}.")
+        notes += (f" {len(on_cpu)} failed on the meta device for the meta device's own sake (an op with no meta "
+                  f"kernel) and were run on the CPU with random weights instead: {', '.join(on_cpu)}.")
     counted = [f"- listed by `compscale models --library {library}`: {listed}"]
     if len(results) != listed:
         counted.append(f"- in this table: {len(results)}")
@@ -364,7 +377,7 @@ def page(library: str, results: dict[str, dict[str, Outcome]], on_cpu: list[str]
         f"Generated by `{WRITE_COMMANDS[library]}`: {which} `compscale models --library "
         f"{library}` lists, built on the meta device (shapes only, no weights), scaled with `phi=1`, `depth=1.5` and "
         f"`width=1.5`; a success shows MACs(scaled) / MACs(base), each at its own input size (the base model's: "
-        f"{sizes}). {scaled} of {len(results)} scale all three ways.{cpu}",
+        f"{sizes}). {scaled} of {len(results)} scale all three ways.{notes}",
         "\n".join(counted),
         table(results),
         "## Successes\n\n" + details(results),
@@ -401,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{len(names)} models in {time.monotonic() - start:.0f} s wall; {total / max(1, len(names)):.2f} s per "
           f"model in its worker; slowest: " + ", ".join(f"{n} {s:.1f} s" for n, s in slowest))
     if args.write:
-        args.write.write_text(page(args.library, results, [n for n, d in devices.items() if d == "cpu"]))
+        args.write.write_text(page(args.library, results, devices))
         print(f"wrote {args.write}")
 
 

@@ -110,3 +110,20 @@ def test_a_flat_sequential_deepens_its_conv_runs() -> None:
 def test_a_model_without_stages_still_widens() -> None:
     scaled = compscale.scale(_plain_net(), width=2)
     assert scaled[0].out_channels == 32 and scaled[-1].out_features == 10
+
+
+def test_every_error_the_package_raises_carries_a_hint() -> None:
+    """Each ``raise SomeCompscaleError(...)`` in the package passes a hint (the second argument): the errors end
+    with what to do, as README's table promises. Read from the source, so that rare paths are covered too."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    errors = {name for name, cls in inspect.getmembers(compscale.errors, inspect.isclass)
+              if issubclass(cls, compscale.CompscaleError)} | {"MetadataError"}
+    package = Path(compscale.__file__).parent
+    bare = [f"{path.relative_to(package)}:{node.lineno} {node.func.id}"
+            for path in sorted(package.rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in errors
+            and len(node.args) < 2 and not any(k.arg == "hint" for k in node.keywords)]
+    assert not bare, bare

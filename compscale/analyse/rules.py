@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compscale.analyse.ops import BINARY, OpKind, targets
+from compscale.analyse.probe import probed_rule
 from compscale.registry import drop_path_attr, drop_path_types
 from compscale.trace import module_path
 
@@ -812,8 +813,6 @@ def _tensor_attribute(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src_node, name = node.args[0], node.args[1]
     if isinstance(src_node, fx.Node) and name in ("values", "indices") and _reduced_pair(src_node):
         return _max_along(ctx, node, src_node)
-    from compscale.analyse.probe import probed_rule  # probe imports this module
-
     desc = probed_rule(ctx, node)
     if desc is None:
         ctx.unsupported(node, f"no channel rule for the tensor attribute {name!r}")

@@ -24,8 +24,8 @@ from torch import nn
 
 from compscale.analyse.channels import ChannelGraph, spatial_dims
 from compscale.analyse.ops import BINARY
+from compscale.analyse.pools import global_pool_nodes, global_stand_ins
 from compscale.analyse.rules import get_function_rule, get_module_rule
-from compscale.rewrite.resolution import global_pool_nodes, global_stand_ins
 from compscale.trace import Traced
 
 __all__ = ["CostModel", "Costs", "layer_macs"]

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from compscale.arguments import INPUT_LIMIT, check_input_size
+from compscale.arguments import INPUT_LIMIT, as_hw, check_input_size
 from compscale.planning.budget import check_multipliers, check_phi
 from compscale.planning.rounding import round_resolution
 from compscale.planning.strategy import Compound, StrategyLike, check_multiplier, get_strategy
@@ -200,11 +200,6 @@ def resolve_multipliers(
         r = r ** (2 / rank)
     return Multipliers(d, w, r, p, rule.name if p is not None and None in explicit else None,
                        depth_given=depth is not None)
-
-
-def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    """``(H, W)`` from one int (a square) or a pair."""
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def as_size(size: object, rank: int = 2, name: str = "input_size") -> tuple[int, ...]:

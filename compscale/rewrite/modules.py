@@ -9,11 +9,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from compscale.layers import channels, init_like, resize
+from compscale.layers import channels, init_like, resize, set_submodule
 
 __all__ = [
     "channels", "insert_after", "move_after", "next_name", "remove_children", "resize", "resize_param", "set_submodule",
-]  # channels and resize live in compscale.layers (the tracer resizes layers too)
+]  # channels, resize and set_submodule live in compscale.layers (the tracer and the analyses use them too)
 
 
 @torch.no_grad()
@@ -37,13 +37,6 @@ def resize_param(root: nn.Module, target: str, dim: int, size: int) -> bool:
     else:
         setattr(owner, name, new)
     return True
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path`` of ``root`` (the parent's forward then calls it)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
 
 
 def next_name(existing: Sequence[str], after: str) -> str:

@@ -2,114 +2,46 @@
 that grew.
 
 A model ending in global pooling needs nothing. A fixed-window pool written for the base size, whose window is the
-whole map it pools there (``nn.AvgPool2d(7)`` on ResNet's 7x7 map at 224), is a global pool: at a new size its
-window follows the new map (``nn.AvgPool2d(8)`` at 256), as an expert builds the network for that size, and the
-classifier after it keeps its features and weights (:func:`follow_global_pools`). A head that flattens a spatial
-map into a ``Linear`` with fixed ``in_features`` is found by shape propagation at the new size; the ``Linear``
-takes the new number of features and fresh weights, with a warning naming the fixed pool before it. A model whose
-output changes shape at the new size (a pool covering part of the map before a 1x1-conv classifier), and anything
-else that cannot take the new size (fixed-size pooling feeding an add, constant interpolate sizes), raises a
-``ResolutionError`` that names the node.
+whole map it pools there (``nn.AvgPool2d(7)`` on ResNet's 7x7 map at 224), is a global pool (found by
+:mod:`compscale.analyse.pools`): at a new size its window follows the new map (``nn.AvgPool2d(8)`` at 256), as an
+expert builds the network for that size, and the classifier after it keeps its features and weights
+(:func:`follow_global_pools`). A head that flattens a spatial map into a ``Linear`` with fixed ``in_features`` is
+found by shape propagation at the new size; the ``Linear`` takes the new number of features and fresh weights, with
+a warning naming the fixed pool before it. A model whose output changes shape at the new size (a pool covering part
+of the map before a 1x1-conv classifier), and anything else that cannot take the new size (fixed-size pooling
+feeding an add, constant interpolate sizes), raises a ``ResolutionError`` that names the node.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
-from typing import Any
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from compscale.analyse.pools import (
+    POOL_FUNCTIONS,
+    as_dims,
+    global_pool_nodes,
+    global_stand_ins,
+    may_pool_whole_map,
+    pool_dims,
+    pool_window,
+    whole_map,
+)
 from compscale.errors import ResolutionError, TraceError
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import channels, resize, set_submodule
 from compscale.trace import Traced
 from compscale.trace.tracer import module_path, propagate_shapes
 
-__all__ = ["Window", "adapt_inputs", "follow_global_pools", "global_pool_nodes", "global_stand_ins", "pool_window",
-           "whole_map"]
+__all__ = ["adapt_inputs", "follow_global_pools"]
 
 log = logging.getLogger("compscale")
-
-_AVG_POOLS: dict[type[nn.Module], int] = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
-_MAX_POOLS: dict[type[nn.Module], int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-_ADAPTIVE: dict[tuple[bool, int], type[nn.Module]] = {
-    (False, 1): nn.AdaptiveAvgPool1d, (False, 2): nn.AdaptiveAvgPool2d, (False, 3): nn.AdaptiveAvgPool3d,
-    (True, 1): nn.AdaptiveMaxPool1d, (True, 2): nn.AdaptiveMaxPool2d, (True, 3): nn.AdaptiveMaxPool3d,
-}
-# pooling functions: (is max, dims, the names of their arguments after the input)
-_AVG_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-_MAX_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-_POOL_FUNCTIONS: dict[Any, tuple[bool, int, tuple[str, ...]]] = {
-    F.avg_pool1d: (False, 1, _AVG_ARGS[:-1]), F.avg_pool2d: (False, 2, _AVG_ARGS), F.avg_pool3d: (False, 3, _AVG_ARGS),
-    torch.avg_pool1d: (False, 1, _AVG_ARGS[:-1]),
-    F.max_pool1d: (True, 1, _MAX_ARGS), F.max_pool2d: (True, 2, _MAX_ARGS), F.max_pool3d: (True, 3, _MAX_ARGS),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """A fixed pooling window over the last ``len(kernel)`` dims (``max``: max pooling, else average)."""
-
-    max: bool
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    divisor_override: int | None = None
-
-
-def _dims(value: Any, n: int) -> tuple[int, ...]:
-    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * n
-
-
-def pool_window(node: fx.Node, root: nn.Module) -> Window | None:
-    """The window of a fixed-window pooling node (an ``nn.AvgPool*d``/``nn.MaxPool*d`` call or their functions);
-    ``None`` for any other node (adaptive pools included)."""
-    if node.op == "call_module":
-        m = root.get_submodule(str(node.target))
-        n = _AVG_POOLS.get(type(m)) or _MAX_POOLS.get(type(m))
-        if n is None:
-            return None
-        kernel = _dims(m.kernel_size, n)
-        return Window(type(m) in _MAX_POOLS, kernel, _dims(m.stride or kernel, n), _dims(m.padding, n),
-                      _dims(getattr(m, "dilation", 1), n), getattr(m, "divisor_override", None))
-    spec = _POOL_FUNCTIONS.get(node.target) if node.op == "call_function" else None
-    if spec is None:
-        return None
-    is_max, n, names = spec
-    given = {**dict(zip(names, node.args[1:])), **node.kwargs}
-    if any(isinstance(v, fx.Node) for v in given.values()) or "kernel_size" not in given:
-        return None  # a window computed in forward: not a fixed one
-    kernel = _dims(given["kernel_size"], n)
-    override = given.get("divisor_override")
-    return Window(is_max, kernel, _dims(given.get("stride") or kernel, n), _dims(given.get("padding", 0), n),
-                  _dims(given.get("dilation", 1), n), override if isinstance(override, int) else None)
-
-
-def whole_map(window: Window, shape: Sequence[int]) -> bool:
-    """Whether ``window`` pools the whole map of a tensor of ``shape`` (its last dims) into one value per channel:
-    its kernel is the map, unpadded, undilated, averaging over all of it (no ``divisor_override``) — a global pool
-    written for one input size."""
-    n = len(window.kernel)
-    return (len(shape) > n and window.kernel == tuple(shape[-n:]) and not any(window.padding)
-            and all(d == 1 for d in window.dilation) and window.divisor_override is None)
-
-
-def _may_cover(root: nn.Module) -> bool:
-    """Whether ``root`` has a pooling module that may pool a whole map (unpadded, undilated, no divisor override):
-    the others (ResNet's padded stem max pool) need no trace to be told apart."""
-    return any((type(m) in _AVG_POOLS or type(m) in _MAX_POOLS) and not any(_dims(m.padding, 1))
-               and all(d == 1 for d in _dims(getattr(m, "dilation", 1), 1)) and getattr(m, "divisor_override", None)
-               is None for m in root.modules())
 
 
 def follow_global_pools(root: nn.Module, traced: Traced, input_shape: Sequence[int]) -> list[str]:
@@ -127,8 +59,8 @@ def follow_global_pools(root: nn.Module, traced: Traced, input_shape: Sequence[i
         >>> follow_global_pools(net, trace(net, (1, 3, 224, 224)), (1, 3, 256, 256)), net[1]
         (['1'], AvgPool2d(kernel_size=8, stride=8, padding=0))
     """
-    has_functions = any(n.target in _POOL_FUNCTIONS for n in traced.graph.nodes if n.op == "call_function")
-    if not _may_cover(root) and not has_functions:
+    has_functions = any(n.target in POOL_FUNCTIONS for n in traced.graph.nodes if n.op == "call_function")
+    if not may_pool_whole_map(root) and not has_functions:
         return []
     base = traced.retrace(root, traced.input_shape)
     for node in base.graph.nodes:
@@ -147,7 +79,7 @@ def _resize_pools(root: nn.Module, traced: Traced, input_shape: Sequence[int], p
     maps: dict[str, set[tuple[int, ...]]] = {}
     for node in new.graph.nodes:
         if node.op == "call_module" and str(node.target) in pools and isinstance(node.args[0], fx.Node):
-            n = _pool_dims(pools[str(node.target)])
+            n = pool_dims(pools[str(node.target)])
             maps.setdefault(str(node.target), set()).add(tuple(new.shape(node.args[0])[-n:]))
     changed = []
     for path, pool in pools.items():
@@ -161,47 +93,12 @@ def _resize_pools(root: nn.Module, traced: Traced, input_shape: Sequence[int], p
     return changed
 
 
-@contextlib.contextmanager
-def global_stand_ins(root: nn.Module, paths: Sequence[str]) -> Iterator[None]:
-    """Within the block, each pooling module of ``paths`` is an adaptive pool of its kind to one value (what it is at
-    any input size once :func:`follow_global_pools` resized it); the modules are put back after."""
-    pools = {path: root.get_submodule(path) for path in paths}
-    for path, pool in pools.items():
-        set_submodule(root, path, _ADAPTIVE[type(pool) in _MAX_POOLS, _pool_dims(pool)](1))
-    try:
-        yield
-    finally:
-        for path, pool in pools.items():
-            set_submodule(root, path, pool)
-
-
-def global_pool_nodes(traced: Traced) -> dict[str, str]:
-    """The pooling-module nodes of ``traced`` whose window is their whole map (node name -> module path), of modules
-    whose every call pools a whole map."""
-    found: dict[str, str] = {}
-    partial: set[str] = set()
-    for node in traced.graph.nodes:
-        window = pool_window(node, traced.gm) if node.op == "call_module" else None
-        if window is None:
-            continue
-        arg = node.args[0] if node.args else None
-        if isinstance(arg, fx.Node) and traced.has_shape(arg) and whole_map(window, traced.shape(arg)):
-            found[node.name] = str(node.target)
-        else:
-            partial.add(str(node.target))
-    return {name: path for name, path in found.items() if path not in partial}
-
-
-def _pool_dims(pool: nn.Module) -> int:
-    return _AVG_POOLS.get(type(pool)) or _MAX_POOLS[type(pool)]
-
-
 def _set_window(pool: nn.Module, size: tuple[int, ...]) -> None:
     """``pool``'s kernel becomes ``size`` (an int where it was one and the map is square); a stride that equalled
     the kernel follows it (any stride gives one value when the kernel is the map)."""
     old = pool.kernel_size
     kernel: int | tuple[int, ...] = size[0] if isinstance(old, int) and len(set(size)) == 1 else size
-    if pool.stride in (old, None) or _dims(pool.stride, len(size)) == _dims(old, len(size)):
+    if pool.stride in (old, None) or as_dims(pool.stride, len(size)) == as_dims(old, len(size)):
         pool.stride = kernel  # type: ignore[assignment]
     pool.kernel_size = kernel  # type: ignore[assignment]
 

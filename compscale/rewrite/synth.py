@@ -306,7 +306,9 @@ def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: In
     entry = cg.node_groups[x.name]
     exits = cg.node_groups.get(sub.output_node.name, ())
     if len(entry) != 1:
-        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
+        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation",
+                           "leave this stage out of depth scaling with `stages=`, or give the stage two blocks "
+                           "so that the second is repeated as it is.")
     width = block.out_shape[1]
     derivations = _peer_derivations(traced, block, blocks, cg, entry[0], exits)
     seeds = _repeat_seeds(cg, entry[0], exits, width)
@@ -494,9 +496,11 @@ def _block_channels(traced: Traced, block: Block) -> tuple[fx.GraphModule, Chann
     gm = extract_block(traced, block)
     sub = traced.retrace(gm, block.in_shape)
     cg = analyse_channels(sub, pin_io=False)
-    entry_group = cg.node_groups["x"]
+    entry_group = cg.node_groups[next(n for n in sub.graph.nodes if n.op == "placeholder").name]
     if len(entry_group) != 1:
-        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation")
+        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation",
+                           "leave this stage out of depth scaling with `stages=`, or give the stage two blocks "
+                           "so that the second is repeated as it is.")
     out = sub.output_node
     return gm, cg, entry_group[0], cg.node_groups.get(out.name, ())
 

@@ -5,8 +5,12 @@ The tracer follows torchvision's ``NodePathTracer`` idea: every node knows the m
 ``torch.fx.passes.shape_prop.ShapeProp`` on a meta-device copy of the module (its parameters copied as
 shapes only), so no real forward runs and no activation memory is allocated.
 
+The entry point, :func:`compscale.trace.trace` (:mod:`compscale.trace.entry`), traces symbolically with
+:class:`CompscaleTracer` and falls back to :mod:`compscale.trace.concrete`; both build on this module.
+
 Example:
     >>> from torchvision.models import resnet18
+    >>> from compscale.trace import trace
     >>> traced = trace(resnet18())
     >>> traced.shape(traced.output_node)
     torch.Size([1, 1000])
@@ -19,7 +23,6 @@ import copy
 import dataclasses
 import inspect
 import io
-import logging
 import math
 import operator
 import re
@@ -34,13 +37,11 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten, tree_map
 
-from compscale.errors import CompscaleError, NotACNNError, TraceError, UnsupportedOpError
+from compscale.errors import NotACNNError, TraceError, UnsupportedOpError
 from compscale.layers import channels, resize
 from compscale.registry import drop_path_types
 
-__all__ = ["CompscaleTracer", "Traced", "check_module", "eval_mode", "module_path", "splits_channels", "trace"]
-
-log = logging.getLogger("compscale")
+__all__ = ["CompscaleTracer", "Retracer", "Traced", "check_module", "eval_mode", "module_path", "splits_channels"]
 
 TRACE_HINT = (
     "make the offending submodule a leaf with `leaf_modules=[ThatModule]` (compscale will not look inside it), "
@@ -103,6 +104,10 @@ class CompscaleTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+Retracer = Callable[["Traced", nn.Module, Sequence[int], bool], "Traced"]
+"""Trace another model with a trace's options: ``(traced, model, input_shape, shapes)`` (see :class:`Traced`)."""
+
+
 @dataclasses.dataclass
 class Traced:
     """A traced model: the model, its ``GraphModule`` (sharing the model's leaf modules) and the input shape.
@@ -117,11 +122,13 @@ class Traced:
     leaf_modules: tuple[type[nn.Module], ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
     extra_inputs: tuple[torch.Tensor, ...] = ()  # the forward's other inputs (meta tensors), which never scale
+    # what retrace and retrace_graph call: compscale.trace.entry's, which records itself on every trace it makes
+    # (it sits above this module: its concrete fallback builds on this tracer)
+    retracer: Retracer | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def retrace(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
         """Trace another model (a rewritten one, a block) with the same tracer options, shapes included."""
-        return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions,
-                     extra_inputs=self.extra_inputs if model is self.root else ())
+        return self._retracer()(self, model, input_shape, True)
 
     def rebind(self, model: nn.Module, input_shape: Sequence[int], shapes: bool = True) -> Traced:
         """This graph over ``model``'s current layers (the same module paths: ``model`` rewritten in place, without
@@ -130,7 +137,8 @@ class Traced:
         concrete trace bakes the input's size in)."""
         gm = graph_module(model, copy.deepcopy(self.graph), type(model).__name__)
         gm.meta.update(self.gm.meta)
-        new = Traced(model, gm, tuple(input_shape), self.leaf_modules, self.autowrap_functions, self.extra_inputs)
+        new = Traced(model, gm, tuple(input_shape), self.leaf_modules, self.autowrap_functions, self.extra_inputs,
+                     self.retracer)
         if shapes:
             propagate_shapes(new)
         return new
@@ -139,16 +147,13 @@ class Traced:
         """As :meth:`retrace`, without propagating shapes (the caller does, with its own options). A model traced
         with concrete values (its symbolic graph computes ``None + None`` where Python skipped a branch: an octave
         network's missing low-frequency map) is traced so again."""
-        if not self.gm.meta.get("compscale_symbolic") and model is self.root:
-            from compscale.trace.concrete import trace_concrete
+        return self._retracer()(self, model, input_shape, False)
 
-            try:
-                return trace_concrete(model, input_shape, shapes=False, leaf_modules=self.leaf_modules,
-                                      autowrap_functions=self.autowrap_functions, extra_inputs=self.extra_inputs)
-            except CompscaleError:  # a layer fed other channels: the caller's shape propagation may tolerate it
-                log.debug("concrete retrace of %s failed; tracing symbolically", type(model).__name__)
-        return trace(model, input_shape, leaf_modules=self.leaf_modules, autowrap_functions=self.autowrap_functions,
-                     shapes=False, extra_inputs=self.extra_inputs if model is self.root else ())
+    def _retracer(self) -> Retracer:
+        if self.retracer is None:
+            raise TraceError(f"this trace of {type(self.root).__name__} cannot trace another model",
+                             "trace the model with compscale.trace.trace, whose result can.")
+        return self.retracer
 
     @property
     def graph(self) -> fx.Graph:
@@ -223,71 +228,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
-
-
-def trace(
-    model: nn.Module,
-    input_shape: Sequence[int] | None = None,
-    *,
-    input_size: Sequence[int] = (224, 224),
-    shapes: bool = True,
-    leaf_modules: Iterable[type[nn.Module]] = (),
-    autowrap_functions: Iterable[Callable[..., Any]] = (),
-    extra_inputs: Sequence[torch.Tensor] = (),
-) -> Traced:
-    """Trace ``model`` (in eval mode, restored afterwards) and propagate shapes on meta tensors.
-
-    Args:
-        model: the network; it is not modified.
-        input_shape: ``(N, C, H, W)``; by default ``(1, C, *input_size)`` with ``C`` read off the first conv.
-        input_size: ``(H, W)`` when ``input_shape`` is not given.
-        shapes: propagate shapes (``node.meta["tensor_meta"]``).
-        leaf_modules: module types fx should not trace into.
-        autowrap_functions: functions fx should record as calls instead of tracing.
-        extra_inputs: example tensors for the forward's inputs after the first (only their shapes and dtypes
-            matter); they keep their shapes when the first input changes resolution.
-
-    Symbolic tracing comes first (it is fast); a forward it cannot trace, because it does Python on shapes
-    (``if x.shape[1] != 3``, ``int(x.size(-1))``, keyword inputs, ``ModelOutput`` results: Hugging Face's
-    models), is traced again with :mod:`compscale.trace.concrete`, which knows every shape while it traces.
-
-    Raises:
-        TraceError: neither tracer can trace ``model.forward`` (a forward that branches on tensor *values*: the
-            message names the source line), or shapes cannot be propagated.
-    """
-    leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
-    tracer = CompscaleTracer(leaf_modules, autowrap_functions)
-    with eval_mode(model):
-        try:
-            defaults = default_kwargs(model, skip=len(extra_inputs))
-            graph = tracer.trace(model, concrete_args=defaults or None)
-            drop_specialized(graph, defaults)
-        except Exception as e:  # fx raises TraceError, TypeError, AttributeError... for untraceable code
-            from compscale.trace.concrete import trace_concrete
-
-            log.debug("symbolic tracing of %s failed (%s: %s); tracing with concrete shapes", type(model).__name__,
-                      type(e).__name__, e)
-            traced = trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
-                                    leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                                    extra_inputs=extra_inputs)
-            if shapes:
-                check_layer_outputs(traced)
-                refuse_non_cnn(traced)
-            return traced
-    gm = graph_module(model, graph, type(model).__name__)
-    gm.meta["compscale_symbolic"] = True  # the graph reads no shape: it holds for the model's layers at any width
-    shape = tuple(input_shape) if input_shape is not None else default_input_shape(gm, input_size)
-    traced = Traced(model, gm, shape, leaf_modules, autowrap_functions, as_meta(extra_inputs))
-    if shapes:
-        try:
-            propagate_shapes(traced)
-        except TraceError as e:
-            if not _python_value_error(e):
-                raise
-            traced = _concrete_or_raise(model, shape, e, leaf_modules, autowrap_functions, extra_inputs)
-        check_layer_outputs(traced)
-        refuse_non_cnn(traced)
-    return traced
 
 
 # products of two activations (attention's q @ k^T and weights @ v), in all their spellings
@@ -385,31 +325,6 @@ def splits_channels(node: fx.Node, module: nn.Module) -> bool:
         return False
     return (sum(m.shape[1] for m in ins) == module.in_channels
             and sum(m.shape[1] for m in outs) == module.out_channels)
-
-
-def _python_value_error(e: BaseException) -> bool:
-    """Whether shape propagation failed on a Python value where the graph expected a tensor (``None + None``,
-    ``None.size()``): a branch symbolic tracing could not see, such as ``if x_l is not None`` on a layer's second
-    output, which is ``None`` in some blocks. Shape errors of torch ops are ``RuntimeError``s."""
-    inner: BaseException = e
-    while inner.__cause__ is not None:
-        inner = inner.__cause__
-    return isinstance(inner, (TypeError, AttributeError))
-
-
-def _concrete_or_raise(model: nn.Module, shape: tuple[int, ...], error: TraceError,
-                       leaf_modules: tuple[type[nn.Module], ...], autowrap_functions: tuple[Callable[..., Any], ...],
-                       extra_inputs: Sequence[torch.Tensor]) -> Traced:
-    """The model traced with concrete values (its Python branches on ``None`` run as Python), else ``error``."""
-    from compscale.trace.concrete import trace_concrete
-
-    log.debug("shape propagation of the symbolic trace of %s failed (%s); tracing with concrete shapes",
-              type(model).__name__, error)
-    try:
-        return trace_concrete(model, shape, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                              extra_inputs=extra_inputs)
-    except CompscaleError:
-        raise error from None
 
 
 def graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
