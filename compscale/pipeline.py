@@ -109,9 +109,11 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
             _warn_inexact(type(model).__name__, plan, growth.noise, _dtype(model))
         give_hooks(work, hooks)
         work.scaling = plan  # type: ignore[assignment]
-        update_metadata(work, model, plan)  # what the model's library reads back describes the scaled network
-        log.info("scaled %s:\n%s", type(model).__name__, plan)
-        return work
+    # what the model's library reads back describes the scaled network (it draws nothing: outside the seeded scope,
+    # whose torch function mode would see every op of its meta-device forwards)
+    update_metadata(work, model, plan)
+    log.info("scaled %s:\n%s", type(model).__name__, plan)
+    return work
 
 
 @contextlib.contextmanager

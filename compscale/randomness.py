@@ -65,9 +65,9 @@ class _Drawing(TorchFunctionMode):
     def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
         kw = dict(kwargs or {})
-        if any(isinstance(a, fx.Proxy) for a in (*args, *kw.values())):
-            return func(*args, **kw)  # a draw being traced, not made: the graph keeps it as written
-        if (func in _FILLS or func in _DRAWS or "generator" in kw) and kw.get("generator") is None:
+        if not (func in _FILLS or func in _DRAWS or "generator" in kw) or kw.get("generator") is not None:
+            return func(*args, **kw)  # most calls: nothing drawn, or drawn from a generator given
+        if not any(isinstance(a, fx.Proxy) for a in (*args, *kw.values())):  # a traced draw stays as written
             tensor = args[0] if args and isinstance(args[0], torch.Tensor) else kw.get("tensor", kw.get("input"))
             device = tensor.device if isinstance(tensor, torch.Tensor) else torch.device(kw.get("device") or "cpu")
             if device.type != "meta":
