@@ -266,3 +266,50 @@ def test_new_blocks_called_by_hook_get_the_blocks_other_arguments() -> None:
         scaled.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(len(args)))
     scaled(*inputs)
     assert seen == [2, 2]  # each new block got (x, mask)
+
+
+class _KeepsOnSelf(nn.Module):
+    """A forward that keeps a value on ``self`` (RAFT's correlation block keeps its pyramid) and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(*(_Residual(8) for _ in range(2)))
+        self.head = nn.Linear(8, 10)
+        self.kept: list[torch.Tensor] = []
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.blocks(self.stem(x))
+        self.kept = [y.mean((2, 3))]
+        self.calls += 1
+        return self.head(self.kept[0])
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x).relu()
+
+
+def test_tracing_leaves_nothing_of_itself_on_the_scaled_model() -> None:
+    """What the forward stored on ``self`` while compscale traced it is put back: no proxies or fake tensors in the
+    result, which copies, pickles and runs as the model did."""
+    import copy
+    import pickle
+
+    import torch.fx as fx
+
+    base = _KeepsOnSelf()
+    scaled = compscale.scale(base, phi=1, input_size=32)
+    assert scaled.kept == [] and scaled.calls == 0 and base.kept == [] and base.calls == 0
+    leftovers = [(path, k) for path, m in scaled.named_modules() for k, v in vars(m).items()
+                 if isinstance(v, fx.Proxy) or (isinstance(v, list) and any(isinstance(i, fx.Proxy) for i in v))]
+    assert not leftovers, leftovers
+    with torch.no_grad():
+        out = copy.deepcopy(scaled).eval()(torch.randn(1, 3, 40, 40))
+    assert out.shape == (1, 10)
+    assert pickle.loads(pickle.dumps(scaled)).calls == 0

@@ -113,14 +113,15 @@ def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor
     """Each module's first input and output shapes in one forward on a meta-device copy of ``model``, and under
     ``"forward_features"`` / ``"forward_head"`` what those methods return, where the model has them; ``None`` when
     the model cannot run on meta tensors."""
+    shapes: Shapes = {}
     try:
         meta = meta_copy(model)
-    except Exception as e:  # a model that cannot be deep-copied keeps its metadata, as it did before
-        log.debug("metadata: cannot copy %s to the meta device (%s)", type(model).__name__, e)
+        handles = [m.register_forward_hook(functools.partial(_record, shapes, path), with_kwargs=True)
+                   for path, m in meta.named_modules() if path]
+    except Exception as e:  # a model whose copy cannot be hooked (RAFT's) keeps its metadata, as it did before
+        log.debug("metadata: cannot measure a meta-device copy of %s (%s: %s)", type(model).__name__,
+                  type(e).__name__, e)
         return None
-    shapes: Shapes = {}
-    handles = [m.register_forward_hook(functools.partial(_record, shapes, path), with_kwargs=True)
-               for path, m in meta.named_modules() if path]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     x = torch.empty(shape, device="meta", dtype=dtype)
     inputs = (x, *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in extra))

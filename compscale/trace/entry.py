@@ -14,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -72,7 +73,35 @@ def trace(
         TraceError: neither tracer can trace ``model.forward`` (a forward that branches on tensor *values*: the
             message names the source line), or shapes cannot be propagated.
     """
-    leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
+    with attributes_kept(model):
+        return _trace(model, input_shape, input_size, shapes, tuple(leaf_modules), tuple(autowrap_functions),
+                      extra_inputs)
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Within this block, what a forward stores on the modules of ``model`` is put back as it was afterwards:
+    tracing runs the forward on proxies and fake tensors, and a forward that keeps a value on ``self`` (RAFT's
+    correlation block keeps its pyramid) would otherwise leave proxies in the model it returns."""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, before in saved:
+            now = m.__dict__
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+_MISSING = object()
+
+
+def _trace(model: nn.Module, input_shape: Sequence[int] | None, input_size: Sequence[int], shapes: bool,
+           leaf_modules: tuple[type[nn.Module], ...], autowrap_functions: tuple[Callable[..., Any], ...],
+           extra_inputs: Sequence[torch.Tensor]) -> Traced:
     tracer = CompscaleTracer(leaf_modules, autowrap_functions)
     with eval_mode(model):
         try:
@@ -115,9 +144,10 @@ def retrace(traced: Traced, model: nn.Module, input_shape: Sequence[int], shapes
     extra_inputs = traced.extra_inputs if model is traced.root else ()
     if not shapes and not traced.gm.meta.get("compscale_symbolic") and model is traced.root:
         try:
-            return _recorded(trace_concrete(model, input_shape, shapes=False, leaf_modules=traced.leaf_modules,
-                                            autowrap_functions=traced.autowrap_functions,
-                                            extra_inputs=traced.extra_inputs))
+            with attributes_kept(model):
+                return _recorded(trace_concrete(model, input_shape, shapes=False, leaf_modules=traced.leaf_modules,
+                                                autowrap_functions=traced.autowrap_functions,
+                                                extra_inputs=traced.extra_inputs))
         except CompscaleError:  # a layer fed other channels: the caller's shape propagation may tolerate it
             log.debug("concrete retrace of %s failed; tracing symbolically", type(model).__name__)
     return trace(model, input_shape, leaf_modules=traced.leaf_modules, autowrap_functions=traced.autowrap_functions,
