@@ -63,7 +63,7 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
     block_types = {b.module_type for s in table.stages for b in s.blocks}
     dropouts = {rel: [m.p for m in mods] for rel, mods in _block_dropouts(root, block_types).items()}
     added: dict[int, list[nn.Module]] = {}
-    by_name: list[tuple[Stage, list[nn.Module]]] = []
+    by_name: list[tuple[Stage, list[nn.Module], nn.Module, nn.Module]] = []
     for stage in reversed(table.stages):
         extra = counts.get(stage.index, len(stage.blocks)) - len(stage.blocks)
         if extra == 0:
@@ -92,10 +92,10 @@ def deepen(root: nn.Module, traced: Traced, table: StageTable, counts: Mapping[i
             insert_after(parent, stage.blocks[-1].last_path.rpartition(".")[2], new)
             if isinstance(parent, nn.ModuleDict):
                 _check_called(parent, stage, new, traced)
-        else:
-            by_name.append((stage, new))
+        else:  # the parent and the last block as objects: inserting into a flat container may renumber paths
+            by_name.append((stage, new, parent, root.get_submodule(stage.blocks[-1].path)))
         added[stage.index] = new
-    append_by_hook(root, traced, by_name)
+    append_by_hook(traced, by_name)
     for stage in table.stages:
         if stage.taps and counts.get(stage.index, len(stage.blocks)) != len(stage.blocks):
             follow_taps(root, traced, stage, counts[stage.index] - len(stage.blocks), rules, growth)
@@ -254,15 +254,15 @@ class RunAfter:
         return f"RunAfter({len(self.blocks)} appended blocks)"
 
 
-def append_by_hook(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage, list[nn.Module]]]) -> None:
-    """Add each stage's new blocks beside its last block; unless the parent's ``forward`` calls them already
-    (it iterates ``self.children()``), they are called after the last block by a :class:`RunAfter` hook."""
-    for stage, new in stages:
-        parent = root.get_submodule(stage.parent) if stage.parent else root
-        after = stage.blocks[-1].path.rpartition(".")[2]
+def append_by_hook(traced: Traced, stages: Sequence[tuple[Stage, list[nn.Module], nn.Module, nn.Module]]) -> None:
+    """Add each stage's new blocks beside its last block (given as ``(stage, new blocks, parent, last block)``);
+    unless the parent's ``forward`` calls them already (it iterates ``self.children()``), they are called after the
+    last block by a :class:`RunAfter` hook."""
+    for stage, new, parent, last in stages:
+        after = next(k for k, m in parent._modules.items() if m is last)
         names = []
         for module in new:
-            name = _child_path(root, stage.parent, after).rpartition(".")[2]
+            name = _child_name(parent, after)
             parent.add_module(name, module)
             move_after(parent, name, after)  # named_modules() lists them in the order they run
             after = name
@@ -273,17 +273,16 @@ def append_by_hook(root: nn.Module, traced: Traced, stages: Sequence[tuple[Stage
                                f"appended to it ({', '.join(sorted(called))})",
                                "deepen this stage by hand, or leave it out with `stages=`.")
         if not called:
-            root.get_submodule(stage.blocks[-1].path).register_forward_hook(RunAfter(new), with_kwargs=True)
+            last.register_forward_hook(RunAfter(new), with_kwargs=True)
 
 
-def _child_path(root: nn.Module, parent: str, after: str) -> str:
-    """Next index after ``after`` among the parent's children (``block3`` after ``block2``), else ``after_0``."""
-    container = root.get_submodule(parent) if parent else root
+def _child_name(container: nn.Module, after: str) -> str:
+    """Next index after ``after`` among the container's children (``block3`` after ``block2``), else ``after_0``."""
     existing = list(container._modules)
     name = next_name(existing, after)
     if not _is_next(after, name):  # the next index belongs to another stage's block: suffix this one's name
         name = next_name(existing, f"{after}_0")
-    return f"{parent}.{name}" if parent else name
+    return name
 
 
 def _is_next(after: str, name: str) -> bool:
