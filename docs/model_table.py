@@ -251,22 +251,30 @@ def run_chunk(library: str, names: list[str], timeout: float, report: Report) ->
         run_chunk(library, [name], timeout, report)
 
 
-def run_all(library: str, names: list[str], jobs: int, chunk: int, timeout: float,
-            progress: bool = True) -> tuple[dict[str, dict[str, Outcome]], dict[str, float], dict[str, str]]:
+def run_all(library: str, names: list[str], jobs: int, chunk: int, timeout: float, progress: bool = True,
+            cache: Path | None = None) -> tuple[dict[str, dict[str, Outcome]], dict[str, float], dict[str, str]]:
     """Every model of ``names``, ``jobs`` workers at a time, ``chunk`` models per worker; the results in the
-    order of ``names``, the seconds each took in its worker, and where each ran (:func:`run_model`)."""
+    order of ``names``, the seconds each took in its worker, and where each ran (:func:`run_model`). With ``cache``
+    (a JSON-lines file), each result is appended to it as it comes, and models it holds already are not run again:
+    a long run (every timm model) can stop and go on. Delete the file after changing compscale."""
+    cached = _read_cache(cache, names) if cache is not None else {}
+    todo = [n for n in names if n not in cached]
     chunks: queue.Queue[list[str]] = queue.Queue()
-    for i in range(0, len(names), max(1, chunk)):
-        chunks.put(names[i:i + max(1, chunk)])
-    results: dict[str, dict[str, Outcome]] = {}
-    seconds: dict[str, float] = {}
-    devices: dict[str, str] = {}
+    for i in range(0, len(todo), max(1, chunk)):
+        chunks.put(todo[i:i + max(1, chunk)])
+    results: dict[str, dict[str, Outcome]] = {n: decode(c["outcomes"]) for n, c in cached.items()}
+    seconds: dict[str, float] = {n: float(c["seconds"]) for n, c in cached.items()}
+    devices: dict[str, str] = {n: str(c["device"]) for n, c in cached.items()}
     lock = threading.Lock()
     start = time.monotonic()
 
     def report(name: str, outcomes: dict[str, Outcome], took: float, device: str) -> None:
         with lock:
             results[name], seconds[name], devices[name] = outcomes, took, device
+            if cache is not None:
+                with cache.open("a") as f:
+                    f.write(json.dumps({"name": name, "seconds": round(took, 3), "device": device,
+                                        "outcomes": {m: dataclasses.asdict(o) for m, o in outcomes.items()}}) + "\n")
             if progress:
                 ok = sum(isinstance(o, Success) for o in outcomes.values())
                 where = {"cpu": " (on the CPU)", "moved": " (built on the CPU, moved to meta)"}.get(device, "")
@@ -287,6 +295,26 @@ def run_all(library: str, names: list[str], jobs: int, chunk: int, timeout: floa
     for t in threads:
         t.join()
     return {n: results[n] for n in names}, {n: seconds[n] for n in names}, {n: devices[n] for n in names}
+
+
+def _read_cache(cache: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The results ``cache`` holds for ``names`` (a line cut short by a stopped run is skipped)."""
+    if not cache.exists():
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    wanted = set(names)
+    text = cache.read_text()
+    if text and not text.endswith("\n"):  # the cut line ends here, so that the next result starts a line
+        with cache.open("a") as f:
+            f.write("\n")
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if data.get("name") in wanted:
+            found[data["name"]] = data
+    return found
 
 
 def short_reason(first_line: str, limit: int = 90) -> str:
@@ -395,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=16, help="models per worker process")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model before it is a failure")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--cache", type=Path, default=None, metavar="PATH",
+                        help="append each result to this JSON-lines file and skip the models it holds (a long run "
+                             "can stop and go on; delete it after changing compscale)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a worker: these models, JSON lines
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -407,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"not listed by `compscale models --library {args.library}`: {', '.join(unknown)}")
     start = time.monotonic()
     results, seconds, devices = run_all(args.library, names, args.jobs, args.chunk, args.timeout,
-                                        progress=not args.quiet)
+                                        progress=not args.quiet, cache=args.cache)
     print(table(results))
     total = sum(seconds.values())
     slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:5]

@@ -74,3 +74,18 @@ def test_a_worker_past_its_timeout_is_stopped_and_each_model_left_is_pinned_alon
     for outcomes, _, _ in rows.values():
         assert [(o.error, o.first_line, o.ours) for o in outcomes.values()] == [("Timeout", "took more than 0.2 s",
                                                                                  False)] * 3
+
+
+def test_a_cached_run_goes_on_where_the_last_one_stopped(table: ModuleType, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "results.jsonl"
+    first, _, _ = table.run_all("torchvision", ["resnet18"], 1, 4, 300, progress=False, cache=cache)
+    with cache.open("a") as f:
+        f.write('{"name": "alexnet", "seconds"')  # a line cut short by a stopped run
+    ran: list[list[str]] = []
+    real = table.run_chunk
+    monkeypatch.setattr(table, "run_chunk", lambda library, names, *a: (ran.append(names), real(library, names, *a)))
+    again, _, _ = table.run_all("torchvision", ["resnet18", "alexnet"], 1, 4, 300, progress=False, cache=cache)
+    assert ran == [["alexnet"]]  # resnet18 came from the cache, alexnet's cut line was run again
+    assert again["resnet18"] == first["resnet18"] and set(again) == {"resnet18", "alexnet"}
+    assert len(cache.read_text().splitlines()) == 3
