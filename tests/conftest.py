@@ -69,3 +69,15 @@ def resnet_by_hand(block: type[nn.Module], layers: list[int], stem: int, planes:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+class TinyResidual(nn.Module):
+    """``x + relu(conv3x3(x))``: the smallest residual block, for constructed nets."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x).relu()
+

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import leaf_layers
+from conftest import TinyResidual, leaf_layers
 from torch import nn
 from torchvision.models import mnasnet0_5, mobilenet_v3_small, resnet18, resnet50, shufflenet_v2_x0_5
 from torchvision.models.quantization import resnet18 as quantizable_resnet18
@@ -274,7 +274,7 @@ class _KeepsOnSelf(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.Sequential(*(_Residual(8) for _ in range(2)))
+        self.blocks = nn.Sequential(*(TinyResidual(8) for _ in range(2)))
         self.head = nn.Linear(8, 10)
         self.kept: list[torch.Tensor] = []
         self.calls = 0
@@ -284,15 +284,6 @@ class _KeepsOnSelf(nn.Module):
         self.kept = [y.mean((2, 3))]
         self.calls += 1
         return self.head(self.kept[0])
-
-
-class _Residual(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x).relu()
 
 
 def test_tracing_leaves_nothing_of_itself_on_the_scaled_model() -> None:

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_same_architecture
+from conftest import TinyResidual, assert_same_architecture
 from torch import nn
 from torchvision.models import efficientnet_b0, efficientnet_b1, mobilenet_v2, resnet18, resnet50
 from torchvision.models.efficientnet import MBConv
@@ -224,21 +224,12 @@ def test_a_repeat_that_would_freeze_a_training_branch_is_an_error() -> None:
     assert len(scaled.stage1) == 1 and len(scaled.stage2) == 4
 
 
-class _Res(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x).relu()
-
-
 class _Wrapper(nn.Module):
     """A unit that calls its residual block by name (timm's SwiftFormerEncoder and its local_representation)."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.local = _Res(c)
+        self.local = TinyResidual(c)
         self.proj = nn.Conv2d(c, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +240,7 @@ class _SequentialThenByName(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.Sequential(_Res(8), _Res(8), _Wrapper(8))
+        self.blocks = nn.Sequential(TinyResidual(8), TinyResidual(8), _Wrapper(8))
         self.head = nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +253,7 @@ def test_a_block_called_by_name_after_a_container_stage_that_grows_is_deepened_w
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the lone block is deepened on the evidence of its class
         scaled = compscale.scale(_SequentialThenByName(), depth=2, input_size=16)
-    assert [type(b).__name__ for b in scaled.blocks] == ["_Res"] * 4 + ["_Wrapper"]
+    assert [type(b).__name__ for b in scaled.blocks] == ["TinyResidual"] * 4 + ["_Wrapper"]
     wrapper = scaled.blocks[4]
     assert [n for n, _ in wrapper.named_children()] == ["local", "local_0", "proj"]
     with torch.no_grad():
