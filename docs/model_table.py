@@ -378,7 +378,8 @@ def counts(results: dict[str, dict[str, Outcome]]) -> tuple[int, int, int]:
     return scaled, ours, other
 
 
-def page(library: str, results: dict[str, dict[str, Outcome]], where: dict[str, str] | None = None) -> str:
+def page(library: str, results: dict[str, dict[str, Outcome]], where: dict[str, str] | None = None,
+         unmeasured: list[str] | None = None) -> str:
     scaled, ours, other = counts(results)
     listed = len(names_of(library))
     which = f"each of the {listed} models" if len(results) == listed else f"{len(results)} of the {listed} models"
@@ -410,6 +411,9 @@ def page(library: str, results: dict[str, dict[str, Outcome]], where: dict[str, 
         table(results),
         "## Successes\n\n" + details(results),
         "## Failures\n\n" + failures(results),
+        *([f"## Not measured yet\n\nThe run stopped before these {len(unmeasured)} models; "
+           f"`{WRITE_COMMANDS[library]} --cache PATH` goes on where it stopped:\n\n" + ", ".join(unmeasured)]
+          if unmeasured else []),
     ]) + "\n"
 
 
@@ -426,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=None, metavar="PATH",
                         help="append each result to this JSON-lines file and skip the models it holds (a long run "
                              "can stop and go on; delete it after changing compscale)")
+    parser.add_argument("--from-cache", action="store_true",
+                        help="run nothing: write the page from what --cache holds, the other models listed as not "
+                             "measured yet")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a worker: these models, JSON lines
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -436,6 +443,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"not listed by `compscale models --library {args.library}`: {', '.join(unknown)}")
+    if args.from_cache:
+        if args.cache is None or args.write is None:
+            parser.error("--from-cache writes the page (--write) from a cache (--cache)")
+        cached = _read_cache(args.cache, names)
+        done = {n: decode(cached[n]["outcomes"]) for n in names if n in cached}
+        args.write.write_text(page(args.library, done, {n: str(cached[n]["device"]) for n in done},
+                                   [n for n in names if n not in cached]))
+        print(f"wrote {args.write}: {len(done)} of {len(names)} models measured")
+        return
     start = time.monotonic()
     results, seconds, devices = run_all(args.library, names, args.jobs, args.chunk, args.timeout,
                                         progress=not args.quiet, cache=args.cache)
