@@ -177,8 +177,14 @@ def _gap(measured: Mapping[float, Latency], confirmed: Mapping[float, Latency], 
         return []
     x0, x1 = sorted(confirmed)[:2]
     t0, t1 = confirmed[x0].median, confirmed[x1].median
-    inside = [_on_grid(x0 + k * PHI_STEP, low, high) for k in range(1, round((x1 - x0) / PHI_STEP))]
+    inside = _grid_between(x0, x1, low, high)
     return [x for x in inside if x not in measured or not min(t0, t1) <= measured[x].median <= max(t0, t1)]
+
+
+def _grid_between(x0: float, x1: float, low: float, high: float) -> list[float]:
+    """The grid phis strictly between ``x0`` and ``x1`` (in either order), from ``x0`` on."""
+    step = PHI_STEP if x1 > x0 else -PHI_STEP
+    return [_on_grid(x0 + k * step, low, high) for k in range(1, round(abs(x1 - x0) / PHI_STEP))]
 
 
 def _unmeasured_in_bracket(phi: float, measured: Mapping[float, float], target: float, low: float, high: float
@@ -195,8 +201,7 @@ def _unmeasured_in_bracket(phi: float, measured: Mapping[float, float], target: 
         return on
     x0 = max(below, key=lambda x: measured[x])
     x1 = min(above, key=lambda x: measured[x])
-    inside = [_on_grid(x0 + k * PHI_STEP * (1 if x1 > x0 else -1), low, high)
-              for k in range(1, round(abs(x1 - x0) / PHI_STEP))]
+    inside = _grid_between(x0, x1, low, high)
     untimed = [x for x in inside if x not in measured]
     return min(untimed, key=lambda x: abs(x - phi)) if untimed else on
 

@@ -44,6 +44,12 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+"""The norm layers whose channels :func:`channels` and :func:`resize` know."""
+CHANNEL_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, *NORMS)
+"""Every layer :func:`channels` and :func:`resize` know: convs, linears and norms."""
+
+
 def channels(m: nn.Module) -> tuple[int, int]:
     """``(in, out)`` channels of a conv, linear or norm layer."""
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -73,7 +79,7 @@ def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) 
         new.in_features, new.out_features = in_ch, out_ch
         _replace_param(new, "weight", (out_ch, in_ch))
         _replace_param(new, "bias", (out_ch,))
-    elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+    elif isinstance(module, NORMS):
         if isinstance(module, nn.GroupNorm):
             new.num_channels = out_ch
         elif isinstance(module, nn.LayerNorm):

@@ -89,7 +89,7 @@ def depth_to_apply(table: StageTable, mult: Multipliers, options: ScaleOptions, 
     if mult.phi is None or mult.depth_given or options.stages is not None or options.strict:
         raise no_stage_error(name, table, options.stages)
     if warn:
-        reason = str(no_stage_error(name, table)).partition("\nHint: ")[0].partition(": ")[2]
+        reason = _no_stage_reason(table)
         warnings.warn(f"compscale: {name} was widened and resized but not deepened (depth x{mult.depth:.3g} of "
                       f"phi={mult.phi:g} left at x1): it has no stage to deepen ({reason}); strict=True refuses "
                       "instead", GuessWarning, stacklevel=4)
@@ -107,16 +107,21 @@ def no_stage_error(name: str, table: StageTable, stages: StageFilter | None = No
             "name module paths of blocks or of their containers as model.named_modules() gives them (e.g. "
             "stages=['layer3']), or leave stages= out to deepen every stage.",
         )
-    seen = [b.path for b in table.blocks if b.path.count(".") <= 1][:3]
-    looked = f"; its blocks ({', '.join(repr(p) for p in seen)}, ...) do not" if seen else ""
     return NoStageError(
-        f"{name} has no stage to deepen: no block of its graph merges its own input back into its output "
-        f"(a residual add, or a concat of a dense layer or channel split, with stride 1), no container holds "
-        f"several blocks of one type, and no flat nn.Sequential holds runs of convolutions{looked}",
+        f"{name} has no stage to deepen: {_no_stage_reason(table)}",
         "compscale repeats blocks that carry their input through, or the units of a plain network kept in "
         "containers (nn.Sequential, nn.ModuleList); keep the units so, scale width and resolution only (depth=1), "
         "or restrict depth scaling to some blocks with `stages=`.",
     )
+
+
+def _no_stage_reason(table: StageTable) -> str:
+    """Why a model has no stage, naming the blocks looked at: the error's and the warning's words."""
+    seen = [b.path for b in table.blocks if b.path.count(".") <= 1][:3]
+    looked = f"; its blocks ({', '.join(repr(p) for p in seen)}, ...) do not" if seen else ""
+    return ("no block of its graph merges its own input back into its output (a residual add, or a concat of a "
+            "dense layer or channel split, with stride 1), no container holds several blocks of one type, and no "
+            f"flat nn.Sequential holds runs of convolutions{looked}")
 
 
 def _stages(n: int) -> str:

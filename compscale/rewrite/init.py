@@ -22,9 +22,9 @@ import math
 import torch
 from torch import nn
 
+from compscale.layers import NORMS
+
 __all__ = ["InitRules", "redrawn", "reinit"]
-
-
 
 _LAWS = ("fan_out", "fan_in", "const")
 
@@ -147,7 +147,7 @@ def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | Non
     is drawn by PyTorch's default.
     """
     template = module if template is None else template
-    if isinstance(module, _NORMS):
+    if isinstance(module, NORMS):
         _reinit_norm(module, template)
         return
     if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -182,7 +182,7 @@ def redrawn(module: nn.Module, rules: InitRules | None) -> list[str]:
     need not copy their values): a norm's weight and bias, a conv's or linear's when a law or torch's own
     ``reset_parameters`` draws them."""
     names: tuple[str, ...] = ()
-    if isinstance(module, _NORMS):
+    if isinstance(module, NORMS):
         names = ("weight", "bias")
     elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and (
             type(module).reset_parameters in _TORCH_RESETS or (rules is not None and rules.law_for(module))):
@@ -190,7 +190,6 @@ def redrawn(module: nn.Module, rules: InitRules | None) -> list[str]:
     return [n for n in names if module._parameters.get(n) is not None]
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _TORCH_RESETS = (nn.modules.conv._ConvNd.reset_parameters, nn.Linear.reset_parameters)
 
 

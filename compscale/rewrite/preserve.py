@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compscale.analyse.channels import ChannelGraph
-from compscale.layers import STANDARD_TENSORS, channels
+from compscale.layers import NORMS, STANDARD_TENSORS, channels
 from compscale.trace.tracer import eval_mode
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "transplant_param", "zero_layer",
 ]
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -73,8 +72,8 @@ class Growth:
         try:
             found = _zero_branch(block, x)
         except Exception:  # the block needs other inputs (a mask): zero its last norm unchecked
-            layers = [m for m in block.modules() if isinstance(m, (*_NORMS, *_LAYERS))]
-            last = [m for m in layers if isinstance(m, _NORMS)] or layers
+            layers = [m for m in block.modules() if isinstance(m, (*NORMS, *_LAYERS))]
+            last = [m for m in layers if isinstance(m, NORMS)] or layers
             if last:
                 _zero(_tensors(last[-1]))
             self.note(name, "a new block that could not be run alone: its last norm was zeroed unchecked")
@@ -95,7 +94,7 @@ class Growth:
             self.note(name, "a new unit that could not be run alone: it was left as drawn")
             return
         layers: list[nn.Module] = [m for m in unit.modules() if isinstance(m, _LAYERS)]
-        norms: list[nn.Module] = [m for m in unit.modules() if isinstance(m, _NORMS)]
+        norms: list[nn.Module] = [m for m in unit.modules() if isinstance(m, NORMS)]
         for layer in layers:
             if not _dirac(layer):
                 self.note(name, f"a new unit whose {type(layer).__name__} cannot be an identity (in != out or strided)")
@@ -358,7 +357,7 @@ def transplant(new: nn.Module, old: nn.Module, out_map: torch.Tensor, in_map: to
         return
     if isinstance(new, _LAYERS):
         _transplant_layer(new, old, out_map, in_map, growth)
-    elif isinstance(new, _NORMS):
+    elif isinstance(new, NORMS):
         _transplant_norm(new, old, out_map, growth, path)
     if any(id(p) in growth.kept for p in old.parameters(recurse=False)):  # grown from the model's own layer
         growth.grown.update(id(p) for p in new.parameters(recurse=False))
@@ -459,9 +458,9 @@ def _zero_branch(block: nn.Module, x: torch.Tensor, fallback: bool = True) -> bo
     """Zero the first of the branch's last norms, last layers and layer scales that makes ``block(x) == x``;
     if none does, the last norm (the closest form; with ``fallback``). Returns whether one did."""
     order = _call_order(block, x)
-    candidates: list[list[torch.Tensor]] = [_tensors(m) for m in reversed(order) if isinstance(m, _NORMS)][:3]
+    candidates: list[list[torch.Tensor]] = [_tensors(m) for m in reversed(order) if isinstance(m, NORMS)][:3]
     candidates += [_tensors(m) for m in reversed(order) if isinstance(m, _LAYERS)][:2]
-    candidates += [[p] for m in block.modules() if not isinstance(m, (*_NORMS, *_LAYERS))
+    candidates += [[p] for m in block.modules() if not isinstance(m, (*NORMS, *_LAYERS))
                    for p in m.parameters(recurse=False)]
     for tensors in candidates:
         saved = [t.clone() for t in tensors]
@@ -506,7 +505,7 @@ def _call_order(module: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     """The conv/linear/norm layers of ``module`` in the order one forward calls them."""
     order: list[nn.Module] = []
     hooks = [m.register_forward_pre_hook(_recorder(order, m)) for m in module.modules()
-             if isinstance(m, (*_NORMS, *_LAYERS))]
+             if isinstance(m, (*NORMS, *_LAYERS))]
     try:
         with eval_mode(module), torch.no_grad():
             module(x)

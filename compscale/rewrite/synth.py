@@ -30,7 +30,7 @@ from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.ops import is_add, is_residual_add
 from compscale.analyse.stages import Block, Stage
 from compscale.errors import RewriteError
-from compscale.layers import channels, resize
+from compscale.layers import CHANNEL_LAYERS, channels, resize
 from compscale.planning.policy import Derivation, derive, resolve_widths
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules
@@ -431,13 +431,11 @@ def _layer_width(module: nn.Module, path: str, role: str) -> int | None:
         layer = module.get_submodule(path)
     except AttributeError:
         return None
-    if not isinstance(layer, _WIDE_LAYERS):
+    if not isinstance(layer, CHANNEL_LAYERS):
         return None
     c_in, c_out = channels(layer)
     return c_out if role == "out" else c_in
 
-
-_WIDE_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 
 
 def _class_at(module: nn.Module, path: str) -> type | None:
