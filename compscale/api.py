@@ -3,6 +3,7 @@ pipeline (:func:`compscale.pipeline.build`): trace -> analyse -> plan -> rewrite
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -11,8 +12,9 @@ from torch import nn
 
 from compscale.analyse.rules import ChannelRules
 from compscale.analyse.stages import StageFilter
-from compscale.arguments import check_forward_takes, check_number, check_seed, check_unwrapped
-from compscale.errors import CompscaleError, TooLargeError
+from compscale.arguments import check_count, check_forward_takes, check_number, check_seed, check_unwrapped
+from compscale.detection import neck_rule, scale_detector
+from compscale.errors import CompscaleError, TooLargeError, TraceError
 from compscale.pipeline import build
 from compscale.planner import Planner
 from compscale.planning.budget import params_limit, rough_params
@@ -57,6 +59,8 @@ def scale(
     noise: float = 0.0,
     seed: int | None = None,
     strict: bool = False,
+    neck_width: float | None = None,
+    head_depth: int | None = None,
 ) -> nn.Module:
     """Return ``model`` scaled in depth, width and resolution, as a hand-built variant would be.
 
@@ -111,6 +115,10 @@ def scale(
         seed: seeds every random draw of this call (which channels the new ones copy, the noise, the weights of
             new layers), without touching torch's global generator; by default ``init="preserve"`` uses 0 (the same
             model grows the same way every time) and ``init="fresh"`` draws from the global generator.
+        neck_width, head_depth: a detector's (:mod:`compscale.detection`) neck and heads width multiplier (by
+            default EfficientDet's ``1.35**phi``) and the layers added to each head tower (``floor(phi / 3)``;
+            negative removes, one kept). A model whose forward takes a list of images is scaled whole: its network
+            part (backbone, feature pyramid, heads) by these rules, its transform's sizes by the resolution.
         strict: raise :class:`~compscale.GuessError` instead of warning (:class:`~compscale.GuessWarning`) when a
             stage would be deepened on a weaker signal than a repeat of the model's own (the stage table,
             ``compscale.analyse.stages.find_stages``, marks such stages ``guessed``).
@@ -156,8 +164,17 @@ def scale(
         mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy_of(vary, strategy),
                                    rank=len(options.input_size))
         plan_input_size(options.input_size, mult.resolution, options.resolution_divisor)  # refuses one too large
+    neck = (None if neck_width is None else check_number(neck_width, "neck_width"),
+            None if head_depth is None else check_count(head_depth, "head_depth", least=-(2**31)))
     _check_size(model, mult, max_params, planner, options)
-    result = build(model, mult, options, growth, seed)
+    try:
+        result = build(model, mult, options, growth, seed)
+    except TraceError as e:  # a detector: its forward takes a list of images
+        if target is not None:
+            raise
+        wide, layers = neck_rule(mult.phi, mult.width, depth is not None, width is not None, *neck)
+        result = scale_detector(model, dataclasses.replace(mult, neck_width=wide, head_layers=layers), options,
+                                growth, seed, input_size is not None or example_inputs is not None, e)
     if target is not None and target[0] == "latency":
         result.scaling.latency = solved.latency  # type: ignore[union-attr]
         result.scaling.latency_iqr = solved.latency_iqr  # type: ignore[union-attr]

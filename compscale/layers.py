@@ -73,7 +73,8 @@ def resize(module: nn.Module, in_ch: int, out_ch: int, depthwise: bool = False) 
     if isinstance(module, nn.modules.conv._ConvNd):
         groups = out_ch if depthwise else module.groups
         new.in_channels, new.out_channels, new.groups = in_ch, out_ch, groups
-        _replace_param(new, "weight", (out_ch, in_ch // groups, *module.kernel_size))
+        _replace_param(new, "weight", (in_ch, out_ch // groups, *module.kernel_size) if module.transposed
+                       else (out_ch, in_ch // groups, *module.kernel_size))
         _replace_param(new, "bias", (out_ch,))
     elif isinstance(module, nn.Linear):
         new.in_features, new.out_features = in_ch, out_ch

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compscale.analyse.channels import analyse_channels
+from compscale.analyse.levels import find_towers, pyramid_groups
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
 from compscale.arguments import give_hooks, take_hooks
@@ -35,7 +36,7 @@ from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
 from compscale.planning.policy import derive_widths, plan_widths
 from compscale.randomness import Draws, drawing_from
-from compscale.rewrite.depth import deepen
+from compscale.rewrite.depth import deepen, deepen_towers
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.metadata import update_metadata
 from compscale.rewrite.padding import follow_same_padding
@@ -43,6 +44,7 @@ from compscale.rewrite.preserve import Growth, cancel_new_channels
 from compscale.rewrite.resolution import adapt_inputs, follow_global_pools
 from compscale.rewrite.width import apply_widths
 from compscale.trace import trace
+from compscale.trace.parts import output_signature
 from compscale.trace.tracer import Traced
 from compscale.verify.function import output_error
 
@@ -78,13 +80,22 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth, options)
         deepened = any(s.blocks_before != s.blocks_after for s in plan.stages)
         same_graph = not deepened  # the graph traced above is still the network's: verify without re-tracing
-        if mult.width != 1.0:
+        if mult.width != 1.0 or mult.neck_width not in (None, 1.0) or mult.head_layers:
             if deepened:
                 traced = traced.retrace(work, traced.input_shape)
             cg = analyse_channels(traced)
+            neck = pyramid_groups(traced, cg) if mult.neck_width is not None else set()
             derivations = derive_widths(traced, cg, table if options.stages is None and not deepened else None)
-            widths = plan_widths(cg, derivations, mult.width, options)
+            widths = plan_widths(cg, derivations, mult.width, options,
+                                 (neck, mult.neck_width) if mult.neck_width is not None else None)
             changed = apply_widths(work, cg, widths, init_rules, growth)
+            if mult.head_layers:  # a detector's head towers (EfficientDet's box/class net depth)
+                neck_layers = {la.path for la in cg.layers.values() if la.output in neck}
+                towers = find_towers(work, neck_layers)
+                changed += deepen_towers(work, towers, mult.head_layers, init_rules, growth)
+                for t in towers:
+                    c = widths[cg.group_of(next(p for p in neck_layers if p.startswith(t.path + "."))).id]
+                    plan.stages.append(StagePlan(t.path, t.units, max(1, t.units + mult.head_layers), c, c, 1))
             # numbers the forward reads from the layers (split sizes, a traced-through norm's shape) are baked into
             # the graph; only layers the graph calls as leaves can change without it changing
             leaves = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
@@ -218,7 +229,7 @@ def _verify(work: nn.Module, traced: Traced, plan: ScalingPlan, same_graph: bool
         after_traced = traced.retrace(work, shape)
     after_traced.graph.lint()
     after = [tuple(after_traced.shape(n)) for n in after_traced.output_nodes]
-    if [s[:2] for s in after] != [s[:2] for s in before]:
+    if [output_signature(work, s) for s in after] != [output_signature(work, s) for s in before]:
         raise RewriteError(
             f"the scaled {type(work).__name__} returns {after} where the model returned {before}",
             "report this with the model; meanwhile scale the dimensions one at a time to find the culprit.",

@@ -209,6 +209,7 @@ class RuleContext:
         self.fixed: dict[int, str] = {}
         self.divisors: list[tuple[int, int, str]] = []
         self.members: list[tuple[int, str, str]] = []
+        self.channel_members: dict[str, Desc] = {}  # a norm or depthwise conv's channels, at its first call
         self.layers: dict[str, tuple[Desc, Desc]] = {}
         self.pooled: set[str] = set()
         self.summaries: set[fx.Node] = set()  # nodes holding a global summary of a map (see is_summary)
@@ -433,6 +434,13 @@ class RuleContext:
                              "`self.h_in_channels`), or register a channel rule for it.")
 
     def member(self, desc: Desc, path: str, role: str) -> None:
+        if role in ("norm", "depthwise"):  # called again (a head shared by the levels): the same channels
+            first = self.channel_members.setdefault(path, desc)
+            if first is not desc:
+                if len(first) == len(desc):
+                    for (a, _), (b, _) in zip(first, desc):
+                        self.uf.union(a, b)
+                return
         for s, _ in desc:
             self.members.append((s, path, role))
 

@@ -518,6 +518,8 @@ def _permute(ctx: RuleContext, node: fx.Node) -> Desc | None:
         view = ctx.grouped[src_node]
         k = len(view.factors)
         if dims[0] != 0 or sorted(dims[1:k + 1]) != list(range(1, k + 1)) or dims[k + 1:] != list(range(k + 1, ndim)):
+            if _only_laid_out(node):  # a detection head's (N, A, K, H, W) -> (N, H, W, A, K) before its outputs
+                return _pinned_out(ctx, node, view.desc)
             ctx.unsupported(node, "a permute that mixes the axes of a grouped channel view with others")
         ctx.grouped[node] = view._replace(order=tuple(view.order[d - 1] for d in dims[1:k + 1]))
         return None
@@ -540,6 +542,8 @@ def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
         return None
     unit_dims = _unit_dims_moved(src, out, ctx.channel_dim(src_node))
     if ctx.channel_dim(src_node) != 1:
+        if unit_dims is None and _only_laid_out(node):
+            return _pinned_out(ctx, node, ctx.desc(src_node))
         if unit_dims is None:
             ctx.unsupported(node, "a reshape of a tensor whose channels are not dimension 1")
         ctx.cdim[node] = unit_dims
@@ -551,7 +555,37 @@ def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
     if unit_dims is not None:  # (N, C) -> (N, 1, C): ECA lines the channels up for a Conv1d
         ctx.cdim[node] = unit_dims
         return ctx.desc(src_node)
+    if _only_laid_out(node):
+        return _pinned_out(ctx, node, ctx.desc(src_node))
     ctx.unsupported(node, f"reshape {tuple(src)} -> {tuple(out)} mixes the channel dimension with others")
+
+
+_LAYOUT = frozenset({"reshape", "view", "permute", "flatten", "contiguous", "transpose", "cat", "stack", "getitem",
+                     "unsqueeze", "squeeze"})
+
+
+def _only_laid_out(node: fx.Node) -> bool:
+    """Whether ``node``'s value only reaches the graph's outputs, rearranged (reshaped, permuted, concatenated) on the
+    way: a detection head's per-anchor class scores, whose channels the outputs keep as they are."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "output":
+            continue
+        if n.op not in ("call_method", "call_function") or getattr(n.target, "__name__", n.target) not in _LAYOUT:
+            return False
+        todo.extend(n.users)
+    return True
+
+
+def _pinned_out(ctx: RuleContext, node: fx.Node, src: Desc) -> Desc:
+    """Channels rearranged among other axes on their way to the outputs: they keep their width, and so does what
+    ``node`` makes of them."""
+    ctx.pin(src, f"rearranged into output {node.name}")
+    return ctx.new_space(node, ctx.channels(node), fixed_reason=f"output of {node.name}")
 
 
 def _unit_dims_moved(src: tuple[int, ...], out: tuple[int, ...], cdim: int) -> int | None:
@@ -978,7 +1012,7 @@ def _register_builtin() -> None:
     )
     for t in act_types + drop_path_types():
         BUILTIN.register(t, elementwise)
-    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         BUILTIN.register(t, conv)
     for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
               nn.InstanceNorm3d, nn.SyncBatchNorm):

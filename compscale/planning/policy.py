@@ -321,14 +321,23 @@ def _checked_width(round_width: RoundFn, channels: float, divisor: int) -> int:
 
 
 def plan_widths(cg: ChannelGraph, derivations: Mapping[int, Derivation], width: float,
-                options: ScaleOptions) -> dict[int, int]:
-    """The new width of every channel group at width multiplier ``width``: the step ``scale`` and the planner share."""
+                options: ScaleOptions, neck: tuple[set[int], float] | None = None) -> dict[int, int]:
+    """The new width of every channel group at width multiplier ``width``: the step ``scale`` and the planner share.
+    ``neck``: groups (a detector's neck and heads) that take another multiplier, and that multiplier."""
     seeds = fixed_widths(cg, options.fixed)
     if width < 1.0:
         check_width(width, max((g.base for g in cg.groups if g.fixed is None), default=0))
-    if width == 1.0 and not seeds:
+    if width == 1.0 and not seeds and (neck is None or neck[1] == 1.0 or not neck[0]):
         return {g.id: g.base for g in cg.groups}
-    return resolve_widths(cg, default_independent(width, options.round_width), derivations=derivations, seeds=seeds)
+    rule = default_independent(width, options.round_width)
+    if neck is not None:
+        groups, neck_rule = neck[0], default_independent(neck[1], options.round_width)
+        trunk_rule = rule
+
+        def rule(g: ChannelGroup, divisor: int) -> int:
+            return (neck_rule if g.id in groups else trunk_rule)(g, divisor)
+
+    return resolve_widths(cg, rule, derivations=derivations, seeds=seeds)
 
 
 def fixed_widths(cg: ChannelGraph, fixed: tuple[str, ...] | list[str]) -> dict[int, int]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compscale.analyse.levels import Tower
 from compscale.analyse.stages import Block, Stage, StageTable, cat_inputs
 from compscale.errors import RewriteError
 from compscale.layers import channels, resize
@@ -27,7 +28,8 @@ from compscale.rewrite.preserve import Growth, probe_input, zero_layer
 from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced, trace
 
-__all__ = ["RunAfter", "append_by_hook", "deepen", "follow_taps", "fresh_copy", "respread", "respread_drop_path"]
+__all__ = ["RunAfter", "append_by_hook", "deepen", "deepen_towers", "follow_taps", "fresh_copy", "respread",
+           "respread_drop_path"]
 
 
 def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
@@ -336,3 +338,29 @@ def respread(modules: Sequence[tuple[nn.Module, str]], old_rates: list[float]) -
 def _roundness(p: float) -> float:
     """Distance of ``p`` from the nearest multiple of 0.05: smaller is rounder."""
     return abs(p / 0.05 - round(p / 0.05))
+
+
+def deepen_towers(root: nn.Module, towers: Sequence[Tower], layers: int, rules: InitRules,
+                  growth: Growth | None) -> list[str]:
+    """Give each head tower of ``root`` ``layers`` more units (fresh copies of its last, appended), or fewer (its
+    last ones dropped, one kept); returns the paths of the units added."""
+    added = []
+    for tower in towers:
+        container = root.get_submodule(tower.path)
+        assert isinstance(container, nn.Sequential)
+        keep = max(1, tower.units + layers) * tower.period
+        names = [n for n, _ in container.named_children()]
+        if keep <= len(names):
+            for name in names[keep:]:
+                delattr(container, name)
+            continue
+        last = [container.get_submodule(n) for n in names[-tower.period:]]
+        for _ in range((keep - len(names)) // tower.period):
+            for m in last:
+                new = fresh_copy(m, rules)
+                name = str(len(container))
+                container.add_module(name, new)
+                added.append(f"{tower.path}.{name}")
+                if growth is not None:
+                    growth.note(f"{tower.path}.{name}", "a new head layer: fresh weights")
+    return added

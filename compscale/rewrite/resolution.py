@@ -37,6 +37,7 @@ from compscale.errors import ResolutionError, TraceError
 from compscale.rewrite.init import InitRules, reinit
 from compscale.rewrite.modules import channels, resize, set_submodule
 from compscale.trace import Traced
+from compscale.trace.parts import output_signature
 from compscale.trace.tracer import module_path, propagate_shapes
 
 __all__ = ["adapt_inputs", "follow_global_pools"]
@@ -184,8 +185,8 @@ def _last_partial_pool(probe: Traced, root: nn.Module) -> str:
 
 def _check_outputs(root: nn.Module, traced: Traced, probe: Traced, size: tuple[int, ...], pool: str) -> None:
     """The outputs keep their batch and channels (classes) at the new size, or a ``ResolutionError`` names why."""
-    before = [tuple(traced.shape(n))[:2] for n in traced.output_nodes]
-    after = [tuple(probe.shape(n))[:2] for n in probe.output_nodes if probe.has_shape(n)]
+    before = [output_signature(root, traced.shape(n)) for n in traced.output_nodes]
+    after = [output_signature(root, probe.shape(n)) for n in probe.output_nodes if probe.has_shape(n)]
     if len(after) == len(before) and after != before:
         raise ResolutionError(
             f"{type(root).__name__} returns {after} at input {size} where it returned {before}{pool}",

@@ -31,7 +31,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from compscale.arguments import check_count, check_example_inputs, check_forward_takes, check_unwrapped
+from compscale.errors import CompscaleError
 from compscale.planning.plan import as_size, format_size
+from compscale.trace.parts import network_part
 from compscale.trace.tracer import check_module, eval_mode, input_channels_of
 
 __all__ = ["ConvActivations", "Profile", "profile"]
@@ -79,6 +81,9 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
             shape, which then overrides ``input_size`` and ``in_channels``); only shapes and dtypes are used. Checked
             as :func:`compscale.scale` checks them.
 
+    A detector (a forward on a list of images that ends in data-dependent code) is counted on its network part
+    (:func:`compscale.trace.parts.network_part`: backbone, neck and heads on an ``input_size`` batch).
+
     Raises:
         TypeError, ValueError: a bad argument (named).
         CompscaleError: a wrapped model (``torch.compile``, scripted, DataParallel): its hint says which to pass.
@@ -113,8 +118,20 @@ def profile(model: nn.Module, input_size: int | Sequence[int] = (224, 224), in_c
                 with counter, acts, FakeTensorMode(allow_non_fake_inputs=True):
                     model(*inputs(torch.empty))
             except (DataDependentOutputException, DynamicOutputShapeException):
-                # a forward that branches on values cannot run on fake tensors: count a real one, on zeros
                 counter, acts = FlopCounterMode(display=False), ConvActivations()
-                with counter, acts:
-                    model(*inputs(torch.zeros))
+                part = _network_part(model)
+                if part is not None:  # a detector: its network part, on the batched image of this size
+                    with counter, acts, FakeTensorMode(allow_non_fake_inputs=True):
+                        part(*inputs(torch.empty))
+                else:  # a forward that branches on values cannot run on fake tensors: count a real one, on zeros
+                    with counter, acts:
+                        model(*inputs(torch.zeros))
     return Profile(counter.get_total_flops() // 2, params, tuple(size), acts.total)
+
+
+def _network_part(model: nn.Module) -> nn.Module | None:
+    """The network part of a model whose forward takes a list of images (a detector), or ``None``."""
+    try:
+        return network_part(model).gm
+    except CompscaleError:
+        return None

@@ -1,0 +1,104 @@
+"""Whole detectors: compound scaling of the backbone, feature network, heads and input size in one call.
+
+:func:`compscale.scale` comes here when the model's forward cannot be traced because it takes a list of images
+(torchvision's detectors, a user's detector built from their pieces). Its network part
+(:func:`compscale.trace.parts.network_part`: backbone -> neck -> heads, found from the recorded calls) is scaled
+by the pipeline, with EfficientDet's rules for the part after the trunk (:func:`neck_rule`): the groups of the
+neck and heads (:func:`compscale.analyse.levels.pyramid_groups`) widened by ``1.35**phi``, each head tower given
+``floor(phi / 3)`` more layers; the trunk by the usual alpha/beta/gamma. The scaled units go back into a copy of
+the detector, whose transform resizes to the new size (its ``min_size``/``max_size``/``fixed_size``/``size``).
+
+Example:
+    >>> from torchvision.models.detection import retinanet_resnet50_fpn
+    >>> import compscale
+    >>> big = compscale.scale(retinanet_resnet50_fpn(weights=None, weights_backbone=None), phi=3)
+    >>> tower = big.head.classification_head.conv
+    >>> big.transform.min_size, tower[0][0].out_channels, len(tower)
+    ((1216,), 632, 5)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from torch import nn
+
+from compscale.errors import CompscaleError, RewriteError, TraceError
+from compscale.layers import set_submodule
+from compscale.pipeline import build
+from compscale.planning.options import ScaleOptions
+from compscale.planning.plan import Multipliers, ScalingPlan
+from compscale.planning.rounding import make_divisible
+from compscale.rewrite.preserve import Growth
+from compscale.trace.parts import RESIZE_ATTRS, network_part, record_calls
+
+__all__ = ["NECK_BASE", "neck_rule", "scale_detector"]
+
+NECK_BASE = 1.35
+"""EfficientDet's width base of the feature network and heads: ``W = 64 * 1.35**phi`` (its BiFPN)."""
+
+
+def neck_rule(phi: float | None, width: float, depth_given: bool, width_given: bool,
+              neck_width: float | None = None, head_depth: int | None = None) -> tuple[float, int]:
+    """The neck/head width multiplier and the layers added per head tower.
+
+    ``neck_width``/``head_depth`` when given; else EfficientDet's ``1.35**phi`` and ``floor(phi / 3)`` for a compound
+    step; an explicit ``width=`` (``depth=``) without them scales the neck as the trunk (adds no head layer), so
+    that a one-dimension ablation changes one dimension.
+
+    >>> neck_rule(3, 1.331, False, False)
+    (2.460375..., 1)
+    """
+    if neck_width is None:
+        neck_width = NECK_BASE ** phi if phi is not None and not width_given else width
+    if head_depth is None:
+        head_depth = math.floor(phi / 3) if phi is not None and not depth_given else 0
+    return neck_width, head_depth
+
+
+def scale_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Growth | None,
+                   seed: int | None, size_given: bool, error: TraceError) -> nn.Module:
+    """``model`` (whose forward takes a list of images) scaled whole by ``mult``, or ``error`` raised again when it is
+    no such model."""
+    work = copy.deepcopy(model)
+    try:
+        part = network_part(work)
+    except CompscaleError as e:
+        raise error from e
+    if part.input_size is not None and not size_given:
+        options = options.replace(input_size=part.input_size)
+    scaled = build(part.gm, mult, options, growth, seed)
+    for path in part.units:
+        set_submodule(work, path, scaled.get_submodule(path))
+    plan: ScalingPlan = scaled.scaling  # type: ignore[assignment]
+    if part.resizer is not None and plan.input_size != plan.base_input_size:
+        _resize(work.get_submodule(part.resizer), plan.input_size[0] / plan.base_input_size[0],
+                options.resolution_divisor)
+    _check_runs(work)
+    work.scaling = plan  # type: ignore[assignment]
+    return work
+
+
+def _resize(transform: nn.Module, ratio: float, divisor: int) -> None:
+    """The sizes ``transform`` resizes to (:data:`~compscale.trace.parts.RESIZE_ATTRS`) times ``ratio``, each a
+    multiple of ``divisor``."""
+    def scaled(v: object) -> object:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return max(divisor, make_divisible(v * ratio, divisor))
+        if isinstance(v, (tuple, list)):
+            return type(v)(scaled(x) for x in v)
+        return v
+
+    for name in RESIZE_ATTRS:
+        if getattr(transform, name, None) is not None:
+            setattr(transform, name, scaled(getattr(transform, name)))
+
+
+def _check_runs(model: nn.Module) -> None:
+    """The scaled detector runs on a list of images, as the model did."""
+    try:
+        record_calls(model)
+    except CompscaleError as e:
+        raise RewriteError(f"the scaled {type(model).__name__} no longer runs: {str(e).splitlines()[0]}",
+                           "report this with the model; meanwhile scale its backbone alone.") from e
