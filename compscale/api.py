@@ -17,7 +17,7 @@ from compscale.detection import neck_rule, scale_detector
 from compscale.errors import CompscaleError, TooLargeError, TraceError
 from compscale.pipeline import build
 from compscale.planner import Planner
-from compscale.planning.budget import params_limit, rough_params
+from compscale.planning.budget import check_multipliers, params_limit, rough_params
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import Multipliers, plan_input_size, resolve_multipliers
 from compscale.planning.policy import RoundFn
@@ -164,11 +164,14 @@ def scale(
         mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy_of(vary, strategy),
                                    rank=len(options.input_size))
         plan_input_size(options.input_size, mult.resolution, options.resolution_divisor)  # refuses one too large
-    neck = (None if neck_width is None else check_number(neck_width, "neck_width"),
-            None if head_depth is None else check_count(head_depth, "head_depth", least=-(2**31)))
+    neck = _neck_arguments(neck_width, head_depth)
     _check_size(model, mult, max_params, planner, options)
     try:
         result = build(model, mult, options, growth, seed)
+        if neck != (None, None):
+            raise ValueError(f"neck_width= and head_depth= scale a detector's feature network and heads (a model whose "
+                             f"forward takes a list of images); {type(model).__name__} is scaled as one network: "
+                             "leave them out")
     except TraceError as e:  # a detector: its forward takes a list of images
         if target is not None:
             raise
@@ -179,6 +182,17 @@ def scale(
         result.scaling.latency = solved.latency  # type: ignore[union-attr]
         result.scaling.latency_iqr = solved.latency_iqr  # type: ignore[union-attr]
     return result
+
+
+def _neck_arguments(neck_width: object, head_depth: object) -> tuple[float | None, int | None]:
+    """``neck_width`` and ``head_depth`` checked: a multiplier as ``width=`` is, at most 64 layers either way."""
+    wide = None if neck_width is None else check_number(neck_width, "neck_width")
+    if wide is not None:
+        check_multipliers({"neck_width": wide})
+    layers = None if head_depth is None else check_count(head_depth, "head_depth", least=-64)
+    if layers is not None and layers > 64:
+        raise ValueError(f"head_depth={layers} adds more layers to a head tower than compscale builds (at most 64)")
+    return wide, layers
 
 
 def _growth(init: str, noise: float, seed: int | None) -> Growth | None:

@@ -156,7 +156,10 @@ def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | Non
             reset()
         return  # otherwise the copied values stay (a layer scale's constant init)
     law = rules.law_for(module) if rules is not None else None
-    if law is None:
+    own = _own_std(template, law) if template is not module else None
+    if own is not None:  # drawn by a rule of its own (torchvision's RPN and detection heads: normal, std 0.01)
+        nn.init.normal_(module.weight, 0.0, own)
+    elif law is None:
         module.reset_parameters()
     else:
         fan_in, fan_out = _fans(module.weight)
@@ -175,6 +178,17 @@ def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | Non
     elif law is not None:  # reset_parameters() did not run: PyTorch's default bias law
         bound = _fans(module.weight)[0] ** -0.5
         nn.init.uniform_(bias, -bound, bound)
+
+
+def _own_std(template: nn.Module, law: _Law | None) -> float | None:
+    """The std of ``template``'s weight when the model's law for its kind would have drawn it over twice as wide or
+    narrow (its constructor drew this layer by a rule of its own, a constant std); else ``None``."""
+    w = getattr(template, "weight", None)
+    if law is None or not isinstance(w, torch.Tensor) or w.device.type == "meta" or w.numel() < 2:
+        return None
+    std = w.float().std().item()
+    expected = law.coef * _scale(law.law, *_fans(w))
+    return std if std > 0 and expected > 0 and not 0.5 < std / expected < 2.0 else None
 
 
 def redrawn(module: nn.Module, rules: InitRules | None) -> list[str]:

@@ -1,0 +1,254 @@
+"""Whole detectors in one call: backbone, feature pyramid, heads and input size scaled together (compscale.detection).
+
+What a user checks: the same class back; the backbone's body as ``scale()`` gives the classifier trunk; the FPN and
+heads at EfficientDet's width (``make_divisible(C * 1.35**phi, 8)``) with ``floor(phi / 3)`` more layers per head
+tower; the transform resizing to ``r`` times its size; finite losses for a training step and detections in eval;
+MACs of the network part near the rule's ideal. The torchvision zoo at phi = 1 and 3 is slow; a user-built
+RetinaNet (small backbone + torchvision FPN + RetinaNetHead) runs by default.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from conftest import TinyResidual
+from torch import nn
+from torchvision.models import detection as D
+from torchvision.models import mobilenet_v3_large, resnet50
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+import compscale
+from compscale.planning.rounding import make_divisible
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _images(n: int = 2, h: int = 120, w: int = 100) -> list[torch.Tensor]:
+    g = _generator()
+    return [torch.rand(3, h, w, generator=g) for _ in range(n)]
+
+
+def _targets(n: int = 2, h: int = 120, w: int = 100) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for _ in range(n):
+        masks = torch.zeros(1, h, w, dtype=torch.uint8)
+        masks[:, 20:90, 10:70] = 1
+        out.append({"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0]]), "labels": torch.tensor([1]), "masks": masks})
+    return out
+
+
+def _trains_and_detects(model: nn.Module) -> dict[str, float]:
+    """One training step's losses (all finite, gradients reach every parameter that has one) and an eval forward
+    that returns one detection dict per image."""
+    model.train()
+    losses = model(_images(), _targets())
+    total = sum(losses.values())
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(_images(1))
+    assert isinstance(out, list) and len(out) == 1 and {"boxes", "labels", "scores"} <= set(out[0])
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    assert all(math.isfinite(v) for v in values.values()), values
+    return values
+
+
+# -- a user's own detector: small backbone + torchvision FPN + RetinaNetHead in a RetinaNet -------------------------
+
+
+class _Backbone(nn.Module):
+    """Three residual stages returning their maps (C3..C5), then an FPN with P6/P7: what a user builds."""
+
+    def __init__(self, fpn_channels: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        chans = (16, 32, 64, 128)
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), TinyResidual(b),
+                          TinyResidual(b))
+            for a, b in itertools.pairwise(chans))
+        self.fpn = FeaturePyramidNetwork([32, 64, 128], fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels))
+        self.out_channels = fpn_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        x = self.stem(x)
+        maps = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            maps[str(i)] = x
+        return self.fpn(maps)
+
+
+def _user_retinanet() -> D.RetinaNet:
+    anchors = AnchorGenerator(tuple((s,) for s in (16, 32, 64, 128, 256)), ((0.5, 1.0, 2.0),) * 5)
+    return D.RetinaNet(_Backbone(), num_classes=5, min_size=128, max_size=128, anchor_generator=anchors,
+                       head=RetinaNetHead(64, anchors.num_anchors_per_location()[0], 5))
+
+
+@pytest.mark.parametrize("phi", [1, 3])
+def test_user_built_retinanet_scales_whole(phi: int) -> None:
+    model = _user_retinanet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=phi)
+    assert type(big) is D.RetinaNet and big is not model
+    neck = make_divisible(64 * 1.35**phi, 8)  # EfficientDet's BiFPN widths: 88 at phi=1, 160 at phi=3
+    assert neck == {1: 88, 3: 160}[phi]
+    fpn = big.backbone.fpn
+    assert [b[0].out_channels for b in fpn.inner_blocks] == [neck] * 3
+    assert [b[0].out_channels for b in fpn.layer_blocks] == [neck] * 3
+    assert fpn.extra_blocks.p6.out_channels == fpn.extra_blocks.p7.out_channels == neck
+    for head in (big.head.classification_head, big.head.regression_head):
+        assert len(head.conv) == 4 + phi // 3
+        assert {c[0].in_channels for c in head.conv} == {c[0].out_channels for c in head.conv} == {neck}
+    assert big.head.classification_head.cls_logits.out_channels == 3 * 5  # anchors x classes: kept
+    assert big.head.regression_head.bbox_reg.out_channels == 3 * 4
+    # the trunk by beta: its stage widths are make_divisible(C * 1.1**phi, 8), its stages ceil(2 * 1.2**phi) repeats
+    w = 1.1**phi
+    assert [s[0].out_channels for s in big.backbone.stages] == [make_divisible(c * w, 8) for c in (32, 64, 128)]
+    assert [len(s) - 3 for s in big.backbone.stages] == [math.ceil(2 * 1.2**phi)] * 3
+    size = make_divisible(128 * 1.15**phi, 8)
+    assert big.transform.min_size == (size,) and big.transform.max_size == size
+    assert big.scaling.input_size == (size, size)
+    assert model.backbone.fpn.inner_blocks[0][0].out_channels == 64 and len(model.head.classification_head.conv) == 4
+    _trains_and_detects(big)
+
+
+def test_user_built_detector_overrides_and_errors() -> None:
+    model = _user_retinanet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=1, neck_width=2.0, head_depth=2)
+        width_only = compscale.scale(model, width=1.5)
+    assert big.backbone.fpn.layer_blocks[0][0].out_channels == 128
+    assert len(big.head.classification_head.conv) == 6
+    # a one-dimension ablation changes one dimension: the neck follows the width, no head layer, no new size
+    assert width_only.backbone.fpn.layer_blocks[0][0].out_channels == 96
+    assert len(width_only.head.classification_head.conv) == 4
+    assert width_only.transform.min_size == (128,)
+    with pytest.raises(ValueError, match="neck_width"):
+        compscale.scale(model, phi=1, neck_width=-1.0)
+    with pytest.raises(TypeError, match="head_depth"):
+        compscale.scale(model, phi=1, head_depth=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="head_depth"):
+        compscale.scale(model, phi=1, head_depth=100)
+    with pytest.raises(ValueError, match="detector"):  # a classifier has no neck to scale: not silently ignored
+        compscale.scale(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), phi=1, neck_width=2.0)
+
+
+def test_profile_counts_the_network_part() -> None:
+    model = _user_retinanet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=2)
+    base = compscale.profile(model, big.scaling.base_input_size)
+    scaled = compscale.profile(big, big.scaling.input_size)
+    assert base.params == sum(p.numel() for p in model.parameters())
+    assert scaled.input_size == big.scaling.input_size
+    assert 2.0 < scaled.macs / base.macs < 12.0  # phi=2: trunk ~4x, neck and heads (1.35*1.15)^4 ~ 5.8x
+
+
+# -- torchvision's detectors (slow) ----------------------------------------------------------------------------------
+
+DETECTORS = {
+    "retinanet_resnet50_fpn": "resnet50",
+    "fcos_resnet50_fpn": "resnet50",
+    "fasterrcnn_resnet50_fpn": "resnet50",
+    "maskrcnn_resnet50_fpn": "resnet50",
+    "fasterrcnn_mobilenet_v3_large_fpn": "mobilenet_v3_large",
+    "ssdlite320_mobilenet_v3_large": "mobilenet_v3_large",
+}
+TRUNKS = {"resnet50": resnet50, "mobilenet_v3_large": mobilenet_v3_large}
+
+
+def _convs(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(type(m).__name__, tuple(m.weight.shape)) for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _body(detector: nn.Module) -> nn.Module:
+    return detector.backbone.features if hasattr(detector.backbone, "features") else detector.backbone.body
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phi", [1, 3])
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_torchvision_detector(name: str, phi: int) -> None:
+    model = getattr(D, name)(weights=None, weights_backbone=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=phi)
+        trunk = compscale.scale(TRUNKS[DETECTORS[name]](), phi=phi)
+    assert type(big) is type(model)
+    # the body, layer for layer, as scale() gives the classifier: the detector's convs are a prefix of the trunk's
+    body = _convs(_body(big))
+    assert body == _convs(trunk)[:len(body)]
+    assert len(body) > 0.8 * len(_convs(_body(model))) * 1.0
+    # the transform resizes to r times its size
+    r = 1.15**phi
+    t, t0 = big.transform, model.transform
+    assert t.min_size == tuple(make_divisible(s * r, 8) for s in t0.min_size)
+    assert t.max_size == make_divisible(t0.max_size * r, 8)
+    if t0.fixed_size is not None:
+        assert t.fixed_size == tuple(make_divisible(s * r, 8) for s in t0.fixed_size)
+    assert big.scaling.input_size[0] == make_divisible(big.scaling.base_input_size[0] * r, 8)
+    # the FPN and heads at EfficientDet's width, head towers deepened by floor(phi / 3)
+    neck = make_divisible(256 * 1.35**phi, 8)
+    if hasattr(big.backbone, "fpn"):
+        assert {b[0].out_channels for b in big.backbone.fpn.layer_blocks} == {neck}
+        assert {b[0].out_channels for b in big.backbone.fpn.inner_blocks} == {neck}
+    towers = {"retinanet": ["head.classification_head.conv", "head.regression_head.conv"],
+              "fcos": ["head.classification_head.conv", "head.regression_head.conv"],
+              "fasterrcnn": ["rpn.head.conv"], "maskrcnn": ["rpn.head.conv", "roi_heads.mask_head"]}
+    for path in towers.get(name.split("_")[0], []):
+        old, new = model.get_submodule(path), big.get_submodule(path)
+        per_unit = 3 if name.startswith("fcos") else 1
+        assert len(new) == len(old) + per_unit * (phi // 3), path
+        assert {m.out_channels for m in new.modules() if isinstance(m, nn.Conv2d)} == {neck}, path
+    if name.startswith(("fasterrcnn", "maskrcnn")):
+        assert big.roi_heads.box_head.fc6.in_features == neck * 7 * 7
+        assert big.roi_heads.box_head.fc7.out_features == make_divisible(1024 * 1.35**phi, 8)
+    # the network part's MACs near the rule's ideal: the trunk by (alpha beta^2 gamma^2)^phi, the rest by
+    # (1.35^2 gamma^2)^phi
+    size, new_size = big.scaling.base_input_size, big.scaling.input_size
+    base, scaled = compscale.profile(model, size).macs, compscale.profile(big, new_size).macs
+    trunk_macs = compscale.profile(_body(model), size).macs
+    ideal = trunk_macs * (1.2 * 1.1**2 * 1.15**2) ** phi + (base - trunk_macs) * (1.35**2 * 1.15**2) ** phi
+    assert 0.8 < scaled / ideal < 1.6, (scaled / base, scaled / ideal)
+    # it trains and detects (at a small size: the network is the same at any)
+    if t.fixed_size is None:
+        t.min_size, t.max_size = (128,), 128
+    _trains_and_detects(big)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+                                  "fcn_resnet50"])
+def test_torchvision_segmentation(name: str) -> None:
+    from torchvision.models import segmentation as S
+
+    model = getattr(S, name)(weights=None, weights_backbone=None, num_classes=7, aux_loss=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=1)
+    assert type(big) is type(model)
+    size = big.scaling.input_size
+    assert size == (256, 256)
+    big.eval()
+    with torch.no_grad():
+        out = big(torch.rand(1, 3, *size, generator=_generator()))["out"]
+    assert out.shape == (1, 7, *size)
+    head_in = [m for m in big.classifier.modules() if isinstance(m, nn.Conv2d)]
+    old_in = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
+    # the head is widened by the width rule, its class conv kept
+    assert head_in[-1].out_channels == 7
+    assert [m.out_channels for m in head_in[:-1]] == [make_divisible(m.out_channels * 1.1, 8) for m in old_in[:-1]]
