@@ -3,7 +3,6 @@ pipeline (:func:`compscale.pipeline.build`): trace -> analyse -> plan -> rewrite
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,12 +11,12 @@ from torch import nn
 
 from compscale.analyse.rules import ChannelRules
 from compscale.analyse.stages import StageFilter
-from compscale.arguments import check_count, check_forward_takes, check_number, check_seed, check_unwrapped
-from compscale.detection import neck_rule, scale_detector
+from compscale.arguments import check_forward_takes, check_number, check_seed, check_unwrapped
+from compscale.detection import neck_arguments, scale_detector, with_neck
 from compscale.errors import CompscaleError, TooLargeError, TraceError
 from compscale.pipeline import build
 from compscale.planner import Planner
-from compscale.planning.budget import check_multipliers, params_limit, rough_params
+from compscale.planning.budget import params_limit, rough_params
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import Multipliers, plan_input_size, resolve_multipliers
 from compscale.planning.policy import RoundFn
@@ -164,7 +163,7 @@ def scale(
         mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy_of(vary, strategy),
                                    rank=len(options.input_size))
         plan_input_size(options.input_size, mult.resolution, options.resolution_divisor)  # refuses one too large
-    neck = _neck_arguments(neck_width, head_depth)
+    neck = neck_arguments(neck_width, head_depth)
     _check_size(model, mult, max_params, planner, options)
     try:
         result = build(model, mult, options, growth, seed)
@@ -175,24 +174,12 @@ def scale(
     except TraceError as e:  # a detector: its forward takes a list of images
         if target is not None:
             raise
-        wide, layers = neck_rule(mult.phi, mult.width, depth is not None, width is not None, *neck)
-        result = scale_detector(model, dataclasses.replace(mult, neck_width=wide, head_layers=layers), options,
+        result = scale_detector(model, with_neck(mult, depth is not None, width is not None, *neck), options,
                                 growth, seed, input_size is not None or example_inputs is not None, e)
     if target is not None and target[0] == "latency":
         result.scaling.latency = solved.latency  # type: ignore[union-attr]
         result.scaling.latency_iqr = solved.latency_iqr  # type: ignore[union-attr]
     return result
-
-
-def _neck_arguments(neck_width: object, head_depth: object) -> tuple[float | None, int | None]:
-    """``neck_width`` and ``head_depth`` checked: a multiplier as ``width=`` is, at most 64 layers either way."""
-    wide = None if neck_width is None else check_number(neck_width, "neck_width")
-    if wide is not None:
-        check_multipliers({"neck_width": wide})
-    layers = None if head_depth is None else check_count(head_depth, "head_depth", least=-64)
-    if layers is not None and layers > 64:
-        raise ValueError(f"head_depth={layers} adds more layers to a head tower than compscale builds (at most 64)")
-    return wide, layers
 
 
 def _growth(init: str, noise: float, seed: int | None) -> Growth | None:

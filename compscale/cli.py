@@ -198,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--init", choices=("fresh", "preserve"), default="fresh",
                    help="preserve: grow the model's weights so that it computes what it did (Net2Net), e.g. a trained "
                         "model from module:callable; fresh (default): new layers drawn as its constructor would")
+    s.add_argument("--neck-width", type=float, default=None, metavar="W",
+                   help="a detector's feature network and heads width multiplier (default EfficientDet's 1.35^phi)")
+    s.add_argument("--head-depth", type=int, default=None, metavar="K",
+                   help="layers added to each of a detector's head towers (default floor(phi / 3))")
     s.add_argument("--max-params", type=_count, default=None, metavar="N",
                    help="refuse, before building anything, a network with more parameters (e.g. 50M); by default "
                         "what fits in half the free memory")
@@ -440,6 +444,9 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["strategy"] = args.strategy
     if args.init != "fresh":
         kwargs["init"] = args.init
+    for name in ("neck_width", "head_depth"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     return kwargs
 
 

@@ -20,41 +20,59 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 from torch import nn
 
+from compscale.arguments import check_count, check_number
 from compscale.errors import CompscaleError, RewriteError, TraceError
 from compscale.layers import set_submodule
 from compscale.pipeline import build
+from compscale.planning.budget import check_multipliers
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import Multipliers, ScalingPlan
 from compscale.planning.rounding import make_divisible
 from compscale.rewrite.preserve import Growth
 from compscale.trace.parts import RESIZE_ATTRS, network_part, record_calls
 
-__all__ = ["NECK_BASE", "neck_rule", "scale_detector"]
+__all__ = ["NECK_BASE", "neck_arguments", "plan_detector", "scale_detector", "with_neck"]
 
 NECK_BASE = 1.35
 """EfficientDet's width base of the feature network and heads: ``W = 64 * 1.35**phi`` (its BiFPN)."""
 
 
-def neck_rule(phi: float | None, width: float, depth_given: bool, width_given: bool,
-              neck_width: float | None = None, head_depth: int | None = None) -> tuple[float, int]:
-    """The neck/head width multiplier and the layers added per head tower.
+def neck_arguments(neck_width: object, head_depth: object) -> tuple[float | None, int | None]:
+    """``neck_width`` and ``head_depth`` checked: a multiplier as ``width=`` is, at most 64 layers either way."""
+    wide = None if neck_width is None else check_number(neck_width, "neck_width")
+    if wide is not None:
+        check_multipliers({"neck_width": wide})
+    layers = None if head_depth is None else check_count(head_depth, "head_depth", least=-64)
+    if layers is not None and layers > 64:
+        raise ValueError(f"head_depth={layers} adds more layers to a head tower than compscale builds (at most 64)")
+    return wide, layers
+
+
+def with_neck(mult: Multipliers, depth_given: bool, width_given: bool, neck_width: float | None = None,
+              head_depth: int | None = None) -> Multipliers:
+    """``mult`` with the neck/head width multiplier and the layers added per head tower.
 
     ``neck_width``/``head_depth`` when given; else EfficientDet's ``1.35**phi`` and ``floor(phi / 3)`` for a compound
-    step; an explicit ``width=`` (``depth=``) without them scales the neck as the trunk (adds no head layer), so
-    that a one-dimension ablation changes one dimension.
+    step, and ``floor(phi)`` more repeated neck cells (BiFPN layers: ``D = 3 + phi``); an explicit ``width=``
+    (``depth=``) without them scales the neck as the trunk (adds no layer or cell), so that a one-dimension ablation
+    changes one dimension.
 
-    >>> neck_rule(3, 1.331, False, False)
-    (2.460375..., 1)
+    >>> m = with_neck(Multipliers(1.728, 1.331, 1.521, phi=3), False, False)
+    >>> round(m.neck_width, 4), m.head_layers
+    (2.4604, 1)
     """
+    phi = mult.phi
     if neck_width is None:
-        neck_width = NECK_BASE ** phi if phi is not None and not width_given else width
+        neck_width = NECK_BASE ** phi if phi is not None and not width_given else mult.width
     if head_depth is None:
         head_depth = math.floor(phi / 3) if phi is not None and not depth_given else 0
-    return neck_width, head_depth
+    cells = math.floor(phi) if phi is not None and not depth_given else 0  # BiFPN: D = 3 + phi
+    return dataclasses.replace(mult, neck_width=neck_width, head_layers=head_depth, neck_layers=cells)
 
 
 def scale_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Growth | None,
@@ -78,6 +96,19 @@ def scale_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, g
     _check_runs(work)
     work.scaling = plan  # type: ignore[assignment]
     return work
+
+
+def plan_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, size_given: bool,
+                  error: TraceError) -> ScalingPlan:
+    """The plan of ``model`` (a detector) scaled by ``mult``, with the MACs, parameters and activations of its network
+    part before and after. A detector is planned by building it (its parts are found by running it)."""
+    from compscale.verify.profile import profile
+
+    scaled = scale_detector(model, mult, options, None, None, size_given, error)
+    plan: ScalingPlan = scaled.scaling  # type: ignore[assignment]
+    before, after = profile(model, plan.base_input_size), profile(scaled, plan.input_size)
+    return dataclasses.replace(plan, macs=after.macs, params=after.params, acts=after.acts, base_macs=before.macs,
+                               base_params=before.params, base_acts=before.acts)
 
 
 def _resize(transform: nn.Module, ratio: float, divisor: int) -> None:

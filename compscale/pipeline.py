@@ -80,7 +80,7 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         work, plan.stages = _scale_depth(work, traced, table, mult.depth, init_rules, growth, options)
         deepened = any(s.blocks_before != s.blocks_after for s in plan.stages)
         same_graph = not deepened  # the graph traced above is still the network's: verify without re-tracing
-        if mult.width != 1.0 or mult.neck_width not in (None, 1.0) or mult.head_layers:
+        if mult.width != 1.0 or mult.neck_width not in (None, 1.0) or mult.head_layers or mult.neck_layers:
             if deepened:
                 traced = traced.retrace(work, traced.input_shape)
             cg = analyse_channels(traced)
@@ -89,13 +89,13 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
             widths = plan_widths(cg, derivations, mult.width, options,
                                  (neck, mult.neck_width) if mult.neck_width is not None else None)
             changed = apply_widths(work, cg, widths, init_rules, growth)
-            if mult.head_layers:  # a detector's head towers (EfficientDet's box/class net depth)
+            if mult.head_layers or mult.neck_layers:  # EfficientDet's box/class net and BiFPN depths
                 neck_layers = {la.path for la in cg.layers.values() if la.output in neck}
-                towers = find_towers(work, neck_layers)
-                changed += deepen_towers(work, towers, mult.head_layers, init_rules, growth)
-                for t in towers:
+                for t in find_towers(work, neck_layers):
+                    more = mult.head_layers if t.kind == "head" else mult.neck_layers
+                    changed += deepen_towers(work, [t], more, init_rules, growth)
                     c = widths[cg.group_of(next(p for p in neck_layers if p.startswith(t.path + "."))).id]
-                    plan.stages.append(StagePlan(t.path, t.units, max(1, t.units + mult.head_layers), c, c, 1))
+                    plan.stages.append(StagePlan(t.path, t.units, max(1, t.units + more), c, c, 1))
             # numbers the forward reads from the layers (split sizes, a traced-through norm's shape) are baked into
             # the graph; only layers the graph calls as leaves can change without it changing
             leaves = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}

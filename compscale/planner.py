@@ -23,6 +23,8 @@ from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
 from compscale.arguments import check_forward_takes, check_positive_number, check_unwrapped, strip_hooks
+from compscale.detection import neck_arguments, plan_detector, with_neck
+from compscale.errors import TraceError
 from compscale.planning.budget import check_max_params, check_size
 from compscale.planning.cost import CostModel, Costs
 from compscale.planning.depth import check_evidence, dense_costs, depth_to_apply, stage_counts, transition_ratios
@@ -224,7 +226,7 @@ def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta
          depth: float | None = None, width: float | None = None, resolution: float | None = None,
          strategy: StrategyLike | None = None, target_macs: float | None = None, target_acts: float | None = None,
          target_latency: float | None = None, vary: str = "phi", max_params: int | None = None,
-         **options: Any) -> ScalingPlan:
+         neck_width: float | None = None, head_depth: int | None = None, **options: Any) -> ScalingPlan:
     """What ``compscale.scale`` would build, with its MACs, params and activations, allocating no weight.
 
     With ``target_macs`` (or ``target_acts``, ``target_latency``), phi is searched along ``strategy`` to land on it
@@ -248,7 +250,17 @@ def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta
     # the arguments checked before the model is traced
     mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy, rank=len(opts.input_size))
     plan_input_size(opts.input_size, mult.resolution, opts.resolution_divisor)
-    planner = Planner(model, opts)
+    neck = neck_arguments(neck_width, head_depth)
+    try:
+        planner = Planner(model, opts)
+    except TraceError as e:  # a detector: planned by building it
+        given = "input_size" in options or "example_inputs" in options
+        found = plan_detector(model, with_neck(mult, depth is not None, width is not None, *neck), opts, given, e)
+        check_size(type(model).__name__, found, max_params)
+        return found
+    if neck != (None, None):
+        raise ValueError(f"neck_width= and head_depth= scale a detector's feature network and heads; "
+                         f"{type(model).__name__} is planned as one network: leave them out")
     found = planner.plan_for(mult)
     check_size(planner.model_name, found, max_params)
     return found

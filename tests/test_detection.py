@@ -156,6 +156,58 @@ def test_profile_counts_the_network_part() -> None:
     assert base.params == sum(p.numel() for p in model.parameters())
     assert scaled.input_size == big.scaling.input_size
     assert 2.0 < scaled.macs / base.macs < 12.0  # phi=2: trunk ~4x, neck and heads (1.35*1.15)^4 ~ 5.8x
+    planned = compscale.plan(model, phi=2)  # a detector is planned by building it: the same figures
+    assert (planned.macs, planned.params, planned.base_macs) == (scaled.macs, scaled.params, base.macs)
+    assert planned.input_size == big.scaling.input_size
+
+
+class _Cell(nn.Module):
+    """A BiFPN-like layer: top-down then bottom-up over three levels of one width, the levels passed on."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.down = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(2))
+        self.up = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(2))
+
+    def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        p3, p4, p5 = levels
+        p4 = self.down[0](p4 + nn.functional.interpolate(p5, size=p4.shape[-2:])).relu()
+        p3 = self.down[1](p3 + nn.functional.interpolate(p4, size=p3.shape[-2:])).relu()
+        p4 = self.up[0](p4 + nn.functional.adaptive_max_pool2d(p3, p4.shape[-2:])).relu()
+        p5 = self.up[1](p5 + nn.functional.adaptive_max_pool2d(p4, p5.shape[-2:])).relu()
+        return [p3, p4, p5]
+
+
+class _BiFPNBackbone(_Backbone):
+    """The same trunk, lateral 1x1 convs to one width, then two repeated BiFPN-like cells."""
+
+    def __init__(self, c: int = 64) -> None:
+        super().__init__(c)
+        del self.fpn
+        self.lateral = nn.ModuleList(nn.Conv2d(a, c, 1) for a in (32, 64, 128))
+        self.cells = nn.Sequential(_Cell(c), _Cell(c))
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        x = self.stem(x)
+        maps = []
+        for stage, lateral in zip(self.stages, self.lateral):
+            x = stage(x)
+            maps.append(lateral(x))
+        return OrderedDict((str(i), m) for i, m in enumerate(self.cells(maps)))
+
+
+def test_repeated_neck_cells_are_deepened() -> None:
+    anchors = AnchorGenerator(tuple((s,) for s in (16, 32, 64)), ((0.5, 1.0, 2.0),) * 3)
+    model = D.RetinaNet(_BiFPNBackbone(), num_classes=5, min_size=128, max_size=128, anchor_generator=anchors,
+                        head=RetinaNetHead(64, 3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=1)
+    assert len(big.backbone.cells) == 3  # EfficientDet: D = 3 + phi BiFPN layers, so one more per phi
+    assert {m.out_channels for m in big.backbone.cells.modules() if isinstance(m, nn.Conv2d)} == {88}
+    assert {m[0].out_channels for m in big.head.classification_head.conv} == {88}
+    assert len(model.backbone.cells) == 2
+    _trains_and_detects(big)
 
 
 # -- torchvision's detectors (slow) ----------------------------------------------------------------------------------

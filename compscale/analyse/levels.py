@@ -7,7 +7,9 @@ two or more spatial sizes belongs to the neck or a head, and so does every group
 
 A *tower* is a head's run of identical shape-keeping conv units (``Conv-Norm-ReLU`` x 4 in RetinaNet's and FCOS's
 heads, the RPN's one conv, Mask R-CNN's mask convs): a container in the neck/head part whose children, or whose
-children taken ``k`` at a time, repeat one unit holding one ``C -> C`` convolution of stride 1.
+children taken ``k`` at a time, repeat one unit holding one ``C -> C`` convolution of stride 1. A neck's repeated
+cells (EfficientDet's BiFPN layers) are a container there of two or more identical modules of several convolutions
+each.
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ def pyramid_groups(traced: Traced, cg: ChannelGraph) -> set[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Tower:
-    """A head's conv tower: the children of container ``path``, ``units`` units of ``period`` children each."""
+    """A head's conv tower (``kind="head"``), or a neck's repeated cells (``"neck"``: BiFPN layers): the children of
+    container ``path``, ``units`` units of ``period`` children each."""
 
     path: str
     units: int
     period: int
+    kind: str = "head"
 
 
 def find_towers(root: nn.Module, layers: set[str]) -> list[Tower]:
@@ -80,6 +84,9 @@ def find_towers(root: nn.Module, layers: set[str]) -> list[Tower]:
         if not convs or not all(c in layers for c in convs):
             continue
         children = list(container.children())
+        if _cells(children):
+            towers.append(Tower(path, len(children), 1, "neck"))
+            continue
         for period in (1, 2, 3, 4):
             units = [children[i:i + period] for i in range(0, len(children), period)]
             if len(children) % period or (len(units) < 2 and not (period == 1 and list(children[0].children()))):
@@ -89,6 +96,15 @@ def find_towers(root: nn.Module, layers: set[str]) -> list[Tower]:
                 towers.append(Tower(path, len(units), period))
                 break
     return towers
+
+
+def _cells(children: list[nn.Module]) -> bool:
+    """Two or more modules of one type and the same parameter shapes, each holding several convolutions: a neck's
+    repeated layers (EfficientDet's BiFPN cells), which pass the levels on to the next."""
+    if len(children) < 2 or len({type(c) for c in children}) != 1:
+        return False
+    shapes = {tuple((n, tuple(p.shape)) for n, p in c.named_parameters()) for c in children}
+    return len(shapes) == 1 and sum(isinstance(m, nn.modules.conv._ConvNd) for m in children[0].modules()) > 1
 
 
 def _signature(unit: list[nn.Module]) -> tuple[object, ...] | None:

@@ -31,9 +31,10 @@ class Multipliers:
     strategy: str | None = None  # the rule that turned phi into the multipliers (``None``: none did)
     depth_given: bool = dataclasses.field(default=False, compare=False)  # depth= given, not derived from phi
     # a detector's network part (compscale.detection): the width of its neck and heads' channel groups (None: the
-    # width) and the layers added to each head tower
+    # width), the layers added to each head tower and to each run of repeated neck cells
     neck_width: float | None = None
     head_layers: int = 0
+    neck_layers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +114,8 @@ class ScalingPlan:
         phi = f"phi={m.phi:g}{rule}: " if m.phi is not None else ""
         lines = [
             f"{phi}depth x{m.depth:.4g}, width x{m.width:.4g}, resolution x{m.resolution:.4g}"
-            + (f"; neck and heads: width x{m.neck_width:.4g}, {m.head_layers:+d} layers per head tower"
-               if m.neck_width is not None else ""),
+            + (f"; neck and heads: width x{m.neck_width:.4g}, {m.head_layers:+d} layers per head tower, "
+               f"{m.neck_layers:+d} per run of neck cells" if m.neck_width is not None else ""),
             f"input size {format_size(self.base_input_size)} -> {format_size(self.input_size)}",
         ]
         if self.init == "preserve":

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 
 from compscale.errors import CompscaleError
 from compscale.planning.plan import ScalingPlan
-from compscale.trace.tracer import default_input_shape, eval_mode, meta_copy
+from compscale.trace.tracer import SHAPE_PRESERVING, default_input_shape, empty_like, eval_mode, meta_copy
 
 __all__ = ["MetadataError", "update_metadata"]
 
@@ -68,9 +68,11 @@ def update_metadata(result: nn.Module, base: nn.Module, plan: ScalingPlan) -> No
     ``base`` is the model ``result`` was scaled from (only read); ``plan`` the plan it was built by.
     """
     _update_hf_config(result, plan)
-    if not _keeps_channels(result):
-        return
-    shape = _input_shape(base, plan)
+    if not (_has_head_api(result) or any(k in vars(result) for k in ("feature_info", "pretrained_cfg", "default_cfg"))
+            or _measured_paths(result)):
+        return  # no timm attribute, no channel attribute: nothing to measure
+    given = getattr(plan.options, "input_shape", None)
+    shape = tuple(given) if given is not None else default_input_shape(base, plan.base_input_size)
     new_shape = (*shape[:2], *plan.input_size)
     extra = tuple(getattr(plan.options, "extra_inputs", ()) or ())
     before = _measure(base, shape, extra)
@@ -84,21 +86,17 @@ def _has_head_api(model: nn.Module) -> bool:
     return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
 
 
-def _keeps_channels(model: nn.Module) -> bool:
-    """Whether ``model`` keeps numbers this pass updates: timm's model attributes, or a channel attribute on a
-    module of another class than torch's own layers (which the width pass resizes with their attributes)."""
-    if _has_head_api(model) or any(k in vars(model) for k in ("feature_info", "pretrained_cfg", "default_cfg")):
-        return True
-    return any(_channel_attributes(m) for path, m in model.named_modules()
-               if path and not type(m).__module__.startswith(_TORCH_LAYERS))
+def _measured_paths(model: nn.Module) -> set[str]:
+    """The modules whose shapes this pass reads: timm's feature modules, and those keeping a channel attribute but
+    torch's own layers (which the width pass resizes with their attributes)."""
+    return {path for path, m in model.named_modules() if path and _channel_attributes(m)
+            and not type(m).__module__.startswith("torch.nn.modules.")} | {
+        e["module"] for e in _feature_info(model) if isinstance(e, dict) and isinstance(e.get("module"), str)}
 
 
-_TORCH_LAYERS = "torch.nn.modules."
-
-
-def _input_shape(base: nn.Module, plan: ScalingPlan) -> tuple[int, ...]:
-    given = getattr(plan.options, "input_shape", None)
-    return tuple(given) if given is not None else default_input_shape(base, plan.base_input_size)
+def _feature_info(model: nn.Module) -> list[Any]:
+    info = getattr(vars(model).get("feature_info"), "info", vars(model).get("feature_info"))
+    return info if isinstance(info, list) else []
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
@@ -110,14 +108,17 @@ def _first_shape(value: Any) -> tuple[int, ...] | None:
 
 
 def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor, ...]) -> Shapes | None:
-    """Each module's first input and output shapes in one forward on a meta-device copy of ``model``, and under
-    ``"forward_features"`` / ``"forward_head"`` what those methods return, where the model has them; ``None`` when
-    the model cannot run on meta tensors."""
+    """In one forward of a meta-device copy of ``model``, the first input and output shapes of the modules this pass
+    reads and of timm's ``forward_features``/``forward_head``; ``None`` when the model cannot run on meta tensors."""
     shapes: Shapes = {}
     try:
         meta = meta_copy(model)
-        handles = [m.register_forward_hook(functools.partial(_record, shapes, path), with_kwargs=True)
-                   for path, m in meta.named_modules() if path]
+        paths = _measured_paths(meta)
+        for path, m in meta.named_modules():
+            if path in paths:
+                m.register_forward_hook(functools.partial(_record, shapes, path), with_kwargs=True)
+            if isinstance(m, SHAPE_PRESERVING):  # they keep their input's shape (meta batch_norm is slow)
+                vars(m)["forward"] = functools.partial(_same_shape, m.forward)
     except Exception as e:  # a model whose copy cannot be hooked (RAFT's) keeps its metadata, as it did before
         log.debug("metadata: cannot measure a meta-device copy of %s (%s: %s)", type(model).__name__,
                   type(e).__name__, e)
@@ -130,9 +131,7 @@ def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor
             warnings.simplefilter("ignore")
             if _has_head_api(meta) and not extra:  # timm's forward is forward_head(forward_features(x))
                 features = meta.forward_features(x)
-                meta.forward_head(features)
-                for h in handles:
-                    h.remove()
+                meta.forward_head(features)  # modules keep this call's shapes, not pre_logits' below
                 shapes["forward_features"] = (shape, _first_shape(features))
                 shapes["forward_head"] = (shapes["forward_features"][1],
                                           _first_shape(meta.forward_head(features, pre_logits=True)))
@@ -143,6 +142,11 @@ def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor
         if not shapes:
             return None
     return shapes
+
+
+def _same_shape(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    x = args[0] if len(args) == 1 and not kwargs else None
+    return empty_like(x) if isinstance(x, torch.Tensor) else forward(*args, **kwargs)
 
 
 def _record(shapes: Shapes, path: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -163,12 +167,8 @@ def _channel_attributes(module: nn.Module) -> dict[str, int]:
 
 
 def _relations(value: int, measured: tuple[tuple[int, ...] | None, tuple[int, ...] | None]) -> set[Relation]:
-    found = set()
-    for side, dim in _RELATIONS:
-        s = measured[side]
-        if s is not None and len(s) >= 2 and s[dim] == value:
-            found.add((side, dim))
-    return found
+    return {(side, dim) for side, dim in _RELATIONS
+            if (s := measured[side]) is not None and len(s) >= 2 and s[dim] == value}
 
 
 def _update_channel_attributes(result: nn.Module, base: nn.Module, before: Shapes, after: Shapes) -> None:
@@ -198,11 +198,7 @@ def _new_value(name: str, relations: set[Relation],
                measured: tuple[tuple[int, ...] | None, tuple[int, ...] | None]) -> int | None:
     """The scaled value by ``relations``; where they disagree, the side the name says (``in_``/``out_``) on the
     channel dim 1 first; ``None`` when that does not decide."""
-    values: dict[Relation, int] = {}
-    for side, dim in relations:
-        shape = measured[side]
-        if shape is not None and len(shape) >= 2:
-            values[(side, dim)] = shape[dim]
+    values = {(side, dim): s[dim] for side, dim in relations if (s := measured[side]) is not None and len(s) >= 2}
     if len(set(values.values())) == 1:
         return next(iter(values.values()))
     named = 0 if name.startswith("in") else 1 if name.startswith("out") or name.endswith("_out") else None
@@ -234,9 +230,7 @@ def _update_timm(result: nn.Module, base: nn.Module, plan: ScalingPlan, before: 
             new = _channels_like(value, before[key][side], after[key][side])
             if new is not None:
                 setattr(result, name, new)
-    info = getattr(vars(result).get("feature_info"), "info", vars(result).get("feature_info"))
-    if isinstance(info, list):
-        _update_feature_info(info, before, after, shape, new_shape)
+    _update_feature_info(_feature_info(result), before, after, shape, new_shape)
     done: set[int] = set()
     for name in ("pretrained_cfg", "default_cfg"):
         cfg = vars(result).get(name)
@@ -251,10 +245,9 @@ def _update_feature_info(info: list[Any], before: Shapes, after: Shapes, shape: 
         if not isinstance(entry, dict) or entry.get("module") not in after or entry.get("module") not in before:
             continue
         old, new = before[entry["module"]][1], after[entry["module"]][1]
-        if type(entry.get("num_chs")) is int:
-            chs = _channels_like(entry["num_chs"], old, new)
-            if chs is not None:
-                entry["num_chs"] = chs
+        chs = _channels_like(entry["num_chs"], old, new) if type(entry.get("num_chs")) is int else None
+        if chs is not None:
+            entry["num_chs"] = chs
         if type(entry.get("reduction")) is int and old is not None and new is not None and len(new) == len(new_shape):
             if len(old) > 2 and old[2] and entry["reduction"] == round(shape[2] / old[2]) and new[2]:
                 entry["reduction"] = round(new_shape[2] / new[2])
