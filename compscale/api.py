@@ -12,7 +12,7 @@ from torch import nn
 from compscale.analyse.rules import ChannelRules
 from compscale.analyse.stages import StageFilter
 from compscale.arguments import check_forward_takes, check_number, check_seed, check_unwrapped
-from compscale.detection import neck_arguments, scale_detector, with_neck
+from compscale.detection import neck_arguments, refuse_target, scale_detector, with_neck
 from compscale.errors import CompscaleError, TooLargeError, TraceError
 from compscale.pipeline import build
 from compscale.planner import Planner
@@ -155,7 +155,11 @@ def scale(
                              "multipliers")
         if phi is not None:
             raise ValueError(f"target_{target[0]} searches phi (along strategy=): give no phi with it")
-        planner = Planner(model, options)
+        try:
+            planner = Planner(model, options)
+        except TraceError as e:
+            refuse_target(model, f"target_{target[0]}", e)
+            raise
         solved = planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta,
                                gamma=gamma, depth=depth, width=width, resolution=resolution, max_params=max_params)
         mult = solved.multipliers

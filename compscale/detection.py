@@ -36,7 +36,7 @@ from compscale.planning.rounding import make_divisible
 from compscale.rewrite.preserve import Growth
 from compscale.trace.parts import RESIZE_ATTRS, network_part, record_calls
 
-__all__ = ["NECK_BASE", "neck_arguments", "plan_detector", "scale_detector", "with_neck"]
+__all__ = ["NECK_BASE", "neck_arguments", "plan_detector", "refuse_target", "scale_detector", "with_neck"]
 
 NECK_BASE = 1.35
 """EfficientDet's width base of the feature network and heads: ``W = 64 * 1.35**phi`` (its BiFPN)."""
@@ -96,6 +96,18 @@ def scale_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, g
     _check_runs(work)
     work.scaling = plan  # type: ignore[assignment]
     return work
+
+
+def refuse_target(model: nn.Module, what: str, error: TraceError) -> None:
+    """Raise a ``CompscaleError`` saying that ``what`` (a target search) is not built for detectors, when ``model``
+    is one (its network part can be found); else return, and the caller raises ``error``."""
+    try:
+        network_part(model)
+    except CompscaleError:
+        return
+    raise CompscaleError(f"{what}= searches phi on a network compscale traces whole; {type(model).__name__} is a "
+                         "detector, scaled by its parts", "give phi= (or depth=/width=/resolution=), and compare "
+                         "compscale.profile() of the results to choose one.") from error
 
 
 def plan_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, size_given: bool,

@@ -23,7 +23,7 @@ from compscale.analyse.channels import ChannelGraph, analyse_channels
 from compscale.analyse.rules import channel_rules
 from compscale.analyse.stages import StageTable, find_stages
 from compscale.arguments import check_forward_takes, check_positive_number, check_unwrapped, strip_hooks
-from compscale.detection import neck_arguments, plan_detector, with_neck
+from compscale.detection import neck_arguments, plan_detector, refuse_target, with_neck
 from compscale.errors import TraceError
 from compscale.planning.budget import check_max_params, check_size
 from compscale.planning.cost import CostModel, Costs
@@ -243,9 +243,14 @@ def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta
     if target is not None:
         if phi is not None:
             raise ValueError(f"target_{target[0]} searches phi: give no phi with it")
-        return Planner(model, opts).solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta,
-                                          gamma=gamma, depth=depth, width=width, resolution=resolution,
-                                          max_params=max_params)
+        try:
+            target_planner = Planner(model, opts)
+        except TraceError as e:
+            refuse_target(model, f"target_{target[0]}", e)
+            raise
+        return target_planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta,
+                                    gamma=gamma, depth=depth, width=width, resolution=resolution,
+                                    max_params=max_params)
     strategy = strategy_of(vary, strategy)
     # the arguments checked before the model is traced
     mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy, rank=len(opts.input_size))

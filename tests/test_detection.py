@@ -142,6 +142,9 @@ def test_user_built_detector_overrides_and_errors() -> None:
         compscale.scale(model, phi=1, head_depth=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="head_depth"):
         compscale.scale(model, phi=1, head_depth=100)
+    with pytest.raises(compscale.CompscaleError, match="RetinaNet is a detector") as info:
+        compscale.scale(model, target_macs=1e9)
+    assert "phi=" in (info.value.hint or "")
     with pytest.raises(ValueError, match="detector"):  # a classifier has no neck to scale: not silently ignored
         compscale.scale(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), phi=1, neck_width=2.0)
 
