@@ -12,10 +12,10 @@ from torch import nn
 from compscale.analyse.rules import ChannelRules
 from compscale.analyse.stages import StageFilter
 from compscale.arguments import check_forward_takes, check_number, check_seed, check_unwrapped
-from compscale.detection import neck_arguments, refuse_target, scale_detector, with_neck
+from compscale.detection import neck_arguments, scale_detector, with_neck
 from compscale.errors import CompscaleError, TooLargeError, TraceError
 from compscale.pipeline import build
-from compscale.planner import Planner
+from compscale.planner import Planner, target_planner
 from compscale.planning.budget import params_limit, rough_params
 from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import Multipliers, plan_input_size, resolve_multipliers
@@ -155,11 +155,7 @@ def scale(
                              "multipliers")
         if phi is not None:
             raise ValueError(f"target_{target[0]} searches phi (along strategy=): give no phi with it")
-        try:
-            planner = Planner(model, options)
-        except TraceError as e:
-            refuse_target(model, f"target_{target[0]}", e)
-            raise
+        planner = target_planner(model, options, target[0])
         solved = planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta,
                                gamma=gamma, depth=depth, width=width, resolution=resolution, max_params=max_params)
         mult = solved.multipliers
@@ -170,7 +166,7 @@ def scale(
     neck = neck_arguments(neck_width, head_depth)
     _check_size(model, mult, max_params, planner, options)
     try:
-        result = build(model, mult, options, growth, seed)
+        result = build(model, mult, options, growth, seed, planner.base if planner is not None else None)
         if neck != (None, None):
             raise ValueError(f"neck_width= and head_depth= scale a detector's feature network and heads (a model whose "
                              f"forward takes a list of images); {type(model).__name__} is scaled as one network: "

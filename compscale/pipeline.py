@@ -54,12 +54,13 @@ log = logging.getLogger("compscale")
 
 
 def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Growth | None = None,
-          seed: int | None = None) -> nn.Module:
+          seed: int | None = None, base: Traced | None = None) -> nn.Module:
     """A scaled copy of ``model`` by ``mult``, carrying its plan as ``result.scaling``.
 
     ``growth`` grows the model's weights (``init="preserve"``); ``seed`` seeds every random draw, made from
     generators of this call's own (preserve draws with seed 0 when none is given; fresh weights with one draw of
-    torch's global generator as the seed).
+    torch's global generator as the seed). ``base``: the model's graph, traced symbolically by the planner of a
+    target search with these options: it is rebound to the copy instead of tracing it again.
     """
     with channel_rules(options.rules), _seeded(model, 0 if seed is None and growth is not None else seed):
         work = copy.deepcopy(model)
@@ -67,12 +68,16 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
         kept = {id(p) for p in work.parameters()}
         if growth is not None:
             growth.kept = kept
-        base = options.input_size
-        traced = trace(work, options.input_shape, input_size=base, leaf_modules=options.leaf_modules,
-                       autowrap_functions=options.autowrap_functions, extra_inputs=options.extra_inputs)
+        if base is not None and base.gm.meta.get("compscale_symbolic"):
+            traced = base.rebind(work, base.input_shape)
+        else:
+            traced = trace(work, options.input_shape, input_size=options.input_size,
+                           leaf_modules=options.leaf_modules, autowrap_functions=options.autowrap_functions,
+                           extra_inputs=options.extra_inputs)
         table = find_stages(traced, options.stages)
         mult = depth_to_apply(table, mult, options, type(model).__name__)
-        plan = ScalingPlan(mult, base, plan_input_size(base, mult.resolution, options.resolution_divisor),
+        size = options.input_size
+        plan = ScalingPlan(mult, size, plan_input_size(size, mult.resolution, options.resolution_divisor),
                            options=options.stored())
         init_rules = InitRules(model)
         if options.stages is None:  # stages named by the user are theirs, not a guess
@@ -107,7 +112,7 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
                                                                   options.extra_inputs)
         # the graph still describes the network: the passes below rebind it instead of tracing again
         current = same_graph and traced.root is work and bool(traced.gm.meta.get("compscale_symbolic"))
-        if plan.input_size != base:
+        if plan.input_size != plan.base_input_size:
             new_shape = (*traced.input_shape[:2], *plan.input_size)
             follow_same_padding(work, traced, new_shape)
             follow_global_pools(work, traced, new_shape)

@@ -96,6 +96,11 @@ class Planner:
     def rules(self) -> Any:
         return self.options.rules
 
+    @property
+    def base(self) -> Traced:
+        """The model's graph (of a meta-device copy), as the planner traced it."""
+        return self._base
+
     def _analyse(self, model: nn.Module) -> None:
         opts = self.options
         self.model_name = type(model).__name__
@@ -222,6 +227,15 @@ class Planner:
         )
 
 
+def target_planner(model: nn.Module, options: ScaleOptions, metric: str) -> Planner:
+    """The planner of a ``target_<metric>=`` search; a detector, which it cannot trace, is refused with a hint."""
+    try:
+        return Planner(model, options)
+    except TraceError as e:
+        refuse_target(model, f"target_{metric}", e)
+        raise
+
+
 def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
          depth: float | None = None, width: float | None = None, resolution: float | None = None,
          strategy: StrategyLike | None = None, target_macs: float | None = None, target_acts: float | None = None,
@@ -243,14 +257,9 @@ def plan(model: nn.Module, phi: float | None = None, *, alpha: float = 1.2, beta
     if target is not None:
         if phi is not None:
             raise ValueError(f"target_{target[0]} searches phi: give no phi with it")
-        try:
-            target_planner = Planner(model, opts)
-        except TraceError as e:
-            refuse_target(model, f"target_{target[0]}", e)
-            raise
-        return target_planner.solve(target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta,
-                                    gamma=gamma, depth=depth, width=width, resolution=resolution,
-                                    max_params=max_params)
+        return target_planner(model, opts, target[0]).solve(
+            target[1], target[0], strategy=strategy, vary=vary, alpha=alpha, beta=beta, gamma=gamma, depth=depth,
+            width=width, resolution=resolution, max_params=max_params)
     strategy = strategy_of(vary, strategy)
     # the arguments checked before the model is traced
     mult = resolve_multipliers(phi, alpha, beta, gamma, depth, width, resolution, strategy, rank=len(opts.input_size))
