@@ -542,7 +542,7 @@ def _reshape(ctx: RuleContext, node: fx.Node) -> Desc | None:
         return None
     unit_dims = _unit_dims_moved(src, out, ctx.channel_dim(src_node))
     if ctx.channel_dim(src_node) != 1:
-        if unit_dims is None and _only_laid_out(node):
+        if _only_laid_out(node):  # moved channels flattened on their way out (FCOS's (N, H, W, 1, K) -> (N, HW, K))
             return _pinned_out(ctx, node, ctx.desc(src_node))
         if unit_dims is None:
             ctx.unsupported(node, "a reshape of a tensor whose channels are not dimension 1")
