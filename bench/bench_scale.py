@@ -1,8 +1,8 @@
 """Benchmark compscale against building the same network directly; prints ratios measured side by side.
 
-    python bench/bench_scale.py [--repeats 5]
+    python bench/bench_scale.py [--repeats 5] [--sections 1,2]
 
-1. ``scale()`` time against the direct constructor of the same network (target: <= 1.5x).
+1. ``scale()`` time against the direct constructor of the same network, at 1 and 2 threads (target: <= 1.5x).
 2. Forward latency of the scaled model against the hand-built one (target: <= 1.02x: no overhead).
 3. Peak memory (RSS) of a process that builds the base model and scales it, against one that builds
    the scaled network directly.
@@ -51,12 +51,19 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int) 
 
 
 def bench_scale_time(repeats: int) -> None:
-    print("1. scale() against the direct constructor (base model built beforehand)")
-    for name, (direct, scale, base_name) in CASES.items():
-        base = BASES[base_name]()
-        t_direct, t_scale = interleaved(direct, lambda s=scale, b=base: s(b), repeats)
-        print(f"   {name:<24} direct {t_direct * 1e3:7.0f} ms   scale {t_scale * 1e3:7.0f} ms   "
-              f"ratio {t_scale / t_direct:5.2f}")
+    print("1. scale() against the direct constructor (base model built beforehand; torch.set_num_threads)")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for name, (direct, scale, base_name) in CASES.items():
+                base = BASES[base_name]()
+                scale(base)  # warm up (first calls load code)
+                t_direct, t_scale = interleaved(direct, lambda s=scale, b=base: s(b), repeats)
+                print(f"   {name:<24} {n} thread{'s' if n > 1 else ' '}  direct {t_direct * 1e3:7.0f} ms   "
+                      f"scale {t_scale * 1e3:7.0f} ms   ratio {t_scale / t_direct:5.2f}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bench_forward(repeats: int) -> None:
@@ -128,14 +135,14 @@ def bench_strategies(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", default="1,2,3,4,5", help="the sections to run, comma-separated (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_scale_time(args.repeats)
-    bench_forward(args.repeats)
-    bench_memory()
-    bench_table()
-    bench_strategies(args.repeats)
+    sections = {"1": lambda: bench_scale_time(args.repeats), "2": lambda: bench_forward(args.repeats),
+                "3": bench_memory, "4": bench_table, "5": lambda: bench_strategies(args.repeats)}
+    for key in args.sections.split(","):
+        sections[key.strip()]()
 
 
 if __name__ == "__main__":
