@@ -93,14 +93,16 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
             derivations = derive_widths(traced, cg, table if options.stages is None and not deepened else None)
             widths = plan_widths(cg, derivations, mult.width, options,
                                  (neck, mult.neck_width) if mult.neck_width is not None else None)
+            # EfficientDet's box/class net and BiFPN depths; towers are found at the base widths (a tower's first
+            # conv reads the neck, which may round to another width than the tower's own groups)
+            neck_layers = {la.path for la in cg.layers.values() if la.output in neck}
+            towers = find_towers(work, neck_layers) if mult.head_layers or mult.neck_layers else []
             changed = apply_widths(work, cg, widths, init_rules, growth)
-            if mult.head_layers or mult.neck_layers:  # EfficientDet's box/class net and BiFPN depths
-                neck_layers = {la.path for la in cg.layers.values() if la.output in neck}
-                for t in find_towers(work, neck_layers):
-                    more = mult.head_layers if t.kind == "head" else mult.neck_layers
-                    changed += deepen_towers(work, [t], more, init_rules, growth)
-                    c = widths[cg.group_of(next(p for p in neck_layers if p.startswith(t.path + "."))).id]
-                    plan.stages.append(StagePlan(t.path, t.units, max(1, t.units + more), c, c, 1))
+            for t in towers:
+                more = mult.head_layers if t.kind == "head" else mult.neck_layers
+                changed += deepen_towers(work, [t], more, init_rules, growth)
+                c = widths[cg.group_of(next(p for p in neck_layers if p.startswith(t.path + "."))).id]
+                plan.stages.append(StagePlan(t.path, t.units, max(1, t.units + more), c, c, 1))
             # numbers the forward reads from the layers (split sizes, a traced-through norm's shape) are baked into
             # the graph; only layers the graph calls as leaves can change without it changing
             leaves = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}

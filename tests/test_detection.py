@@ -149,6 +149,22 @@ def test_user_built_detector_overrides_and_errors() -> None:
         compscale.scale(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), phi=1, neck_width=2.0)
 
 
+def test_the_callers_detector_and_its_modes_are_kept() -> None:
+    model = _user_retinanet().train()
+    model.backbone.stem.eval()  # a frozen stem, in eval mode inside a training model
+    for p in model.backbone.stem.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=1)
+    assert model.training and not model.backbone.stem.training and model.head.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert big.training and not big.backbone.stem.training and big.head.training
+    assert not any(p.requires_grad for p in big.backbone.stem.parameters())  # 16 channels stay 16 at phi=1
+    assert all(p.requires_grad for p in big.head.parameters())
+
+
 def test_profile_counts_the_network_part() -> None:
     model = _user_retinanet()
     with warnings.catch_warnings():
@@ -221,9 +237,11 @@ DETECTORS = {
     "fasterrcnn_resnet50_fpn": "resnet50",
     "maskrcnn_resnet50_fpn": "resnet50",
     "fasterrcnn_mobilenet_v3_large_fpn": "mobilenet_v3_large",
-    "ssdlite320_mobilenet_v3_large": "mobilenet_v3_large",
+    "ssdlite320_mobilenet_v3_large": "mobilenet_v3_large reduced",
 }
-TRUNKS = {"resnet50": resnet50, "mobilenet_v3_large": mobilenet_v3_large}
+TRUNKS = {"resnet50": resnet50, "mobilenet_v3_large": mobilenet_v3_large,
+          # torchvision's SSDlite halves the last stage of a backbone it builds without weights (reduced_tail)
+          "mobilenet_v3_large reduced": lambda: mobilenet_v3_large(reduced_tail=True)}
 
 
 def _convs(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -266,9 +284,10 @@ def test_torchvision_detector(name: str, phi: int) -> None:
               "fasterrcnn": ["rpn.head.conv"], "maskrcnn": ["rpn.head.conv", "roi_heads.mask_head"]}
     for path in towers.get(name.split("_")[0], []):
         old, new = model.get_submodule(path), big.get_submodule(path)
-        per_unit = 3 if name.startswith("fcos") else 1
+        per_unit = 3 if name.startswith("fcos") else 1  # FCOS's towers are flat: Conv, GroupNorm(32), ReLU
         assert len(new) == len(old) + per_unit * (phi // 3), path
-        assert {m.out_channels for m in new.modules() if isinstance(m, nn.Conv2d)} == {neck}, path
+        tower = make_divisible(256 * 1.35**phi, 32) if name.startswith("fcos") else neck  # GroupNorm's 32 groups
+        assert {m.out_channels for m in new.modules() if isinstance(m, nn.Conv2d)} == {tower}, path
     if name.startswith(("fasterrcnn", "maskrcnn")):
         assert big.roi_heads.box_head.fc6.in_features == neck * 7 * 7
         assert big.roi_heads.box_head.fc7.out_features == make_divisible(1024 * 1.35**phi, 8)
@@ -302,8 +321,8 @@ def test_torchvision_segmentation(name: str) -> None:
     with torch.no_grad():
         out = big(torch.rand(1, 3, *size, generator=_generator()))["out"]
     assert out.shape == (1, 7, *size)
-    head_in = [m for m in big.classifier.modules() if isinstance(m, nn.Conv2d)]
-    old_in = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
-    # the head is widened by the width rule, its class conv kept
-    assert head_in[-1].out_channels == 7
-    assert [m.out_channels for m in head_in[:-1]] == [make_divisible(m.out_channels * 1.1, 8) for m in old_in[:-1]]
+    new_convs = [m for m in big.classifier.modules() if isinstance(m, nn.Conv2d)]
+    old_convs = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
+    # the head is widened by the width rule, its class convs kept
+    assert [m.out_channels for m in new_convs] == [
+        7 if m.out_channels == 7 else make_divisible(m.out_channels * 1.1, 8) for m in old_convs]

@@ -161,10 +161,14 @@ def _expansion(cg: ChannelGraph, g: ChannelGroup, known: Mapping[int, Derivation
     votes: Counter[tuple[str, int, int] | None] = Counter()
     whole_of = {p.piece: p.whole for p in cg.parts}
     producers = [*g.producers, *(path for p in cg.parts if p.whole == g.id for path in cg.groups[p.piece].producers)]
+    # an expansion a depthwise conv reads is one even outside every block: an inverted residual that a detector's
+    # backbone splits in two to tap its expanded map (torchvision's SSDlite) is no block of the graph
+    expands = any(g.id in groups for groups in cg.depthwise.values())
     for path in producers:
         layer = cg.layers[path]
         block = "" if blocks is None else _block_of(path, blocks)
-        if (blocks is not None and block is None) or len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
+        outside = blocks is not None and block is None and not expands
+        if outside or len(layer.inputs) != 1 or layer.inputs[0][1] != 1:
             votes[None] += 1
             continue
         h = cg.groups[whole_of.get(layer.inputs[0][0], layer.inputs[0][0]) if path not in g.producers

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compscale.errors import TraceError
+from compscale.trace.tracer import eval_mode
 
 __all__ = ["PART_FLAG", "RESIZE_ATTRS", "NetworkPart", "network_part", "output_signature", "pooled", "record_calls"]
 
@@ -194,17 +195,14 @@ def record_calls(model: nn.Module, images: Sequence[torch.Tensor] | None = None)
         if path:
             handles.append(m.register_forward_pre_hook(functools.partial(pre, path), with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(list(images))
     except Exception as e:
         raise TraceError(f"{type(model).__name__} could not be run on a list of images to find its network part "
                          f"({type(e).__name__}: {e})",
-                         "pass example_inputs=, or scale the network part (its backbone and heads) yourself.") from e
+                         "scale the network part (its backbone and heads) yourself.") from e
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return root, shrunk
