@@ -242,7 +242,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="refuse what would be decided on a guess (a stage found on a weak signal, a phi whose depth "
                         "cannot be applied) instead of warning")
-    p.add_argument("--input-size", type=int, default=224, help="the base model's input size (default 224)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="the base model's input size (default 224; a detector's: what its transform resizes to)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads torch uses, pinned for timing (--target-latency, --latency) and shown with it "
@@ -429,6 +430,8 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
     resolve_multipliers(args.phi, args.alpha, args.beta, args.gamma, args.depth, args.width, args.resolution)
     kwargs: dict[str, Any] = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, **given,
                               "input_size": args.input_size}
+    if args.input_size is None:  # scale's own default (a detector's is its transform's size)
+        del kwargs["input_size"]
     if args.max_params is not None:
         kwargs["max_params"] = args.max_params
     if args.stages is not None:
@@ -508,6 +511,8 @@ def _report(name: str, plan: ScalingPlan, before: Profile, after: Profile, targe
         "stages": [{"name": s.name, "blocks": [s.blocks_before, s.blocks_after]} for s in plan.stages],
         "groups_changed": sum(g.before != g.after for g in plan.groups),
     }
+    if m.neck_width is not None:  # a detector
+        report.update(neck_width=_num(m.neck_width), head_layers=m.head_layers, neck_layers=m.neck_layers)
     if plan.init == "preserve":
         report["init"] = {"init": plan.init, "output_error": plan.init_error, "inexact": plan.inexact}
     if target is not None:
@@ -563,7 +568,7 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
     from compscale import Planner
 
     with progress.step(f"analysing {args.model}"):
-        planner = Planner(model, input_size=args.input_size, stages=args.stages, strict=args.strict)
+        planner = Planner(model, input_size=args.input_size or 224, stages=args.stages, strict=args.strict)
     factor = args.alpha * args.beta**2 * args.gamma**2
     rows = []
     with progress.step(f"planning {len(args.phi)} phi x {len(strategies)} strategies"):

@@ -10,6 +10,7 @@ RetinaNet (small backbone + torchvision FPN + RetinaNetHead) runs by default.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import warnings
 from collections import OrderedDict
@@ -165,6 +166,16 @@ def test_the_callers_detector_and_its_modes_are_kept() -> None:
     assert all(p.requires_grad for p in big.head.parameters())
 
 
+def test_the_command_scales_a_detector(capsys: pytest.CaptureFixture[str]) -> None:
+    from compscale.cli import main
+
+    assert main(["scale", "ssdlite320_mobilenet_v3_large", "--phi", "1", "--head-depth", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_size"] == [368, 368] and report["base"]["input_size"] == [320, 320]
+    assert report["neck_width"] == 1.35 and report["head_layers"] == 0 and report["neck_layers"] == 1
+    assert 1.5 < report["macs_ratio"] < 2.5
+
+
 def test_profile_counts_the_network_part() -> None:
     model = _user_retinanet()
     with warnings.catch_warnings():
@@ -295,7 +306,8 @@ def test_torchvision_detector(name: str, phi: int) -> None:
     # (1.35^2 gamma^2)^phi
     size, new_size = big.scaling.base_input_size, big.scaling.input_size
     base, scaled = compscale.profile(model, size).macs, compscale.profile(big, new_size).macs
-    trunk_macs = compscale.profile(_body(model), size).macs
+    # (SSD shares no layer between its levels: it has no neck and heads of the pyramid's rule, all of it is the trunk's)
+    trunk_macs = base if name.startswith("ssd") else compscale.profile(_body(model), size).macs
     ideal = trunk_macs * (1.2 * 1.1**2 * 1.15**2) ** phi + (base - trunk_macs) * (1.35**2 * 1.15**2) ** phi
     assert 0.8 < scaled / ideal < 1.6, (scaled / base, scaled / ideal)
     # it trains and detects (at a small size: the network is the same at any)
