@@ -34,7 +34,7 @@ from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import Multipliers, ScalingPlan
 from compscale.planning.rounding import make_divisible
 from compscale.rewrite.preserve import Growth
-from compscale.trace.parts import RESIZE_ATTRS, network_part, record_calls
+from compscale.trace.parts import RESIZE_ATTRS, NotRunnable, network_part, record_calls
 
 __all__ = ["NECK_BASE", "neck_arguments", "plan_detector", "refuse_target", "scale_detector", "with_neck"]
 
@@ -82,7 +82,7 @@ def scale_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, g
     work = copy.deepcopy(model)
     try:
         part = network_part(work)
-    except CompscaleError as e:
+    except NotRunnable as e:  # no detector: the tracer's error says why the model cannot be scaled
         raise error from e
     if part.input_size is not None and not size_given:
         options = options.replace(input_size=part.input_size)

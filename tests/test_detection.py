@@ -316,6 +316,34 @@ def test_torchvision_detector(name: str, phi: int) -> None:
     _trains_and_detects(big)
 
 
+def _detection_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _detection_names())
+def test_every_torchvision_detector_scales_and_detects(name: str) -> None:
+    """All of torchvision's detection builders (keypoint R-CNN, the v2 variants, SSD300 with its L2-normed VGG
+    included): the same class back, its transform at the new size, detections from an eval forward."""
+    model = getattr(D, name)(weights=None, weights_backbone=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = compscale.scale(model, phi=1)
+    assert type(big) is type(model)
+    r = 1.15
+    assert big.transform.min_size == tuple(make_divisible(s * r, 8) for s in model.transform.min_size)
+    params = sum(p.numel() for p in big.parameters())
+    assert params > 1.3 * sum(p.numel() for p in model.parameters())
+    if big.transform.fixed_size is None:
+        big.transform.min_size, big.transform.max_size = (128,), 128
+    big.eval()
+    with torch.no_grad():
+        out = big(_images(1))
+    assert isinstance(out, list) and {"boxes", "labels", "scores"} <= set(out[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
                                   "fcn_resnet50"])

@@ -951,7 +951,8 @@ def _stack(ctx: RuleContext, node: fx.Node) -> Desc:
 
 
 def _softmax(ctx: RuleContext, node: fx.Node) -> Desc | None:
-    """``softmax`` keeps the channels (over any dim: it rescales, never moves them); a grouped view stays one."""
+    """``softmax`` (and ``F.normalize``: SSD300's L2 norm over the channels) keeps the channels (over any dim: it
+    rescales, never moves them); a grouped view stays one."""
     src_node = ctx.input_node(node)
     if src_node in ctx.grouped and src_node not in ctx.descs:
         ctx.grouped[node] = ctx.grouped[src_node]
@@ -1046,7 +1047,7 @@ def _register_builtin() -> None:
     for f in ("mean", torch.mean, "amax", "sum", torch.sum, torch.amax, "amin", torch.amin):
         BUILTIN.register(f, _reduce)
     BUILTIN.register(torch.stack, _stack)
-    for f in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax"):
+    for f in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax", F.normalize):
         BUILTIN.register(f, _softmax)
     for f in targets(OpKind.CAT):
         BUILTIN.register(f, _cat)

@@ -37,7 +37,8 @@ from torch import nn
 from compscale.errors import TraceError
 from compscale.trace.tracer import eval_mode
 
-__all__ = ["PART_FLAG", "RESIZE_ATTRS", "NetworkPart", "network_part", "output_signature", "pooled", "record_calls"]
+__all__ = ["PART_FLAG", "RESIZE_ATTRS", "NetworkPart", "NotRunnable", "network_part", "output_signature", "pooled",
+           "record_calls"]
 
 log = logging.getLogger("compscale")
 
@@ -156,14 +157,16 @@ def _parameter_ids(module: nn.Module) -> Iterator[int]:
     return (id(p) for p in module.parameters())
 
 
-def record_calls(model: nn.Module, images: Sequence[torch.Tensor] | None = None) -> tuple[_Call, dict[int, int]]:
+def record_calls(model: nn.Module, images: Sequence[torch.Tensor] | None = None, shrink: bool = True
+                 ) -> tuple[_Call, dict[int, int]]:
     """The tree of module calls of one eval-mode, no-grad call of ``model`` on ``images`` (one random 3 x 224 x 224
     image by default, drawn from a generator of its own), their arguments and outputs. The first call with
-    parameters that takes a batch of images sees it shrunk (cheap to run): the map from the shrunk tensor's id to
-    the batch's is returned with the tree.
+    parameters that takes a batch of images sees it shrunk (cheap to run; when the shrunk batch does not run, a
+    layer without padding at the end of SSD300's VGG, it runs again at full size): the map from the shrunk tensor's
+    id to the batch's is returned with the tree.
 
     Raises:
-        TraceError: the model does not run on a list of images.
+        NotRunnable: the model does not run on a list of images.
     """
     if images is None:
         first = next(model.parameters(), None)
@@ -174,7 +177,7 @@ def record_calls(model: nn.Module, images: Sequence[torch.Tensor] | None = None)
     shrunk: dict[int, int] = {}
 
     def pre(path: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not shrunk and _holds_parameters(module) and args and isinstance(args[0], torch.Tensor) \
+        if shrink and not shrunk and _holds_parameters(module) and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() == 4 and min(args[0].shape[-2:]) > _RECORD_SIDE:
             x = args[0]
             side = _RECORD_SIDE / min(x.shape[-2:])
@@ -199,13 +202,21 @@ def record_calls(model: nn.Module, images: Sequence[torch.Tensor] | None = None)
         with eval_mode(model), torch.no_grad():
             model(list(images))
     except Exception as e:
-        raise TraceError(f"{type(model).__name__} could not be run on a list of images to find its network part "
-                         f"({type(e).__name__}: {e})",
-                         "scale the network part (its backbone and heads) yourself.") from e
+        failed = e
+    else:
+        return root, shrunk
     finally:
         for h in handles:
             h.remove()
-    return root, shrunk
+    if shrunk:
+        return record_calls(model, images, shrink=False)
+    raise NotRunnable(f"{type(model).__name__} could not be run on a list of images to find its network part "
+                      f"({type(failed).__name__}: {failed})",
+                      "scale the network part (its backbone and heads) yourself.") from failed
+
+
+class NotRunnable(TraceError):
+    """The model does not run on a list of images: no detector (or one that fails as it is)."""
 
 
 def _leaves(value: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:

@@ -27,6 +27,7 @@ import math
 import operator
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -398,6 +399,8 @@ def meta_copy(model: nn.Module) -> Any:
         memo[id(b)] = torch.empty_like(b, device="meta")
     if all(type(m).__module__.startswith(_TORCH_LAYERS) for m in model.modules()):
         return _shell_copy(model, memo)
+    for m in model.modules():  # empty hook dicts: fresh ones, not deepcopy's slow rebuild of each (half the copy)
+        memo.update({id(v): type(v)() for v in vars(m).values() if type(v) in (dict, set, OrderedDict) and not v})
     return copy.deepcopy(model, memo)
 
 
