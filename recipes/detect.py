@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python recip
 
 import compscale
 from recipes.data import CLASSES, ShapeBoxes, collate
+from recipes.strategies import parse_seeds
 from recipes.train import cosine
 
 __all__ = ["DIMENSIONS", "METRICS", "NUM_CLASSES", "Arm", "Network", "arms", "box_metrics", "detector", "evaluate",
@@ -71,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phi", type=float, default=1.0, help="the compound arm's phi; the other arms match its MACs")
     p.add_argument("--arms", default="base,compound," + ",".join(DIMENSIONS), help="which arms, in order")
     p.add_argument("--steps", type=int, default=300, help="AdamW steps per arm and seed")
-    p.add_argument("--seeds", type=_seeds, nargs="+", default=None, help="seeds: '0 1' or '0,1' (default)")
+    p.add_argument("--seeds", type=parse_seeds, nargs="+", default=None, help="seeds: '0 1' or '0,1' (default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate (cosine decay)")
     p.add_argument("--train-images", type=int, default=2048)
@@ -82,13 +83,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="also print one JSON line per seed and arm, and per arm")
     return _check(p, p.parse_args(argv))
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"seeds are integers, got {text!r}") from e
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

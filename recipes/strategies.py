@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser, *, steps: int, width_divisor: int,
     p.add_argument("--input-size", type=int, default=32, help="the base model's input size")
     p.add_argument("--phi", type=float, default=1.0, help="the compound model's phi; the other arms match its MACs")
     p.add_argument("--steps", type=int, default=steps, help="SGD steps per arm and seed")
-    p.add_argument("--seeds", type=_seeds, nargs="+", default=None, help="seeds: '0 1 2' or '0,1,2' (default)")
+    p.add_argument("--seeds", type=parse_seeds, nargs="+", default=None, help="seeds: '0 1 2' or '0,1,2' (default)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--train-images", type=int, default=4096)
@@ -82,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser, *, steps: int, width_divisor: int,
     p.add_argument("--json", action="store_true", help="also print one JSON line per seed and arm, and per arm")
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``' value: integers, comma-separated."""
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError as e:
