@@ -44,6 +44,7 @@ from torch import nn
 
 import compscale
 from compscale.models import TIMM_PREFIX, list_models
+from compscale.trace.parts import network_part
 
 TITLES = {"torchvision": "torchvision: every model compscale lists",
           "timm": "timm: every model compscale lists"}
@@ -173,8 +174,15 @@ def run_model(library: str, name: str) -> tuple[dict[str, Outcome], str]:
 
 
 def run_on(library: str, name: str, base: nn.Module, device: str) -> dict[str, Outcome]:
-    """Profile ``base`` (on ``device``) at its own input size, then scale it each way."""
+    """Profile ``base`` (on ``device``) at its own input size, then scale it each way. A detector's own size is what
+    its transform resizes to (found from its network part, which only a model with weights can run)."""
     inputs = inputs_of(library, name, base)
+    if device == "cpu":
+        try:
+            own = network_part(base).input_size
+        except compscale.CompscaleError:  # no detector
+            own = None
+        inputs = Inputs(own) if own is not None else inputs
     try:
         base_macs = compscale.profile(base, example_inputs=inputs.make(device=device)).macs
     except Exception as e:  # not profiled at its base input size: a row in every column
@@ -384,7 +392,8 @@ def page(library: str, results: dict[str, dict[str, Outcome]], where: dict[str, 
     listed = len(names_of(library))
     which = f"each of the {listed} models" if len(results) == listed else f"{len(results)} of the {listed} models"
     sizes = {"torchvision": "224x224, 299x299 for Inception v3, 16-frame clips (16x112x112 or 16x224x224) for the "
-                            "video models, two 224x224 images for RAFT",
+                            "video models, two 224x224 images for RAFT, a detector's transform size (800x800 for "
+                            "R-CNNs, RetinaNet and FCOS, 320x320 for SSDlite, 300x300 for SSD300) on its network part",
              "timm": "the `input_size` of the model's `pretrained_cfg`, 224x224 for most"}[library]
     notes = ""
     moved = [n for n, w in (where or {}).items() if w == "moved"]
