@@ -22,11 +22,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 from torch import nn
 
 from compscale.arguments import check_count, check_number
-from compscale.errors import CompscaleError, RewriteError, TraceError
+from compscale.errors import CompscaleError, GuessWarning, RewriteError, TraceError
 from compscale.layers import set_submodule
 from compscale.pipeline import build
 from compscale.planning.budget import check_multipliers
@@ -84,6 +85,11 @@ def scale_detector(model: nn.Module, mult: Multipliers, options: ScaleOptions, g
         part = network_part(work)
     except NotRunnable as e:  # no detector: the tracer's error says why the model cannot be scaled
         raise error from e
+    if part.unscaled:
+        warnings.warn(f"compscale: {len(part.unscaled)} modules of {type(model).__name__} with parameters ran in no "
+                      f"recorded call (eval mode, one image) and keep their widths: {', '.join(part.unscaled[:5])}"
+                      f"{', ...' if len(part.unscaled) > 5 else ''}; a training-only branch that reads the scaled "
+                      "features would fail", GuessWarning, stacklevel=3)
     if part.input_size is not None and not size_given:
         options = options.replace(input_size=part.input_size)
     scaled = build(part.gm, mult, options, growth, seed)

@@ -150,6 +150,14 @@ def test_user_built_detector_overrides_and_errors() -> None:
         compscale.scale(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), phi=1, neck_width=2.0)
 
 
+def test_a_module_no_recorded_call_reaches_is_named() -> None:
+    model = _user_retinanet()
+    model.backbone.aux = nn.Conv2d(64, 5, 1)  # a branch the forward (in eval mode) never calls
+    with pytest.warns(compscale.GuessWarning, match=r"1 modules of RetinaNet .* keep their widths: backbone\.aux"):
+        big = compscale.scale(model, phi=1)
+    assert big.backbone.aux.in_channels == 64 and big.backbone.fpn.layer_blocks[0][0].out_channels == 88
+
+
 def test_the_callers_detector_and_its_modes_are_kept() -> None:
     model = _user_retinanet().train()
     model.backbone.stem.eval()  # a frozen stem, in eval mode inside a training model

@@ -73,7 +73,7 @@ class NetworkPart:
     resizer: str | None
     input_size: tuple[int, int] | None
     stand_ins: tuple[str, ...] = ()
-    unscaled: tuple[str, ...] = ()  # modules with parameters that no unit holds (they keep their widths)
+    unscaled: tuple[str, ...] = ()  # modules with parameters no unit holds or no call ran (they keep their widths)
 
 
 def output_signature(root: nn.Module, shape: Sequence[int]) -> tuple[int, ...]:
@@ -119,13 +119,15 @@ def network_part(model: nn.Module, images: Sequence[torch.Tensor] | None = None)
                 raise
             log.debug("parts: %s cannot be traced whole (%s); its calls are taken one by one", inner.path, e)
             at = units.index(inner)
-            units[at:at + 1] = [c for c in inner.children if _holds_parameters(c.module)]
+            units[at:at + 1] = _units(inner)
             continue
         break
     else:  # pragma: no cover - a model with more nesting than this is not a detector
         raise TraceError(f"{name}: no traceable network part was found", "pass the network part itself.")
     held = {p for u in units for p in _parameter_ids(u.module)}
-    unscaled = sorted({path.rpartition(".")[0] for path, p in model.named_parameters() if id(p) not in held})
+    called = {"", *(c.path for c in _calls(root))}
+    unscaled = sorted({path.rpartition(".")[0] for path, p in model.named_parameters()
+                       if id(p) not in held or path.rpartition(".")[0] not in called})
     resizer = _resizer(root, shrunk.get(source, source))
     return NetworkPart(model, gm, tuple(u.path for u in units), resizer.path if resizer else None,
                        _nominal_size(resizer.module) if resizer else None, tuple(stand_ins), tuple(unscaled))
