@@ -36,7 +36,7 @@ from compscale.planning.options import ScaleOptions
 from compscale.planning.plan import GroupPlan, Multipliers, ScalingPlan, StagePlan, plan_input_size
 from compscale.planning.policy import derive_widths, plan_widths
 from compscale.randomness import Draws, drawing_from
-from compscale.rewrite.depth import deepen, deepen_towers
+from compscale.rewrite.depth import deepen, deepen_tower
 from compscale.rewrite.init import InitRules
 from compscale.rewrite.metadata import update_metadata
 from compscale.rewrite.padding import follow_same_padding
@@ -100,7 +100,7 @@ def build(model: nn.Module, mult: Multipliers, options: ScaleOptions, growth: Gr
             changed = apply_widths(work, cg, widths, init_rules, growth)
             for t in towers:
                 more = mult.head_layers if t.kind == "head" else mult.neck_layers
-                changed += deepen_towers(work, [t], more, init_rules, growth)
+                changed += deepen_tower(work, t, more, init_rules, growth)
                 c = widths[cg.group_of(next(p for p in neck_layers if p.startswith(t.path + "."))).id]
                 plan.stages.append(StagePlan(t.path, t.units, max(1, t.units + more), c, c, 1))
             # numbers the forward reads from the layers (split sizes, a traced-through norm's shape) are baked into

@@ -133,6 +133,12 @@ def test_user_built_detector_overrides_and_errors() -> None:
         width_only = compscale.scale(model, width=1.5)
     assert big.backbone.fpn.layer_blocks[0][0].out_channels == 128
     assert len(big.head.classification_head.conv) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fewer = compscale.scale(model, phi=1, head_depth=-2)
+        fewest = compscale.scale(model, phi=1, head_depth=-10)
+    assert len(fewer.head.classification_head.conv) == 2 and len(fewest.head.regression_head.conv) == 1  # one kept
+    _trains_and_detects(fewer)
     # a one-dimension ablation changes one dimension: the neck follows the width, no head layer, no new size
     assert width_only.backbone.fpn.layer_blocks[0][0].out_channels == 96
     assert len(width_only.head.classification_head.conv) == 4

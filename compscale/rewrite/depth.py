@@ -28,7 +28,7 @@ from compscale.rewrite.preserve import Growth, probe_input, zero_layer
 from compscale.rewrite.synth import synthesize_dense, synthesize_repeat
 from compscale.trace import Traced, trace
 
-__all__ = ["RunAfter", "append_by_hook", "deepen", "deepen_towers", "follow_taps", "fresh_copy", "respread",
+__all__ = ["RunAfter", "append_by_hook", "deepen", "deepen_tower", "follow_taps", "fresh_copy", "respread",
            "respread_drop_path"]
 
 
@@ -340,27 +340,25 @@ def _roundness(p: float) -> float:
     return abs(p / 0.05 - round(p / 0.05))
 
 
-def deepen_towers(root: nn.Module, towers: Sequence[Tower], layers: int, rules: InitRules,
-                  growth: Growth | None) -> list[str]:
-    """Give each head tower of ``root`` ``layers`` more units (fresh copies of its last, appended), or fewer (its
-    last ones dropped, one kept); returns the paths of the units added."""
+def deepen_tower(root: nn.Module, tower: Tower, layers: int, rules: InitRules, growth: Growth | None) -> list[str]:
+    """Give a head tower of ``root`` ``layers`` more units (fresh copies of its last, appended), or fewer (its last
+    ones dropped, one kept); returns the paths of the children added or dropped (the graph no longer holds)."""
+    container = root.get_submodule(tower.path)
+    assert isinstance(container, nn.Sequential)
+    keep = max(1, tower.units + layers) * tower.period
+    names = [n for n, _ in container.named_children()]
+    last = [container.get_submodule(n) for n in names[-tower.period:]]
+    changed = [f"{tower.path}.{name}" for name in names[keep:]]
+    for name in names[keep:]:
+        delattr(container, name)
+        if growth is not None:
+            growth.note(f"{tower.path}.{name}", "a head layer dropped")
     added = []
-    for tower in towers:
-        container = root.get_submodule(tower.path)
-        assert isinstance(container, nn.Sequential)
-        keep = max(1, tower.units + layers) * tower.period
-        names = [n for n, _ in container.named_children()]
-        if keep <= len(names):
-            for name in names[keep:]:
-                delattr(container, name)
-            continue
-        last = [container.get_submodule(n) for n in names[-tower.period:]]
-        for _ in range((keep - len(names)) // tower.period):
-            for m in last:
-                new = fresh_copy(m, rules)
-                name = str(len(container))
-                container.add_module(name, new)
-                added.append(f"{tower.path}.{name}")
-                if growth is not None:
-                    growth.note(f"{tower.path}.{name}", "a new head layer: fresh weights")
-    return added
+    for _ in range(max(0, keep - len(names)) // tower.period):
+        for m in last:
+            name = str(len(container))
+            container.add_module(name, fresh_copy(m, rules))
+            added.append(f"{tower.path}.{name}")
+            if growth is not None:
+                growth.note(added[-1], "a new head layer: fresh weights")
+    return changed + added
