@@ -428,10 +428,9 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         _check_save_path(args.save)
     resolve_multipliers(args.phi, args.alpha, args.beta, args.gamma, args.depth, args.width, args.resolution)
-    kwargs: dict[str, Any] = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, **given,
-                              "input_size": args.input_size}
-    if args.input_size is None:  # scale's own default (a detector's is its transform's size)
-        del kwargs["input_size"]
+    kwargs: dict[str, Any] = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, **given}
+    if args.input_size is not None:  # else scale's own default (a detector's is its transform's size)
+        kwargs["input_size"] = args.input_size
     if args.max_params is not None:
         kwargs["max_params"] = args.max_params
     if args.stages is not None:

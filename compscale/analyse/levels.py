@@ -49,14 +49,13 @@ def pyramid_groups(traced: Traced, cg: ChannelGraph) -> set[int]:
     for la in cg.layers.values():
         for g, _ in la.inputs:
             readers.setdefault(g, []).append(la.output)
-    changed = bool(neck)
-    while changed:
+    while True:  # to a fixed point
         before = len(neck)
         neck |= {la.output for la in cg.layers.values() if la.output in free and any(g in neck for g, _ in la.inputs)}
         neck |= {g.id for g in cg.groups if g.id in free and len(g.producers) > 1 and readers.get(g.id)
                  and all(o in neck for o in readers[g.id])}
-        changed = len(neck) != before
-    return neck
+        if len(neck) == before:
+            return neck
 
 
 @dataclasses.dataclass(frozen=True)

@@ -261,12 +261,12 @@ def _replay(model: nn.Module, root: _Call, units: list[_Call], name: str
     x = graph.placeholder("x")
 
     def produced(call: _Call, node: fx.Node) -> None:
+        items: dict[tuple[Any, ...], fx.Node] = {(): node}  # one getitem per key path: (0,), then (0, 1) from it
         for keys, t in _leaves(call.output):
-            n = node
-            for k in keys:
-                n = graph.call_function(operator.getitem, (n, k))
-            made[id(t)] = n
-            outputs[id(t)] = n
+            for i in range(1, len(keys) + 1):
+                if keys[:i] not in items:
+                    items[keys[:i]] = graph.call_function(operator.getitem, (items[keys[:i - 1]], keys[i - 1]))
+            made[id(t)] = outputs[id(t)] = items[keys]
 
     def node_of(t: torch.Tensor, reader: _Call) -> fx.Node:
         if id(t) in made:
