@@ -113,6 +113,8 @@ def test_user_built_retinanet_scales_whole(phi: int) -> None:
         assert len(head.conv) == 4 + phi // 3
         assert {c[0].in_channels for c in head.conv} == {c[0].out_channels for c in head.conv} == {neck}
     assert big.head.classification_head.cls_logits.out_channels == 3 * 5  # anchors x classes: kept
+    prior = -math.log((1 - 0.01) / 0.01)  # RetinaNet's class prior, a constant bias its constructor sets
+    assert torch.allclose(big.head.classification_head.cls_logits.bias, torch.full((15,), prior))
     assert big.head.regression_head.bbox_reg.out_channels == 3 * 4
     # the trunk by beta: its stage widths are make_divisible(C * 1.1**phi, 8), its stages ceil(2 * 1.2**phi) repeats
     w = 1.1**phi

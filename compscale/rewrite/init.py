@@ -173,8 +173,9 @@ def reinit(module: nn.Module, rules: InitRules | None, template: nn.Module | Non
     if bias is None:
         return
     t_bias = getattr(template, "bias", None)
-    if isinstance(t_bias, torch.Tensor) and t_bias.device.type != "meta" and not bool(t_bias.any()):
-        bias.zero_()  # the constructor zeroed biases
+    if isinstance(t_bias, torch.Tensor) and t_bias.device.type != "meta" and t_bias.numel() and (
+            not bool(t_bias.any()) or (t_bias.numel() > 1 and bool((t_bias == t_bias.flatten()[0]).all()))):
+        bias.fill_(t_bias.flatten()[0].item())  # the constructor set every bias alike: zeros, or a prior (RetinaNet's)
     elif law is not None:  # reset_parameters() did not run: PyTorch's default bias law
         bound = _fans(module.weight)[0] ** -0.5
         nn.init.uniform_(bias, -bound, bound)
