@@ -70,7 +70,9 @@ class _Probe:
 class Planner:
     """The analysis of one model, reused for every plan asked of it.
 
-    The probe has one extra block per stage of repeated blocks, costed ``blocks_after - blocks_before`` times.
+    Where every stage ends in a block that new blocks copy, the model's own graph is costed, that block counted once
+    more per block added. Otherwise a probe is traced: the model with one extra block per stage of repeated blocks
+    (a one-block stage's repeat is synthesized), costed ``blocks_after - blocks_before`` times.
     A dense stage cannot be costed so: each new layer reads more channels than the one before, and the layers
     after the stage (a DenseNet transition) widen with it. Its layers are built in the probe instead, one probe
     per combination of dense-stage depths a plan asks for (cached; about a second each for DenseNet-121).
@@ -112,6 +114,11 @@ class Planner:
         self.table: StageTable = find_stages(self._base, opts.stages)
         self.dense_costs = dense_costs(self._base, self.table)
         self._probes: dict[tuple[int, ...], _Probe] = {}
+        if all(not s.grows and s.repeat is not None for s in self.table):  # new blocks copy blocks in the graph
+            cg = analyse_channels(self._base)
+            repeats = {s.index: tuple(s.repeat.layers or (s.repeat.path,)) for s in self.table if s.repeat is not None}
+            self._probes[()] = _Probe(self._base, cg, derive_widths(self._base, cg),
+                                      CostModel(self._base, cg, repeats, in_network=True))
         probe = self._probe(self._dense_counts({s.index: len(s.blocks) for s in self.table}))
         self.traced, self.cg, self.derivations, self.cost = probe.traced, probe.cg, probe.derivations, probe.cost
         self.base_costs: Costs = self.cost.cost({g.id: g.base for g in self.cg.groups}, {}, self.base_size)

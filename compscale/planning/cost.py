@@ -1,7 +1,8 @@
 """Cost of a planned network, without building it: MACs, parameters and activations from channel widths and sizes.
 
-The planner traces one *probe* network on the meta device (no weights): the model with one extra block
-per stage, so that every block a plan may add has a representative. A plan then costs, per conv/linear
+The planner costs the model's own graph when every stage repeats a block of its own (a new block copies it, so it
+counts once more per block added); otherwise it traces one *probe* network on the meta device (no weights): the model
+with one extra block per stage, so that every block a plan may add has a representative. A plan then costs, per conv/linear
 layer, ``out * in / groups * kernel * H_out * W_out`` MACs (what ``FlopCounterMode`` counts for conv and
 matmul, halved) and ``out * H_out * W_out`` activations for a conv (pycls's count, what
 :func:`compscale.profile` counts), each layer of a stage's extra block counted ``blocks_after - blocks_before`` times.
@@ -60,10 +61,14 @@ class _Layer:
 class CostModel:
     """MACs and parameters of the probe network at any widths, stage depths and input size."""
 
-    def __init__(self, traced: Traced, cg: ChannelGraph, extra_blocks: Mapping[int, Sequence[str]]) -> None:
-        """``extra_blocks``: per stage, the paths of the block (or the layers of the run) the probe added to it."""
+    def __init__(self, traced: Traced, cg: ChannelGraph, extra_blocks: Mapping[int, Sequence[str]],
+                 in_network: bool = False) -> None:
+        """``extra_blocks``: per stage, the paths of the block (or the layers of the run) that each block added to it
+        repeats: a block the probe added (counted only as often as blocks are added), or, ``in_network``, the
+        stage's own repeat block, which new blocks copy (counted once more per block added)."""
         self.traced = traced
         self.extra_blocks = dict(extra_blocks)
+        self._own = int(in_network)
         self.channel_dims = cg.channel_dims
         self.layers = _inventory(traced, cg)
         self._attrs = _attr_nodes(traced)
@@ -75,7 +80,7 @@ class CostModel:
         """How many times a layer of the probe appears in a network with ``extra[s]`` blocks added to stage s."""
         for stage, paths in self.extra_blocks.items():
             if any(path == p or path.startswith(p + ".") for p in paths):
-                return extra.get(stage, 0)
+                return self._own + extra.get(stage, 0)
         return 1
 
     def spatial(self, input_size: Sequence[int]) -> dict[str, Spatial]:
