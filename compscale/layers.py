@@ -8,13 +8,28 @@ passes both resize layers; this is the one place that knows how.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["STANDARD_TENSORS", "channels", "init_like", "memory_format", "resize", "set_submodule"]
+__all__ = [
+    "ELEMENTWISE", "SHAPE_PRESERVING", "STANDARD_TENSORS", "channels", "copy_module", "init_like", "memory_format",
+    "resize", "set_submodule",
+]
+
+
+def copy_module(model: nn.Module, memo: dict[int, Any] | None = None) -> Any:
+    """``copy.deepcopy(model, memo)``, twice as fast for a network of many small modules: each empty dict, set or
+    ``OrderedDict`` a module keeps (the hook dicts, eleven of them per module) becomes a fresh one of its type
+    instead of going through deepcopy's generic rebuild; a container shared by several modules stays shared."""
+    memo = {} if memo is None else memo
+    for m in model.modules():
+        memo.update({id(v): type(v)() for v in vars(m).values()
+                     if type(v) in (dict, set, OrderedDict) and not v and id(v) not in memo})
+    return copy.deepcopy(model, memo)
 
 
 def _clone_shell(module: nn.Module) -> nn.Module:
@@ -44,6 +59,14 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+"""torch's activations and dropouts: each output element from its input element alone (the shape, the channels)."""
+SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, *ELEMENTWISE)
+"""Layers whose output has their one input's shape: shape propagation makes an empty tensor of it instead of running
+them on meta tensors (meta batch_norm is slow)."""
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 """The norm layers whose channels :func:`channels` and :func:`resize` know."""
 CHANNEL_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, *NORMS)

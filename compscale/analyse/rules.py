@@ -27,6 +27,7 @@ from torch import nn
 
 from compscale.analyse.ops import BINARY, OpKind, targets
 from compscale.analyse.probe import probed_rule
+from compscale.layers import ELEMENTWISE
 from compscale.registry import drop_path_attr, drop_path_types
 from compscale.trace import module_path
 
@@ -1000,9 +1001,7 @@ _ATTR_VIEWS: tuple[Any, ...] = (operator.getitem, "reshape", "view", "unsqueeze"
 
 def _register_builtin() -> None:
     act_types: tuple[type[nn.Module], ...] = (
-        nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
-        nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-        nn.AlphaDropout, nn.Upsample,
+        *ELEMENTWISE, nn.Upsample,
         # pooling and padding of every rank (1-d audio, 2-d images, 3-d video) keep the channels
         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,

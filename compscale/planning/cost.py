@@ -2,8 +2,8 @@
 
 The planner costs the model's own graph when every stage repeats a block of its own (a new block copies it, so it
 counts once more per block added); otherwise it traces one *probe* network on the meta device (no weights): the model
-with one extra block per stage, so that every block a plan may add has a representative. A plan then costs, per conv/linear
-layer, ``out * in / groups * kernel * H_out * W_out`` MACs (what ``FlopCounterMode`` counts for conv and
+with one extra block per stage, so that every block a plan may add has a representative. A plan then costs, per
+conv/linear layer, ``out * in / groups * kernel * H_out * W_out`` MACs (what ``FlopCounterMode`` counts for conv and
 matmul, halved) and ``out * H_out * W_out`` activations for a conv (pycls's count, what
 :func:`compscale.profile` counts), each layer of a stage's extra block counted ``blocks_after - blocks_before`` times.
 Output sizes at a new input size come from conv arithmetic over the graph (checked against fx's shape

@@ -10,7 +10,6 @@ blocks' outputs too, and the layer reading the concatenation takes the new numbe
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import nn
 from compscale.analyse.levels import Tower
 from compscale.analyse.stages import Block, Stage, StageTable, cat_inputs
 from compscale.errors import RewriteError
-from compscale.layers import channels, resize
+from compscale.layers import channels, copy_module, resize
 from compscale.registry import drop_path_attr
 from compscale.rewrite.init import InitRules, redrawn, reinit
 from compscale.rewrite.modules import insert_after, move_after, next_name, remove_children, set_submodule
@@ -44,7 +43,7 @@ def fresh_copy(template: nn.Module, rules: InitRules | None) -> nn.Module:
             p = m._parameters[name]
             if type(p) is nn.Parameter:  # what Parameter.__deepcopy__ makes, less the copy of its values
                 memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
-    new = copy.deepcopy(template, memo)
+    new = copy_module(template, memo)
     for (_, m), (_, t) in zip(new.named_modules(), template.named_modules()):
         if any(True for _ in m.parameters(recurse=False)) or list(m.buffers(recurse=False)):
             reinit(m, rules, template=t)

@@ -45,8 +45,13 @@ def _scale(law: str, fan_in: int, fan_out: int) -> float:
     return {"fan_out": fan_out ** -0.5, "fan_in": fan_in ** -0.5, "const": 1.0}[law]
 
 
+_KURTOSIS_SAMPLE = 8192
+"""Weights a kurtosis is measured on (the first of the tensor): its standard error is then 0.05 for a normal's 3.0,
+a twelfth of the way to the 2.4 that separates it from a uniform's 1.8."""
+
+
 def _looks_uniform(w: torch.Tensor) -> bool:
-    x = w.detach().float().flatten()
+    x = w.detach().flatten()[:_KURTOSIS_SAMPLE].float()
     if x.numel() < 16:
         return False
     x = x - x.mean()

@@ -35,12 +35,20 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from compscale.errors import CompscaleError
+from compscale.layers import SHAPE_PRESERVING
 from compscale.planning.plan import ScalingPlan
-from compscale.trace.tracer import SHAPE_PRESERVING, default_input_shape, empty_like, eval_mode, meta_copy
+from compscale.trace.tracer import (
+    Traced,
+    default_input_shape,
+    empty_like,
+    eval_mode,
+    meta_copy,
+)
 
 __all__ = ["MetadataError", "update_metadata"]
 
@@ -62,21 +70,31 @@ _ROUNDING = re.compile(r"divisor|divisible")  # a rounding rule's step (Efficien
 Shapes = dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]]  # module path -> (input, output) shapes
 
 
-def update_metadata(result: nn.Module, base: nn.Module, plan: ScalingPlan) -> None:
+def update_metadata(result: nn.Module, base: nn.Module, plan: ScalingPlan,
+                    graphs: tuple[Traced, Traced] | None = None) -> None:
     """Make what ``result``'s library reads back from it describe the scaled network (see the module docstring).
 
-    ``base`` is the model ``result`` was scaled from (only read); ``plan`` the plan it was built by.
+    ``base`` is the model ``result`` was scaled from (only read); ``plan`` the plan it was built by; ``graphs`` the
+    graphs of both at their input sizes, when the pipeline has them: a module's shapes are read from the nodes its
+    call made instead of from a forward of a meta-device copy (timm's ``forward_features``/``forward_head`` still
+    run one).
     """
     _update_hf_config(result, plan)
-    if not (_has_head_api(result) or any(k in vars(result) for k in ("feature_info", "pretrained_cfg", "default_cfg"))
-            or _measured_paths(result)):
+    timm = _has_head_api(result) or any(k in vars(result) for k in ("feature_info", "pretrained_cfg", "default_cfg"))
+    paths = _measured_paths(result)
+    if not (timm or paths):
         return  # no timm attribute, no channel attribute: nothing to measure
     given = getattr(plan.options, "input_shape", None)
     shape = tuple(given) if given is not None else default_input_shape(base, plan.base_input_size)
     new_shape = (*shape[:2], *plan.input_size)
     extra = tuple(getattr(plan.options, "extra_inputs", ()) or ())
-    before = _measure(base, shape, extra)
-    after = _measure(result, new_shape, extra) if before is not None else None
+    before = after = None
+    if graphs is not None and not timm:
+        before = graph_shapes(graphs[0], _measured_paths(base))
+        after = graph_shapes(graphs[1], paths) if before is not None else None
+    if before is None or after is None:
+        before = _measure(base, shape, extra)
+        after = _measure(result, new_shape, extra) if before is not None else None
     if before is not None and after is not None:
         _update_channel_attributes(result, base, before, after)
         _update_timm(result, base, plan, before, after, shape, new_shape)
@@ -141,6 +159,30 @@ def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor
         log.debug("metadata: %s does not run on meta tensors (%s: %s)", type(model).__name__, type(e).__name__, e)
         if not shapes:
             return None
+    return shapes
+
+
+def graph_shapes(traced: Traced, paths: set[str]) -> Shapes | None:
+    """The input and output shapes of the modules ``paths`` read from ``traced``'s nodes, as a forward hook on each
+    would record them: the first value a module's nodes read from outside it, and the one value they give out.
+    ``None`` when a module made no node of its own, gives out several values or was called more than once (its
+    nodes give out one value per call), or the graph was traced with concrete values: a hooked forward measures
+    those."""
+    if not traced.gm.meta.get("compscale_symbolic"):
+        return None
+    inside: dict[str, list[fx.Node]] = {p: [] for p in paths}
+    for node in traced.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path in inside:
+                inside[path].append(node)
+    shapes: Shapes = {}
+    for path, nodes in inside.items():
+        members = set(nodes)
+        read = next((a for n in nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"), None)
+        given = [n for n in nodes if any(u not in members for u in n.users)]
+        if read is None or len(given) != 1 or not (traced.has_shape(read) and traced.has_shape(given[0])):
+            return None
+        shapes[path] = (tuple(traced.shape(read)), tuple(traced.shape(given[0])))
     return shapes
 
 

@@ -27,7 +27,6 @@ import math
 import operator
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -35,11 +34,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten, tree_map
 
 from compscale.errors import NotACNNError, TraceError, UnsupportedOpError
-from compscale.layers import channels, resize
+from compscale.layers import SHAPE_PRESERVING, channels, copy_module, resize
 from compscale.registry import drop_path_types
 
 __all__ = ["CompscaleTracer", "Retracer", "Traced", "check_module", "eval_mode", "module_path", "splits_channels"]
@@ -126,6 +126,7 @@ class Traced:
     # what retrace and retrace_graph call: compscale.trace.entry's, which records itself on every trace it makes
     # (it sits above this module: its concrete fallback builds on this tracer)
     retracer: Retracer | None = dataclasses.field(default=None, repr=False, compare=False)
+    _leaves: dict[str, nn.Module] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def retrace(self, model: nn.Module, input_shape: Sequence[int]) -> Traced:
         """Trace another model (a rewritten one, a block) with the same tracer options, shapes included."""
@@ -184,9 +185,12 @@ class Traced:
         return nodes
 
     def module(self, node: fx.Node) -> nn.Module:
-        """The submodule a ``call_module`` node calls."""
+        """The submodule a ``call_module`` node calls (the graph module's leaves are set when it is made)."""
         assert node.op == "call_module", node.format_node()
-        return self.gm.get_submodule(str(node.target))
+        if self._leaves is None:
+            self._leaves = dict(self.gm.named_modules())
+        found = self._leaves.get(str(node.target))
+        return found if found is not None else self.gm.get_submodule(str(node.target))
 
     def shape(self, node: fx.Node) -> torch.Size:
         meta = node.meta.get("tensor_meta")
@@ -399,9 +403,7 @@ def meta_copy(model: nn.Module) -> Any:
         memo[id(b)] = torch.empty_like(b, device="meta")
     if all(type(m).__module__.startswith(_TORCH_LAYERS) for m in model.modules()):
         return _shell_copy(model, memo)
-    for m in model.modules():  # empty hook dicts: fresh ones, not deepcopy's slow rebuild of each (half the copy)
-        memo.update({id(v): type(v)() for v in vars(m).values() if type(v) in (dict, set, OrderedDict) and not v})
-    return copy.deepcopy(model, memo)
+    return copy_module(model, memo)
 
 
 _TORCH_LAYERS = "torch.nn.modules."
@@ -453,6 +455,28 @@ class _ShapeProp(ShapeProp):
 
     def fetch_attr(self, target: str) -> Any:
         return self._on_meta(target)
+
+    def run_node(self, n: fx.Node) -> Any:
+        """ShapeProp's, recording a tensor's shape, dtype and strides but not the memory formats it is contiguous in
+        (which ShapeProp tests each output for: a third of the propagation's time, and nothing here reads them)."""
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as e:
+            raise RuntimeError(f"ShapeProp error for: node={n.format_node()} with meta={n.meta}") from e
+        found = False
+
+        def described(obj: Any) -> Any:
+            nonlocal found
+            if not isinstance(obj, torch.Tensor):
+                return obj
+            found = True
+            return TensorMetadata(obj.shape, obj.dtype, obj.requires_grad, obj.stride(), None, False, {})
+
+        meta = map_aggregate(result, described)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         real = super().fetch_attr(str(target))
@@ -511,10 +535,6 @@ def _fed_output(module: nn.Module, fed: int, ratio: Fraction | None) -> int:
     return max(1, math.floor(fed * ratio)) if ratio is not None else channels(module)[1]
 
 
-SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
-    nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d,
-)
 
 
 def _on_meta(module: nn.Module) -> bool:
