@@ -114,10 +114,12 @@ class Planner:
         self.table: StageTable = find_stages(self._base, opts.stages)
         self.dense_costs = dense_costs(self._base, self.table)
         self._probes: dict[tuple[int, ...], _Probe] = {}
-        if all(not s.grows and s.repeat is not None for s in self.table):  # new blocks copy blocks in the graph
+        # new blocks copy a block in the graph and change nothing else (a C2f's taps widen the layer after them)
+        if all(not s.grows and not s.taps and s.repeat is not None for s in self.table):
             cg = analyse_channels(self._base)
             repeats = {s.index: tuple(s.repeat.layers or (s.repeat.path,)) for s in self.table if s.repeat is not None}
-            self._probes[()] = _Probe(self._base, cg, derive_widths(self._base, cg),
+            found = self.table if opts.stages is None else None  # the stages derive_widths would find again
+            self._probes[()] = _Probe(self._base, cg, derive_widths(self._base, cg, found),
                                       CostModel(self._base, cg, repeats, in_network=True))
         probe = self._probe(self._dense_counts({s.index: len(s.blocks) for s in self.table}))
         self.traced, self.cg, self.derivations, self.cost = probe.traced, probe.cg, probe.derivations, probe.cost

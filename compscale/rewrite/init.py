@@ -97,11 +97,6 @@ class InitRules:
                 self._samples.setdefault(_kind(m), []).append(w.detach())
         self._laws: dict[type, _Law | None] = {}
 
-    @property
-    def laws(self) -> dict[type, _Law | None]:
-        """Every layer type's law (fitting those not asked for yet)."""
-        return {kind: self._law(kind) for kind in self._samples}
-
     def law_for(self, module: nn.Module) -> _Law | None:
         return self._law(_kind(module))
 
