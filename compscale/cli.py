@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from compscale.errors import CompscaleError
@@ -119,12 +119,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _strategies(text: str) -> list[str]:
-    """Comma-separated strategy names (compound, fast, depth, width, resolution, or pycls strings like d1_w8_r1)."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"no strategy in {text!r} (like compound,fast)")
-    return names
+def _comma_list(what: str, example: str) -> Callable[[str], list[str]]:
+    """The parser of a non-empty comma-separated list of ``what`` (module paths, as in ``model.named_modules()``;
+    strategy names: compound, fast, depth, width, resolution, or pycls strings like d1_w8_r1)."""
+
+    def parse(text: str) -> list[str]:
+        items = [n.strip() for n in text.split(",") if n.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"no {what} in {text!r} (like {example})")
+        return items
+
+    return parse
+
+
+_strategies = _comma_list("strategy", "compound,fast")
+_paths = _comma_list("module path", "layer3,layer4")
 
 
 def _phi_range(text: str) -> list[float]:
@@ -149,14 +158,6 @@ def _phi_range(text: str) -> list[float]:
     return [round(v, 10) for v in values]
 
 
-def _paths(text: str) -> list[str]:
-    """Comma-separated module paths, as in ``model.named_modules()``."""
-    paths = [p.strip() for p in text.split(",") if p.strip()]
-    if not paths:
-        raise argparse.ArgumentTypeError(f"no module path in {text!r} (like layer3,layer4)")
-    return paths
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (no usage block)."""
 
@@ -175,22 +176,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "multipliers, and print what changed and the cost before -> after.",
                        epilog=_EXAMPLES)
     s.add_argument("model", help=_MODEL_HELP)
-    s.add_argument("--phi", type=_number, default=None,
-                   help="compound coefficient; negative scales down (e.g. 2, -1)")
-    s.add_argument("--depth", type=_number, default=None, help="depth multiplier (overrides phi's)")
-    s.add_argument("--width", type=_number, default=None, help="width multiplier (overrides phi's)")
-    s.add_argument("--resolution", type=_number, default=None, help="resolution multiplier (overrides phi's)")
-    s.add_argument("--target-macs", type=_macs, default=None, metavar="MACS",
-                   help="scale to about this many MACs (e.g. 8.2G, 600M); searches phi, or --vary one multiplier")
-    s.add_argument("--target-acts", type=_macs, default=None, metavar="ACTS",
-                   help="scale to about this many activations (conv output elements, e.g. 30M)")
-    s.add_argument("--target-latency", type=_seconds, default=None, metavar="TIME",
-                   help="scale to about this latency per image on this machine (e.g. 40ms): planned on activations, "
-                        "confirmed by building and timing a few candidates")
+    s.add_argument("--phi", type=_number, help="compound coefficient; negative scales down (e.g. 2, -1)")
+    for name in ("depth", "width", "resolution"):
+        s.add_argument(f"--{name}", type=_number, help=f"{name} multiplier (overrides phi's)")
+    for name, kind, metavar, what in (
+        ("macs", _macs, "MACS", "many MACs (e.g. 8.2G, 600M); searches phi, or --vary one multiplier"),
+        ("acts", _macs, "ACTS", "many activations (conv output elements, e.g. 30M)"),
+        ("latency", _seconds, "TIME", "latency per image on this machine (e.g. 40ms): planned on activations, "
+                                      "confirmed by building and timing a few candidates"),
+    ):
+        s.add_argument(f"--target-{name}", type=kind, metavar=metavar, help=f"scale to about this {what}")
     s.add_argument("--strategy", default="compound",
                    help="how phi becomes depth/width/resolution: compound (default), fast (Dollar et al.'s "
                         "width-dominant dWr), depth, width, resolution, or a pycls string like d1_w8_r1")
-    s.add_argument("--vary", choices=("phi", "depth", "width", "resolution"), default=None,
+    s.add_argument("--vary", choices=("phi", "depth", "width", "resolution"),
                    help="with --target-macs: what to search (default phi; depth, width or resolution search that "
                         "multiplier alone, the others as given or 1; the same as --strategy depth etc.)")
     s.add_argument("--fixed", type=_paths, default=[], metavar="PATHS",
@@ -198,14 +197,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--init", choices=("fresh", "preserve"), default="fresh",
                    help="preserve: grow the model's weights so that it computes what it did (Net2Net), e.g. a trained "
                         "model from module:callable; fresh (default): new layers drawn as its constructor would")
-    s.add_argument("--neck-width", type=float, default=None, metavar="W",
+    s.add_argument("--neck-width", type=float, metavar="W",
                    help="a detector's feature network and heads width multiplier (default EfficientDet's 1.35^phi)")
-    s.add_argument("--head-depth", type=int, default=None, metavar="K",
+    s.add_argument("--head-depth", type=int, metavar="K",
                    help="layers added to each of a detector's head towers (default floor(phi / 3))")
-    s.add_argument("--max-params", type=_count, default=None, metavar="N",
+    s.add_argument("--max-params", type=_count, metavar="N",
                    help="refuse, before building anything, a network with more parameters (e.g. 50M); by default "
                         "what fits in half the free memory")
-    s.add_argument("--save", default=None, metavar="PATH",
+    s.add_argument("--save", metavar="PATH",
                    help="save weights and what rebuilds them (reload with compscale.checkpoint.load(PATH))")
     _add_common(s)
     t = sub.add_parser("table", help="MACs, params and input size for a range of phi, without building weights",
@@ -219,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--latency", action="store_true",
                    help="also build each network (fresh weights) and time it on this machine: median and IQR")
     t.add_argument("--batch-size", type=int, default=1, help="with --latency: images per timed call (default 1)")
-    t.add_argument("--plot", default=None, metavar="PNG",
+    t.add_argument("--plot", metavar="PNG",
                    help="draw MACs, params, activations (and latency) against phi, one line per strategy "
                         "(needs matplotlib: pip install 'compscale[recipes]')")
     _add_common(t)
@@ -229,30 +228,30 @@ def _parser() -> argparse.ArgumentParser:
     _add_progress(st)
     m = sub.add_parser("models", help="list the model names MODEL accepts (torchvision; timm when installed)",
                        formatter_class=fmt, epilog="examples:\n  compscale models\n  compscale models 'resnet*'\n")
-    m.add_argument("pattern", nargs="?", default=None, help="shell pattern or substring to filter by")
-    m.add_argument("--library", choices=("torchvision", "timm"), default=None, help="one library's names only")
+    m.add_argument("pattern", nargs="?", help="shell pattern or substring to filter by")
+    m.add_argument("--library", choices=("torchvision", "timm"), help="one library's names only")
     return p
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     for name, default in (("alpha", 1.2), ("beta", 1.1), ("gamma", 1.15)):
         p.add_argument(f"--{name}", type=_number, default=default, help=f"compound base (default {default})")
-    p.add_argument("--stages", type=_paths, default=None, metavar="PATHS",
+    p.add_argument("--stages", type=_paths, metavar="PATHS",
                    help="deepen only the blocks under these comma-separated module paths (e.g. layer3,layer4)")
     p.add_argument("--strict", action="store_true",
                    help="refuse what would be decided on a guess (a stage found on a weak signal, a phi whose depth "
                         "cannot be applied) instead of warning")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--input-size", type=int,
                    help="the base model's input size (default 224; a detector's: what its transform resizes to)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads torch uses, pinned for timing (--target-latency, --latency) and shown with it "
                         "(default: torch's own count)")
     _add_progress(p)
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="show each step and its time on stderr (default: when stderr is a terminal)")
 
 
@@ -326,15 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty(),
                         sys.stderr)
     try:
-        if getattr(args, "threads", None) is not None:
-            return _with_threads(args, progress)
         if args.command == "models":
             return _models(args)
-        if args.command == "stages":
-            return _stages(args, progress)
-        if args.command == "table":
-            return _table(args, progress)
-        return _scale(args, progress)
+        command = {"scale": _scale, "table": _table, "stages": _stages}[args.command]
+        if getattr(args, "threads", None) is None:
+            return command(args, progress)
+        from compscale.verify.latency import pinned_threads  # torch's CPU threads, restored afterwards
+
+        with pinned_threads(args.threads):
+            return command(args, progress)
     except (UsageError, CompscaleError, ValueError, TypeError, OSError) as e:  # one line, no traceback
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = getattr(e, "hint", None)
@@ -343,14 +342,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("compscale: interrupted", file=sys.stderr)
         return 130
-
-
-def _with_threads(args: argparse.Namespace, progress: Progress) -> int:
-    """The command with torch's CPU threads pinned to ``--threads`` (restored afterwards)."""
-    from compscale.verify.latency import pinned_threads
-
-    with pinned_threads(args.threads):
-        return _table(args, progress) if args.command == "table" else _scale(args, progress)
 
 
 def _load(spec: str, progress: Progress) -> nn.Module:
@@ -428,35 +419,18 @@ def _check_scale_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         _check_save_path(args.save)
     resolve_multipliers(args.phi, args.alpha, args.beta, args.gamma, args.depth, args.width, args.resolution)
-    kwargs: dict[str, Any] = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, **given}
-    if args.input_size is not None:  # else scale's own default (a detector's is its transform's size)
-        kwargs["input_size"] = args.input_size
-    if args.max_params is not None:
-        kwargs["max_params"] = args.max_params
-    if args.stages is not None:
-        kwargs["stages"] = args.stages
-    if args.strict:
-        kwargs["strict"] = True
-    if args.fixed:
-        kwargs["fixed"] = args.fixed
-    for name in ("target_macs", "target_acts", "target_latency"):
-        if getattr(args, name) is not None:
-            kwargs.update({name: getattr(args, name), "vary": args.vary or "phi"})
-    if args.strategy != "compound":
-        kwargs["strategy"] = args.strategy
-    if args.init != "fresh":
-        kwargs["init"] = args.init
-    for name in ("neck_width", "head_depth"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    return kwargs
+    # an option not given is left to scale's default (a detector's input size is its transform's)
+    optional = ("input_size", "max_params", "stages", "target_macs", "target_acts", "target_latency", "neck_width",
+                "head_depth")
+    return {**given, **{name: getattr(args, name) for name in optional if getattr(args, name) is not None},
+            "alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, "strategy": args.strategy,
+            "vary": args.vary or "phi", "init": args.init, "strict": args.strict, "fixed": args.fixed}
 
 
 def _scale(args: argparse.Namespace, progress: Progress) -> int:
     kwargs = _check_scale_args(args)
     model = _load(args.model, progress)
-    from compscale.api import scale
-    from compscale.verify.profile import profile
+    from compscale import profile, scale
 
     with progress.step(f"scaling {args.model}"):
         scaled = scale(model, args.phi, **kwargs)
@@ -564,18 +538,19 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'compscale[recipes]'") from None
     model = _load(args.model, progress)
+    import torch
+
     from compscale import Planner
 
+    options = {"input_size": args.input_size or 224, "stages": args.stages, "strict": args.strict}
     with progress.step(f"analysing {args.model}"):
-        planner = Planner(model, input_size=args.input_size or 224, stages=args.stages, strict=args.strict)
+        planner = Planner(model, **options)
     factor = args.alpha * args.beta**2 * args.gamma**2
-    rows = []
     with progress.step(f"planning {len(args.phi)} phi x {len(strategies)} strategies"):
-        for name, strategy in zip(args.strategy, strategies):
-            for phi in args.phi:
-                rows.append(_table_row(planner, name, strategy, phi, args, factor))
+        rows = [_table_row(planner, name, strategy, phi, args, factor)
+                for name, strategy in zip(args.strategy, strategies) for phi in args.phi]
     if args.latency:
-        _time_rows(planner, rows, args.batch_size, progress)
+        _time_rows(model, options, rows, args.batch_size, progress)
     for r in rows:
         del r["multipliers"]  # for the timing only: JSON has them as depth, width, resolution
     if args.plot:
@@ -586,7 +561,7 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
                          "latency_iqr": (r.get("latency") or {}).get("iqr")} for r in rows], args.plot,
                        title=f"{args.model}: cost against phi")
     if args.json:
-        timing = {"threads": _torch_threads(), "rounds": _ROUNDS} if args.latency else {}
+        timing = {"threads": torch.get_num_threads(), "rounds": _ROUNDS} if args.latency else {}
         print(json.dumps({"model": args.model, "base": {"macs": planner.base_macs, "params": planner.base_params,
                                                          "acts": planner.base_acts}, "rows": rows, **timing,
                           **({"plot": os.path.abspath(args.plot)} if args.plot else {})}))
@@ -594,8 +569,6 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
     print(f"{args.model}: alpha={args.alpha:g} beta={args.beta:g} gamma={args.gamma:g} "
           f"(alpha*beta^2*gamma^2 = {factor:.3f}); ideal = the strategy's MACs factor")
     if args.latency:
-        import torch
-
         print(f"latency: median ± IQR over the runs of {_ROUNDS} interleaved rounds, batch {args.batch_size}, "
               f"{_threads(torch.get_num_threads())}; ! marks a row whose spread exceeds {_NOISY:.0%} or that is 3x off "
               "its neighbours")
@@ -612,12 +585,6 @@ def _table(args: argparse.Namespace, progress: Progress) -> int:
     if args.plot:
         print(f"plot: {os.path.abspath(args.plot)}")
     return 0
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _threads(n: int) -> str:
@@ -650,15 +617,17 @@ _ROUNDS = 3  # interleaved rounds of a table's timing
 _NOISY = 0.25  # a spread (IQR / median) above this is flagged
 
 
-def _time_rows(planner: Any, rows: list[dict[str, Any]], batch_size: int, progress: Progress) -> None:
-    """Build each row's network (fresh weights, seed 0) and time them all, interleaved in rounds
-    (:func:`compscale.verify.latency.compare`): ``row["latency"] = {median, iqr, runs, batch_size}``. A row larger
-    than memory allows is not built; a noisy row, or one 3x off both its neighbours, gets ``row["flag"]``."""
-    from compscale.pipeline import build
+def _time_rows(model: nn.Module, options: dict[str, Any], rows: list[dict[str, Any]], batch_size: int,
+               progress: Progress) -> None:
+    """Build each row's network (``compscale.scale`` with ``options``, fresh weights, seed 0) and time them all,
+    interleaved in rounds (:func:`compscale.verify.latency.compare`): ``row["latency"] = {median, iqr, runs,
+    batch_size}``. A row larger than memory allows is not built; a noisy row, or one 3x off both its neighbours, gets
+    ``row["flag"]``."""
+    from compscale import latency, scale
     from compscale.planning.budget import params_limit
-    from compscale.verify.latency import compare, latency
+    from compscale.verify.latency import compare
 
-    limit = params_limit(planner.model)
+    limit = params_limit(model)
     fits = [r for r in rows if limit is None or r["params"] <= limit]
     for r in rows:
         if r not in fits:
@@ -667,8 +636,9 @@ def _time_rows(planner: Any, rows: list[dict[str, Any]], batch_size: int, progre
     nets: dict[int, Any] = {}
 
     def measure(i: int) -> Any:
-        r = fits[i]
-        net = nets[i] if i in nets else build(planner.model, r["multipliers"], planner.options, seed=0)
+        r, m = fits[i], fits[i]["multipliers"]
+        net = nets[i] if i in nets else scale(model, depth=m.depth, width=m.width, resolution=m.resolution, seed=0,
+                                              **options)
         if keep:
             nets[i] = net
         return latency(net, tuple(r["input_size"]), batch_size=batch_size, min_run_time=0.2)

@@ -160,10 +160,6 @@ def search(
 def _load(results: str | os.PathLike[str] | None) -> dict[str, dict[str, Any]]:
     if results is None or not os.path.exists(results):
         return {}
-    rows = {}
     with open(results, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows[row["key"]] = row
-    return rows
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {row["key"]: row for row in rows}

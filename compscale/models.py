@@ -55,8 +55,7 @@ def list_models(pattern: str | None = None, library: Library | None = None) -> l
         names += _timm_names()
     if pattern:
         glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        names = [n for n in names if fnmatch.fnmatchcase(n, glob) or fnmatch.fnmatchcase(n.removeprefix(TIMM_PREFIX),
-                                                                                           glob)]
+        names = [n for n in names if any(fnmatch.fnmatchcase(m, glob) for m in (n, n.removeprefix(TIMM_PREFIX)))]
     return names
 
 
@@ -115,9 +114,7 @@ def load_model(spec: str) -> nn.Module:
             raise _unknown(spec)
         model = timm.create_model(spec.removeprefix(TIMM_PREFIX), pretrained=False)
     else:
-        import torchvision.models
-
-        if spec not in torchvision.models.list_models():
+        if spec not in _torchvision_names():
             raise _unknown(spec)
         model = torchvision_model(spec)
     if not isinstance(model, nn.Module):

@@ -26,36 +26,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def eval_transform(
-    size: int | Sequence[int],
-    crop_ratio: float = 0.875,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
+def eval_transform(size: int | Sequence[int], crop_ratio: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """Resize the shorter side to ``size / crop_ratio``, centre-crop ``size``, normalise."""
     h, w = as_hw(size)
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize([round(min(h, w) / crop_ratio)], antialias=True),
-        v2.CenterCrop((h, w)),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    return _compose([v2.Resize([round(min(h, w) / crop_ratio)], antialias=True), v2.CenterCrop((h, w))], mean, std)
 
 
-def train_transform(
-    size: int | Sequence[int],
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
+def train_transform(size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """``RandomResizedCrop(size)``, horizontal flip, normalise."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(as_hw(size), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    return _compose([v2.RandomResizedCrop(as_hw(size), antialias=True), v2.RandomHorizontalFlip()], mean, std)
+
+
+def _compose(steps: list[Any], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """``steps`` on an image, then its conversion to a float tensor, normalised with ``mean`` and ``std``."""
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
 
 
 def image_processor(scaled: nn.Module, processor: Any = None) -> Any:

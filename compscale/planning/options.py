@@ -49,20 +49,12 @@ class ScaleOptions:
     strict: bool = False
 
     @classmethod
-    def make(
-        cls,
-        *,
-        input_size: int | Sequence[int] | None = None,
-        example_inputs: tuple[torch.Tensor, ...] | None = None,
-        resolution_divisor: int = 8,
-        round_width: RoundFn = make_divisible,
-        stages: StageFilter | None = None,
-        fixed: Sequence[str] = (),
-        leaf_modules: Iterable[type[nn.Module]] = (),
-        autowrap_functions: Iterable[Callable[..., Any]] = (),
-        rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None,
-        strict: bool = False,
-    ) -> ScaleOptions:
+    def make(cls, *, input_size: int | Sequence[int] | None = None,
+             example_inputs: tuple[torch.Tensor, ...] | None = None, resolution_divisor: int = 8,
+             round_width: RoundFn = make_divisible, stages: StageFilter | None = None, fixed: Sequence[str] = (),
+             leaf_modules: Iterable[type[nn.Module]] = (), autowrap_functions: Iterable[Callable[..., Any]] = (),
+             rules: Mapping[Any, Callable[..., Any]] | ChannelRules | None = None, strict: bool = False,
+             ) -> ScaleOptions:
         """The options from :func:`compscale.scale`'s keyword arguments, checked (:mod:`compscale.arguments`)."""
         shape, size, extra = _resolve_inputs(example_inputs, input_size)
         rank = len(shape) - 2 if shape else 2
@@ -76,7 +68,8 @@ class ScaleOptions:
         return cls(as_size(size, rank), shape, extra, resolution_divisor, round_width,
                    None if stages is None else check_paths(stages, "stages", predicate=True),
                    check_paths(fixed, "fixed"),  # type: ignore[arg-type]  # no predicate: a tuple of paths
-                   _types(leaf_modules), _functions(autowrap_functions), _rules(rules), strict)
+                   _tuple_of(leaf_modules, "leaf_modules", _is_module_type, "nn.Module subclasses"),
+                   _tuple_of(autowrap_functions, "autowrap_functions", callable, "functions"), _rules(rules), strict)
 
     def replace(self, **changes: Any) -> ScaleOptions:
         return dataclasses.replace(self, **changes)
@@ -123,21 +116,16 @@ def _resolve_inputs(example_inputs: tuple[torch.Tensor, ...] | None, input_size:
     return (1, *shape[1:]), shape[2:], tuple(example_inputs[1:])
 
 
-def _types(leaf_modules: object) -> tuple[type[nn.Module], ...]:
-    """``leaf_modules`` as a tuple of ``nn.Module`` subclasses."""
-    items = tuple(leaf_modules) if isinstance(leaf_modules, Iterable) and not isinstance(leaf_modules, str) else None
-    if items is None or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in items):
-        raise TypeError(f"leaf_modules must be a sequence of nn.Module subclasses, got {leaf_modules!r:.60}")
-    return items
+def _is_module_type(t: object) -> bool:
+    return isinstance(t, type) and issubclass(t, nn.Module)
 
 
-def _functions(autowrap_functions: object) -> tuple[Callable[..., Any], ...]:
-    """``autowrap_functions`` as a tuple of functions."""
-    items = (tuple(autowrap_functions) if isinstance(autowrap_functions, Iterable)
-             and not isinstance(autowrap_functions, str) else None)
-    if items is None or not all(callable(f) for f in items):
-        raise TypeError(f"autowrap_functions must be a sequence of functions, got {autowrap_functions!r:.60}")
-    return items
+def _tuple_of(items: object, name: str, ok: Callable[[object], bool], form: str) -> tuple[Any, ...]:
+    """``items`` (``leaf_modules``, ``autowrap_functions``) as a tuple, each item ``ok``."""
+    found = tuple(items) if isinstance(items, Iterable) and not isinstance(items, str) else None
+    if found is None or not all(ok(t) for t in found):
+        raise TypeError(f"{name} must be a sequence of {form}, got {items!r:.60}")
+    return found
 
 
 def _rules(rules: object) -> ChannelRules | None:

@@ -11,12 +11,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from compscale.arguments import INPUT_LIMIT, as_hw, check_input_size
+from compscale.arguments import INPUT_LIMIT, check_input_size
 from compscale.planning.budget import check_multipliers, check_phi
 from compscale.planning.rounding import round_resolution
 from compscale.planning.strategy import Compound, StrategyLike, check_multiplier, get_strategy
 
-__all__ = ["GroupPlan", "Multipliers", "ScalingPlan", "StagePlan", "as_hw", "as_size", "format_size", "plan_input_size",
+__all__ = ["GroupPlan", "Multipliers", "ScalingPlan", "StagePlan", "as_size", "format_size", "plan_input_size",
            "resolve_multipliers"]
 
 
@@ -164,17 +164,9 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in all_rows)
 
 
-def resolve_multipliers(
-    phi: float | None,
-    alpha: float = 1.2,
-    beta: float = 1.1,
-    gamma: float = 1.15,
-    depth: float | None = None,
-    width: float | None = None,
-    resolution: float | None = None,
-    strategy: StrategyLike | None = None,
-    rank: int = 2,
-) -> Multipliers:
+def resolve_multipliers(phi: float | None, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15,
+                        depth: float | None = None, width: float | None = None, resolution: float | None = None,
+                        strategy: StrategyLike | None = None, rank: int = 2) -> Multipliers:
     """The multipliers ``strategy`` gives for ``phi`` (compound by default: ``d = alpha**phi``, ``w = beta**phi``,
     ``r = gamma**phi``); explicit ``depth``/``width``/``resolution`` win. ``alpha``/``beta``/``gamma`` are the
     compound rule's (a strategy given by name or object carries its own).

@@ -79,29 +79,30 @@ class ConcreteProxy(fx.Proxy):
         v = self.value
         return v if isinstance(v, torch.Tensor) else None
 
+    def _ask(self, method: str, *args: Any) -> Any:
+        """``tensor.method(*args)`` of the known tensor, else a ``call_method`` node."""
+        t = self._tensor()
+        if t is not None:
+            return getattr(t, method)(*args)
+        return self.tracer.create_proxy("call_method", method, (self, *args), {})
+
     @property
     def shape(self) -> Any:
         t = self._tensor()
         return t.shape if t is not None else self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
 
     def size(self, dim: int | None = None) -> Any:
-        t = self._tensor()
-        if t is not None:
-            return t.size() if dim is None else t.size(dim)
-        args = (self,) if dim is None else (self, dim)
-        return self.tracer.create_proxy("call_method", "size", args, {})
+        return self._ask("size") if dim is None else self._ask("size", dim)
 
     def dim(self) -> Any:
-        t = self._tensor()
-        return t.dim() if t is not None else self.tracer.create_proxy("call_method", "dim", (self,), {})
+        return self._ask("dim")
 
     @property
     def ndim(self) -> Any:
         return self.dim()
 
     def numel(self) -> Any:
-        t = self._tensor()
-        return t.numel() if t is not None else self.tracer.create_proxy("call_method", "numel", (self,), {})
+        return self._ask("numel")
 
     def __len__(self) -> int:
         v = self.value
@@ -472,19 +473,11 @@ def _main_input_name(model: nn.Module) -> str:
     return params[1]
 
 
-def trace_concrete(
-    model: nn.Module,
-    input_shape: Sequence[int] | None = None,
-    *,
-    input_size: Sequence[int] = (224, 224),
-    shapes: bool = True,
-    leaf_modules: Iterable[type[nn.Module]] = (),
-    autowrap_functions: Iterable[Callable[..., Any]] = (),
-    input_name: str | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-    output: str | None = None,
-    extra_inputs: Sequence[torch.Tensor] = (),
-) -> Traced:
+def trace_concrete(model: nn.Module, input_shape: Sequence[int] | None = None, *,
+                   input_size: Sequence[int] = (224, 224), shapes: bool = True,
+                   leaf_modules: Iterable[type[nn.Module]] = (), autowrap_functions: Iterable[Callable[..., Any]] = (),
+                   input_name: str | None = None, kwargs: Mapping[str, Any] | None = None, output: str | None = None,
+                   extra_inputs: Sequence[torch.Tensor] = ()) -> Traced:
     """As :func:`compscale.trace.trace`, with :class:`ConcreteTracer`: trace ``model`` (in eval mode) at
     ``input_shape`` and, with ``shapes``, propagate shapes with compscale's ShapeProp (as ``trace`` does).
 

@@ -8,8 +8,8 @@ so that the tracer module needs no import of the tracing entry point above it.
 Example:
     >>> from torchvision.models import resnet18
     >>> traced = trace(resnet18())
-    >>> traced.shape(traced.output_node)
-    torch.Size([1, 1000])
+    >>> traced.input_shape, traced.shape(traced.output_node)
+    ((1, 3, 224, 224), torch.Size([1, 1000]))
 """
 
 from __future__ import annotations
@@ -111,13 +111,9 @@ def _trace(model: nn.Module, input_shape: Sequence[int] | None, input_size: Sequ
         except Exception as e:  # fx raises TraceError, TypeError, AttributeError... for untraceable code
             log.debug("symbolic tracing of %s failed (%s: %s); tracing with concrete shapes", type(model).__name__,
                       type(e).__name__, e)
-            traced = trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
-                                    leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                                    extra_inputs=extra_inputs)
-            if shapes:
-                check_layer_outputs(traced)
-                refuse_non_cnn(traced)
-            return _recorded(traced)
+            return _recorded(trace_concrete(model, input_shape, input_size=input_size, shapes=shapes,
+                                            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                                            extra_inputs=extra_inputs), shapes)
     gm = graph_module(model, graph, type(model).__name__)
     gm.meta["compscale_symbolic"] = True  # the graph reads no shape: it holds for the model's layers at any width
     shape = tuple(input_shape) if input_shape is not None else default_input_shape(gm, input_size)
@@ -129,9 +125,7 @@ def _trace(model: nn.Module, input_shape: Sequence[int] | None, input_size: Sequ
             if not _python_value_error(e):
                 raise
             traced = _concrete_or_raise(model, shape, e, leaf_modules, autowrap_functions, extra_inputs)
-        check_layer_outputs(traced)
-        refuse_non_cnn(traced)
-    return _recorded(traced)
+    return _recorded(traced, shapes)
 
 
 def retrace(traced: Traced, model: nn.Module, input_shape: Sequence[int], shapes: bool) -> Traced:
@@ -154,8 +148,12 @@ def retrace(traced: Traced, model: nn.Module, input_shape: Sequence[int], shapes
                  shapes=shapes, extra_inputs=extra_inputs)
 
 
-def _recorded(traced: Traced) -> Traced:
-    """``traced``, its retraces made by :func:`retrace`."""
+def _recorded(traced: Traced, checked: bool = False) -> Traced:
+    """``traced``, its retraces made by :func:`retrace`; with ``checked`` (its shapes propagated), refused where a
+    layer to resize returns several values or the network is not a CNN."""
+    if checked:
+        check_layer_outputs(traced)
+        refuse_non_cnn(traced)
     traced.retracer = retrace
     return traced
 

@@ -132,17 +132,16 @@ def _draw_metric(ax: Any, rows: Sequence[Mapping[str, Any]], name: str, strategi
         divisor = base if relative and base is not None else 1 / metric.scale
         xs, ys = [phi for phi, _, _ in points], [value / divisor for _, value, _ in points]
         spreads = [spread / divisor for _, _, spread in points]
+        style = {"marker": _MARKERS[i % len(_MARKERS)], "color": f"C{i % 10}", "label": strategy}
         if any(spreads):  # the IQR around the median, kept above zero on the log scale
             low = [min(s / 2, y * 0.999) for s, y in zip(spreads, ys)]
-            ax.errorbar(xs, ys, yerr=[low, [s / 2 for s in spreads]], marker=_MARKERS[i % len(_MARKERS)],
-                        color=f"C{i % 10}", label=strategy, capsize=3)
+            ax.errorbar(xs, ys, yerr=[low, [s / 2 for s in spreads]], capsize=3, **style)
         else:
-            ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}", label=strategy)
+            ax.plot(xs, ys, **style)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     if relative:
         ax.set_yscale("log", base=2)  # compound scaling aims at 2**phi: powers of two are the natural ticks
         ax.set_ylabel("× its phi=0 value")
-        ax.yaxis.set_major_formatter(plain)
         low, high = ax.get_ylim()
         if high / low < 4:  # under two octaves, label the ticks between the powers of two too
             ax.yaxis.set_minor_locator(LogLocator(base=2, subs=(1.25, 1.5, 1.75)))
@@ -150,8 +149,8 @@ def _draw_metric(ax: Any, rows: Sequence[Mapping[str, Any]], name: str, strategi
     else:
         ax.set_yscale("log")
         ax.set_ylabel(metric.unit)
-        ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    ax.yaxis.set_major_formatter(plain)
     ax.set_title(metric.title)
     ax.set_xlabel("phi")
     ax.grid(alpha=0.3, which="both")
