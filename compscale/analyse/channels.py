@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -30,11 +32,18 @@ from torch import nn
 
 from compscale.analyse.probe import probed_rule
 from compscale.analyse.rules import (
+    _ADAPTIVE_FUNCTIONS,
+    _ADAPTIVE_POOLS,
     _ATTR_READERS,
     _ATTR_VIEWS,
     _MULTI_OUTPUT,
+    _PADS,
+    _REDUCTIONS,
+    _WINDOW_FUNCTIONS,
+    _WINDOW_POOLS,
     Desc,
     GroupedView,
+    _arg,
     get_function_rule,
     get_module_rule,
 )
@@ -153,10 +162,9 @@ class ChannelGraph:
 
     def group_of(self, path: str, role: str = "out") -> ChannelGroup:
         """The group of a layer's output (``role="out"``), or of a norm/depthwise layer's channels."""
-        if path in self.norms:
-            return self.groups[self.norms[path][0]]
-        if path in self.depthwise:
-            return self.groups[self.depthwise[path][0]]
+        for table in (self.norms, self.depthwise):
+            if path in table:
+                return self.groups[table[path][0]]
         return self.groups[self.layers[path].output]
 
     def details(self) -> str:
@@ -494,9 +502,7 @@ class RuleContext:
             self.unsupported(node, f"it expects {width} input channels but receives {self.width(desc)}")
 
     def flatten(self, node: fx.Node, src_node: fx.Node) -> Desc:
-        spatial = 1
-        for d in self.spatial(src_node):
-            spatial *= d
+        spatial = math.prod(self.spatial(src_node))
         return tuple((s, f * spatial) for s, f in self.desc(src_node))
 
     def unsupported(self, node: fx.Node, why: str, hint: str | None = None) -> NoReturn:
@@ -525,12 +531,7 @@ def _fix_followers(groups: list[ChannelGroup], ties: list[tuple[int, int, Fracti
 
 def _bounds(ctx: RuleContext, desc: Desc) -> set[int]:
     """Offsets where the segments of ``desc`` meet."""
-    out: set[int] = set()
-    start = 0
-    for s, f in desc[:-1]:
-        start += ctx.uf.size[s] * f
-        out.add(start)
-    return out
+    return set(itertools.accumulate(ctx.uf.size[s] * f for s, f in desc[:-1]))
 
 
 def attributes_holding(module: nn.Module, value: int | Sequence[int], narrow: bool = False) -> list[str]:
@@ -603,21 +604,11 @@ def analyse_channels(traced: Traced, pin_io: bool = True) -> ChannelGraph:
     return _collect(ctx)
 
 
-_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-                       F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
-_WINDOW_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_WINDOW_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d)
-_REDUCTIONS = ("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", torch.amin)
 # ops that give a summary spatial extent again: it is no longer one value per channel
 _SPREADS: tuple[Any, ...] = (F.interpolate, "expand", "expand_as", "repeat", "tile", torch.tile, "broadcast_to",
                              torch.broadcast_to, F.pad)
 _SPREAD_MODULES: tuple[type[nn.Module], ...] = (nn.Upsample, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                                nn.ConvTranspose3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-                                                nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-                                                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-                                                nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+                                                nn.ConvTranspose3d, *_PADS)
 
 
 def is_summary(ctx: RuleContext, node: fx.Node) -> bool:
@@ -653,12 +644,12 @@ def _global_pool(ctx: RuleContext, node: fx.Node) -> bool:
     if not ctx.traced.has_shape(src):
         return False
     if _in(node.target, _ADAPTIVE_FUNCTIONS):
-        return _all_ones(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
+        return _all_ones(_arg(node, 1, "output_size"))
     if _in(node.target, _WINDOW_FUNCTIONS):
-        kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+        kernel = _arg(node, 1, "kernel_size")
         return _reads_shape_of(kernel, src)
     if _in(node.target, _REDUCTIONS):
-        arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        arg = _arg(node, 1, "dim")
         dims = [arg] if isinstance(arg, int) else list(arg) if isinstance(arg, (list, tuple)) else []
         if not dims or not all(isinstance(d, int) for d in dims):
             return False
@@ -737,23 +728,15 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Desc | None:
         return None  # shapes, sizes, scalars: no channels
     if node.op == "placeholder":
         return ctx.new_space(node, ctx.channels(node), fixed_reason="model input" if ctx.pin_io else None)
+    args: tuple[nn.Module, ...] = ()
     if node.op == "call_module":
         module = ctx.traced.module(node)
-        rule = get_module_rule(module)
-        if rule is None:
-            desc: Desc | None = probed_rule(ctx, node)  # a registered rule always wins over probing
-            if desc is None:
-                ctx.unsupported(node, f"no channel rule for module type {type(module).__name__}")
-        else:
-            desc = rule(ctx, node, module)
+        rule, args, what = get_module_rule(module), (module,), f"module type {type(module).__name__}"
     else:
-        frule = get_function_rule(node)
-        if frule is None:
-            desc = probed_rule(ctx, node)
-            if desc is None:
-                ctx.unsupported(node, f"no channel rule for {node.op} {_target_name(ctx.traced, node)}")
-        else:
-            desc = frule(ctx, node)
+        rule, what = get_function_rule(node), f"{node.op} {_target_name(ctx.traced, node)}"
+    desc = probed_rule(ctx, node) if rule is None else rule(ctx, node, *args)  # a registered rule wins over probing
+    if rule is None and desc is None:
+        ctx.unsupported(node, f"no channel rule for {what}")
     if desc is None:  # a view the rule tracks itself (a channel shuffle's grouped view)
         return None
     if node not in ctx.cdim:
@@ -794,14 +777,11 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
         groups[gid(s)].fixed = groups[gid(s)].fixed or why
     for s, d, why in ctx.divisors:
         groups[gid(s)].divisors.setdefault(d, why)
-    norms: dict[str, tuple[int, ...]] = {}
-    depthwise: dict[str, tuple[int, ...]] = {}
+    roles: dict[str, dict[str, tuple[int, ...]]] = {"norm": {}, "depthwise": {}}  # path -> its groups, per role
     for s, path, role in ctx.members:
         groups[gid(s)].members.append((path, role))
-        if role == "norm":
-            norms[path] = (*norms.get(path, ()), gid(s))
-        elif role == "depthwise":
-            depthwise[path] = (*depthwise.get(path, ()), gid(s))
+        if role in roles:
+            roles[role][path] = (*roles[role].get(path, ()), gid(s))
     layers = {}
     for path, (src, out) in ctx.layers.items():
         layers[path] = LayerChannels(path, tuple((gid(s), f) for s, f in src), gid(out[0][0]), path in ctx.pooled)
@@ -825,5 +805,6 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
     _fix_followers(groups, ties, parts, sums)
     outputs = tuple(dict.fromkeys(gid(s) for out in ctx.traced.output_nodes if out in ctx.descs
                                   for s, _ in ctx.descs[out]))
-    return ChannelGraph(groups, layers, norms, depthwise, ties, node_groups, params, channel_dims, shape_owners,
-                        parts, sums, literals, {(gid(a), gid(b)) for a, b in ctx.interleaved}, ctx.sliding, outputs)
+    return ChannelGraph(groups, layers, roles["norm"], roles["depthwise"], ties, node_groups, params, channel_dims,
+                        shape_owners, parts, sums, literals, {(gid(a), gid(b)) for a, b in ctx.interleaved},
+                        ctx.sliding, outputs)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import itertools
 import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -97,7 +99,7 @@ class ChannelRules:
         if not callable(rule):
             raise TypeError(f"rule must be a function rule(ctx, node, module) -> channels (e.g. "
                             f"compscale.analyse.rules.elementwise), got {type(rule).__name__} {rule!r:.40}")
-        if isinstance(target, type) and issubclass(target, nn.Module):
+        if _is_module_type(target):
             self.modules[target] = rule
         else:
             self.functions[target] = rule
@@ -225,13 +227,16 @@ def get_function_rule(node: fx.Node) -> FunctionRule | None:
 
 def elementwise(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc | None:
     """Output channels are the input's: activations, dropout, pooling, identity (a map without channels stays one)."""
-    return _first(ctx, node)
+    src_node = ctx.input_node(node)
+    if _channelless(ctx, src_node):
+        ctx.grouped[node] = ctx.grouped[src_node]
+        return None
+    return ctx.desc(src_node)
 
 
 def fixed(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc:
     """A layer compscale must not widen through: its input width is pinned and its output is a fixed new space."""
-    ctx.pin(ctx.input_desc(node), f"input of {node.name}")
-    return ctx.new_space(node, ctx.channels(node), fixed_reason=f"output of {node.name}")
+    return _pinned_out(ctx, node, ctx.input_desc(node), f"input of {node.name}")
 
 
 def conv(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc | None:
@@ -289,7 +294,6 @@ def conv_maps(ctx: RuleContext, node: fx.Node, module: nn.Module) -> None:
     for p in outs if len(outs) > 1 else ():  # each map's own width, where the layer keeps it (`l_out_channels`)
         ctx.follow_bound(node, module, [(p,)], "out", taken, required=False, read=False)
     ctx.multi[node] = [piece if piece else out for piece in pieces]
-    return None
 
 
 def norm(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
@@ -328,11 +332,17 @@ def linear(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
     return out
 
 
-def flatten_module(ctx: RuleContext, node: fx.Node, module: nn.Module) -> Desc:
+def flatten_module(ctx: RuleContext, node: fx.Node, module: nn.Module | None = None) -> Desc:
+    """``nn.Flatten``, ``torch.flatten``, ``x.flatten``: the channels repeated over the flattened spatial dims."""
     return ctx.flatten(node, ctx.input_node(node))
 
 
 # --- function rules -----------------------------------------------------------------------------
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``i`` of a call, passed by position or as keyword ``name``."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def _binary(ctx: RuleContext, node: fx.Node) -> Desc | None:
@@ -391,15 +401,6 @@ def _scale_param(ctx: RuleContext, node: fx.Node, view: fx.Node, peer: fx.Node, 
     ctx.param(attr, desc, long[0])
 
 
-def _first(ctx: RuleContext, node: fx.Node) -> Desc | None:
-    """An elementwise op: the input's channels (a map without channels stays one)."""
-    src_node = ctx.input_node(node)
-    if _channelless(ctx, src_node):
-        ctx.grouped[node] = ctx.grouped[src_node]
-        return None
-    return ctx.desc(src_node)
-
-
 # --- maps without a channel dimension -------------------------------------------------------------
 # ``x.mean(dim=1)`` and ``x.max(dim=1)[0]`` (CBAM's spatial gate) reduce the channels away: an ``(N, H, W)`` map.
 # It is kept as a grouped view of one fixed channel split into no dimension (``GroupedView(desc, (), ())``), so
@@ -432,7 +433,7 @@ def _unsqueeze(ctx: RuleContext, node: fx.Node) -> Desc | None:
     src_node = ctx.input_node(node)
     if _channelless(ctx, src_node):
         return _channel_back(ctx, node, src_node)
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dim = _arg(node, 1, "dim")
     if not isinstance(dim, int):
         ctx.unsupported(node, f"an unsqueeze at {dim!r}")
     ndim, c = len(ctx.shape(src_node)), ctx.channel_dim(src_node)
@@ -446,7 +447,7 @@ def _squeeze(ctx: RuleContext, node: fx.Node) -> Desc | None:
     if _channelless(ctx, src_node):
         ctx.unsupported(node, "a squeeze of a map whose channels were reduced away")
     shape, c = ctx.shape(src_node), ctx.channel_dim(src_node)
-    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    arg = _arg(node, 1, "dim")
     dims = [arg] if isinstance(arg, int) else list(arg) if isinstance(arg, (list, tuple)) else \
         list(range(len(shape))) if arg is None else None
     if dims is None or not all(isinstance(d, int) for d in dims):
@@ -483,7 +484,7 @@ def _expanded_like(ctx: RuleContext, node: fx.Node, c: int) -> fx.Node | None:
     """The tensor whose channels an expand takes: ``expand_as``'s argument, or the tensor whose ``size(c)``
     (``x.size(1)``, ``x.size()[1]``, ``x.shape[1]``) gives the channel size of ``expand``."""
     if node.target == "expand_as":
-        other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        other = _arg(node, 1, "other")
         return other if isinstance(other, fx.Node) and ctx.is_tensor(other) and ctx.channel_dim(other) == c else None
     sizes = node.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
@@ -500,10 +501,6 @@ def _expanded_like(ctx: RuleContext, node: fx.Node, c: int) -> fx.Node | None:
     else:
         return None
     return tensor if isinstance(tensor, fx.Node) and ctx.is_tensor(tensor) and ctx.channel_dim(tensor) == c else None
-
-
-def _flatten(ctx: RuleContext, node: fx.Node) -> Desc:
-    return ctx.flatten(node, ctx.input_node(node))
 
 
 def _permute(ctx: RuleContext, node: fx.Node) -> Desc | None:
@@ -582,10 +579,10 @@ def _only_laid_out(node: fx.Node) -> bool:
     return True
 
 
-def _pinned_out(ctx: RuleContext, node: fx.Node, src: Desc) -> Desc:
-    """Channels rearranged among other axes on their way to the outputs: they keep their width, and so does what
-    ``node`` makes of them."""
-    ctx.pin(src, f"rearranged into output {node.name}")
+def _pinned_out(ctx: RuleContext, node: fx.Node, src: Desc, why: str | None = None) -> Desc:
+    """Channels rearranged among other axes on their way to the outputs (or, with ``why``, into a layer compscale
+    must not widen through): they keep their width, and so does what ``node`` makes of them."""
+    ctx.pin(src, why or f"rearranged into output {node.name}")
     return ctx.new_space(node, ctx.channels(node), fixed_reason=f"output of {node.name}")
 
 
@@ -682,7 +679,7 @@ def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
     """
     src_node = ctx.input_node(node)
     shape = ctx.shape(src_node)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = _arg(node, 2, "dim", 0)
     parts = node.meta["tensor_meta"]
     c = ctx.channel_dim(src_node)
     sizes = [p.shape[c] for p in parts] if isinstance(parts, (list, tuple)) else []
@@ -690,8 +687,7 @@ def _split(ctx: RuleContext, node: fx.Node) -> Desc | None:
         ctx.multi[node] = [ctx.desc(src_node)] * len(sizes)  # a split over batch or space keeps channels
         return None
     src = ctx.refine(ctx.desc(src_node))
-    size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
-                                                                          node.kwargs.get("split_size"))
+    size_arg = _arg(node, 1, "split_size_or_sections", node.kwargs.get("split_size"))
     literal = node.target in ("split", torch.split) and not isinstance(size_arg, fx.Node) and not (
         isinstance(size_arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in size_arg))
     if len(src) == len(sizes) and all(ctx.width((seg,)) == n for seg, n in zip(src, sizes)):
@@ -749,8 +745,7 @@ def _getitem(ctx: RuleContext, node: fx.Node) -> Desc | None:
 def _channel_slice(ctx: RuleContext, src_node: fx.Node, index: tuple[Any, ...]) -> tuple[Any, Any] | None:
     """``(start, stop)`` when ``index`` takes a range of channels and everything of the other dims."""
     c = ctx.channel_dim(src_node)
-    full = slice(None, None, None)
-    if len(index) <= c or not all(i == full for j, i in enumerate(index) if j != c):
+    if len(index) <= c or not all(i == _FULL for j, i in enumerate(index) if j != c):
         return None
     sl = index[c]
     if not isinstance(sl, slice) or sl.step not in (None, 1):
@@ -771,10 +766,7 @@ def _slice(ctx: RuleContext, node: fx.Node, src_node: fx.Node, start: Any, stop:
     b = max(a, b)  # an empty slice (ReXNet's x[:, c:] of a block with c == out) has no channels
     for bound in (a, b):
         src = ctx.cut(src, bound, node)
-    ends, at = [], 0
-    for s, f in src:
-        ends.append(at)
-        at += ctx.uf.size[s] * f
+    ends = [0, *itertools.accumulate(ctx.uf.size[s] * f for s, f in src[:-1])]
     taken = tuple(seg for seg, begin in zip(src, ends) if a <= begin < b)
     for value, bound in ((start, a), (stop, b)):
         if isinstance(value, int) and 0 < bound:
@@ -784,9 +776,11 @@ def _slice(ctx: RuleContext, node: fx.Node, src_node: fx.Node, start: Any, stop:
     return taken
 
 
+_FULL = slice(None)
+
+
 def _only_new_dims(index: tuple[Any, ...]) -> bool:
-    full = slice(None, None, None)
-    return all(i is None or i is Ellipsis or i == full for i in index) and sum(i is Ellipsis for i in index) <= 1
+    return all(i is None or i is Ellipsis or i == _FULL for i in index) and sum(i is Ellipsis for i in index) <= 1
 
 
 def _moved_channel_dim(index: tuple[Any, ...], ndim: int, c: int) -> int:
@@ -810,8 +804,7 @@ def _moved_channel_dim(index: tuple[Any, ...], ndim: int, c: int) -> int:
 
 def _reduce(ctx: RuleContext, node: fx.Node) -> Desc | None:
     """``x.mean(dim, keepdim)``, ``sum``, ``amax``: channels kept unless the channel dim is reduced."""
-    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return _reduction(ctx, node, arg, node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2]))
+    return _reduction(ctx, node, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
 
 
 _MAX_MIN: tuple[Any, ...] = (torch.max, torch.min, "max", "min")
@@ -819,23 +812,19 @@ _MAX_MIN: tuple[Any, ...] = (torch.max, torch.min, "max", "min")
 
 def _reduced_pair(node: fx.Node) -> bool:
     """A ``max``/``min`` over a dimension (``x.max(dim=1)``, ``torch.max(x, 1)``): a (values, indices) pair."""
-    if node.op not in ("call_function", "call_method") or node.target not in _MAX_MIN:
-        return False
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return isinstance(dim, int)
+    return (node.op in ("call_function", "call_method") and node.target in _MAX_MIN
+            and isinstance(_arg(node, 1, "dim"), int))
 
 
 def _max_along(ctx: RuleContext, node: fx.Node, pair: fx.Node) -> Desc | None:
     """The values or indices of ``x.max(dim, keepdim)``: a reduction of ``x`` over ``dim``."""
-    dim = pair.args[1] if len(pair.args) > 1 else pair.kwargs.get("dim")
-    keepdim = pair.kwargs.get("keepdim", len(pair.args) > 2 and pair.args[2])
-    return _reduction(ctx, node, dim, keepdim, src=ctx.input_node(pair))
+    return _reduction(ctx, node, _arg(pair, 1, "dim"), _arg(pair, 2, "keepdim", False), src=ctx.input_node(pair))
 
 
 def _max_min(ctx: RuleContext, node: fx.Node) -> Desc | None:
     """``torch.max(a, b)``: elementwise, as ``a + b`` (over a dim, ``max`` returns a pair that ``getitem``
     follows)."""
-    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    other = _arg(node, 1, "other")
     if isinstance(other, fx.Node) and ctx.is_tensor(other):
         return _binary(ctx, node)
     ctx.unsupported(node, f"a {node.target if isinstance(node.target, str) else node.target.__name__} of "
@@ -856,13 +845,12 @@ def _tensor_attribute(ctx: RuleContext, node: fx.Node) -> Desc | None:
 
 def _vector_norm(ctx: RuleContext, node: fx.Node) -> Desc | None:
     """``torch.linalg.vector_norm(x, ord, dim, keepdim)`` (ConvNeXt-V2's GRN: a norm over the spatial dims)."""
-    arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    return _reduction(ctx, node, arg, node.kwargs.get("keepdim", len(node.args) > 3 and node.args[3]))
+    return _reduction(ctx, node, _arg(node, 2, "dim"), _arg(node, 3, "keepdim", False))
 
 
 def _pad(ctx: RuleContext, node: fx.Node) -> Desc:
     """``F.pad(x, pad)``: channels kept when the padded trailing dims do not include the channel dim."""
-    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+    pad = _arg(node, 1, "pad", ())
     src = ctx.input_node(node)
     ndim, c = len(ctx.shape(src)), ctx.channel_dim(src)
     if not isinstance(pad, (list, tuple)) or c >= ndim - len(pad) // 2:
@@ -902,7 +890,7 @@ def _cat(ctx: RuleContext, node: fx.Node) -> Desc:
     that module's output: one space, the unit that is rounded, whose pieces follow it as the input's did.
     """
     tensors = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = _arg(node, 1, "dim", 0)
     assert isinstance(tensors, (list, tuple))
     descs = [ctx.desc(t) for t in tensors]
     ndim = len(ctx.shape(node))
@@ -913,10 +901,7 @@ def _cat(ctx: RuleContext, node: fx.Node) -> Desc:
                 return split[0]  # the pieces put back together (a depthwise MixConv)
             return _whole(ctx, node, descs)
         return tuple(seg for d in descs for seg in d)
-    desc = descs[0]
-    for other in descs[1:]:
-        desc = ctx.union(desc, other, node)
-    return desc
+    return functools.reduce(lambda desc, other: ctx.union(desc, other, node), descs)
 
 
 def _whole(ctx: RuleContext, node: fx.Node, descs: list[Desc]) -> Desc:
@@ -931,7 +916,7 @@ def _whole(ctx: RuleContext, node: fx.Node, descs: list[Desc]) -> Desc:
 def _stack(ctx: RuleContext, node: fx.Node) -> Desc:
     """``torch.stack(branches, dim)``: the branches are one set of channels; a new dim before them moves them."""
     tensors = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = _arg(node, 1, "dim", 0)
     assert isinstance(tensors, (list, tuple))
     first = tensors[0]
     if not isinstance(dim, int) or not isinstance(first, fx.Node) or not all(isinstance(t, fx.Node) for t in tensors) \
@@ -944,9 +929,7 @@ def _stack(ctx: RuleContext, node: fx.Node) -> Desc:
     c = ctx.channel_dim(first)
     if dim % ndim == 0 or any(ctx.channel_dim(t) != c for t in tensors if isinstance(t, fx.Node)):
         ctx.unsupported(node, "a stack along the batch dimension, or of tensors with channels in different dims")
-    desc = ctx.desc(first)
-    for t in tensors[1:]:
-        desc = ctx.union(desc, ctx.desc(t), node)
+    desc = functools.reduce(lambda d, t: ctx.union(d, ctx.desc(t), node), tensors[1:], ctx.desc(first))
     ctx.cdim[node] = c + 1 if dim % ndim <= c else c
     return desc
 
@@ -963,7 +946,7 @@ def _softmax(ctx: RuleContext, node: fx.Node) -> Desc | None:
 
 def _layer_norm_function(ctx: RuleContext, node: fx.Node) -> Desc:
     """``F.layer_norm`` over the channels; a weight of an ``nn.LayerNorm`` (a LayerNorm2d) makes it that norm."""
-    normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    normalized = _arg(node, 1, "normalized_shape")
     shape = tuple(normalized) if isinstance(normalized, (list, tuple)) else (normalized,)
     _check_layer_norm(ctx, node, tuple(d if isinstance(d, int) else -1 for d in shape))
     src = ctx.input_desc(node)
@@ -972,7 +955,7 @@ def _layer_norm_function(ctx: RuleContext, node: fx.Node) -> Desc:
         ctx.member(src, caller, "norm")  # a LayerNorm subclass (LayerNorm2d) permuting around F.layer_norm
         return src
     for i, name in ((2, "weight"), (3, "bias")):
-        arg = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+        arg = _arg(node, i, name)
         if not isinstance(arg, fx.Node):
             continue
         if arg not in ctx.attrs or ctx.attrs[arg] is not arg:
@@ -984,11 +967,20 @@ def _layer_norm_function(ctx: RuleContext, node: fx.Node) -> Desc:
     return src
 
 
+# pooling and padding of every rank (1-d audio, 2-d images, 3-d video) keep the channels
+_WINDOW_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+         nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+         nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+_WINDOW_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d)
+_ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                       F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+_REDUCTIONS = ("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", torch.amin)
 _ELEMENTWISE_FUNCTIONS: tuple[Any, ...] = (
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
-    F.dropout, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate,
-    F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.avg_pool1d, F.max_pool1d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool3d, F.avg_pool3d, F.max_pool3d,
+    F.dropout, F.interpolate, *_WINDOW_FUNCTIONS, *_ADAPTIVE_FUNCTIONS,
     torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.exp,
     operator.neg, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clone", "neg", "sqrt", "rsqrt", "exp",
 )
@@ -1000,63 +992,40 @@ _ATTR_VIEWS: tuple[Any, ...] = (operator.getitem, "reshape", "view", "unsqueeze"
 
 
 def _register_builtin() -> None:
-    act_types: tuple[type[nn.Module], ...] = (
-        *ELEMENTWISE, nn.Upsample,
-        # pooling and padding of every rank (1-d audio, 2-d images, 3-d video) keep the channels
-        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
-        nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-        nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-        nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    elementwise_modules = (*ELEMENTWISE, nn.Upsample, *_WINDOW_POOLS, *_ADAPTIVE_POOLS, nn.LPPool1d, nn.LPPool2d,
+                           *_PADS, *drop_path_types())
+    table: tuple[tuple[Sequence[Any], Callable[..., Desc | None]], ...] = (
+        (elementwise_modules, elementwise),
+        ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv),
+        ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+          nn.InstanceNorm3d, nn.SyncBatchNorm), norm),
+        ((nn.LayerNorm,), layer_norm),
+        ((nn.Linear,), linear),
+        ((nn.Flatten, torch.flatten, "flatten"), flatten_module),
+        (_ELEMENTWISE_FUNCTIONS, elementwise),
+        (BINARY, _binary),
+        (("view", "reshape", torch.reshape), _reshape),
+        (("transpose", torch.transpose, "swapaxes", torch.swapaxes), _transpose),
+        (("unsqueeze", torch.unsqueeze), _unsqueeze),
+        (("squeeze", torch.squeeze), _squeeze),
+        (("expand", "expand_as"), _expand),
+        (_MAX_MIN, _max_min),
+        ((getattr,), _tensor_attribute),
+        (("contiguous",), _contiguous),
+        (_MULTI_OUTPUT, _split),
+        ((operator.getitem,), _getitem),
+        (_REDUCTIONS, _reduce),
+        ((torch.stack,), _stack),
+        ((torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax", F.normalize), _softmax),
+        (targets(OpKind.CAT), _cat),
+        (("permute", torch.permute), _permute),
+        ((F.layer_norm,), _layer_norm_function),
+        ((F.pad, torch._C._nn.pad), _pad),
+        ((torch.linalg.vector_norm,), _vector_norm),  # the same object as torch._C._linalg.linalg_vector_norm
     )
-    for t in act_types + drop_path_types():
-        BUILTIN.register(t, elementwise)
-    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-        BUILTIN.register(t, conv)
-    for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-              nn.InstanceNorm3d, nn.SyncBatchNorm):
-        BUILTIN.register(t, norm)
-    BUILTIN.register(nn.LayerNorm, layer_norm)
-    BUILTIN.register(nn.Linear, linear)
-    BUILTIN.register(nn.Flatten, flatten_module)
-    for f in _ELEMENTWISE_FUNCTIONS:
-        BUILTIN.register(f, _first)
-    for f in BINARY:
-        BUILTIN.register(f, _binary)
-    for f in (torch.flatten, "flatten"):
-        BUILTIN.register(f, _flatten)
-    for f in ("view", "reshape", torch.reshape):
-        BUILTIN.register(f, _reshape)
-    for f in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
-        BUILTIN.register(f, _transpose)
-    for f in ("unsqueeze", torch.unsqueeze):
-        BUILTIN.register(f, _unsqueeze)
-    for f in ("squeeze", torch.squeeze):
-        BUILTIN.register(f, _squeeze)
-    for f in ("expand", "expand_as"):
-        BUILTIN.register(f, _expand)
-    for f in _MAX_MIN:
-        BUILTIN.register(f, _max_min)
-    BUILTIN.register(getattr, _tensor_attribute)
-    BUILTIN.register("contiguous", _contiguous)
-    for f in _MULTI_OUTPUT:
-        BUILTIN.register(f, _split)
-    BUILTIN.register(operator.getitem, _getitem)
-    for f in ("mean", torch.mean, "amax", "sum", torch.sum, torch.amax, "amin", torch.amin):
-        BUILTIN.register(f, _reduce)
-    BUILTIN.register(torch.stack, _stack)
-    for f in (torch.softmax, F.softmax, "softmax", torch.log_softmax, F.log_softmax, "log_softmax", F.normalize):
-        BUILTIN.register(f, _softmax)
-    for f in targets(OpKind.CAT):
-        BUILTIN.register(f, _cat)
-    for f in ("permute", torch.permute):
-        BUILTIN.register(f, _permute)
-    BUILTIN.register(F.layer_norm, _layer_norm_function)
-    for f in (F.pad, torch._C._nn.pad):
-        BUILTIN.register(f, _pad)
-    for f in (torch.linalg.vector_norm,):  # the same object as torch._C._linalg.linalg_vector_norm
-        BUILTIN.register(f, _vector_norm)
+    for keys, rule in table:
+        for key in keys:
+            BUILTIN.register(key, rule)
 
 
 _register_builtin()
