@@ -333,9 +333,7 @@ def _residual(traced: Traced, region: Sequence[fx.Node], entry: fx.Node) -> str 
 
 
 def _has_params(traced: Traced, node: fx.Node) -> bool:
-    if node.op != "call_module":
-        return False
-    return any(True for _ in traced.gm.get_submodule(str(node.target)).parameters())
+    return node.op == "call_module" and next(traced.gm.get_submodule(str(node.target)).parameters(), None) is not None
 
 
 def _reaches(src: fx.Node, dst: fx.Node, region: set[fx.Node]) -> bool:
@@ -349,7 +347,7 @@ def _reaches(src: fx.Node, dst: fx.Node, region: set[fx.Node]) -> bool:
             if cur in seen or cur not in region:
                 continue
             seen.add(cur)
-            stack.extend(a for a in cur.all_input_nodes)
+            stack.extend(cur.all_input_nodes)
         return False
 
     return all(isinstance(a, fx.Node) and depends(a) for a in dst.args[:2])
@@ -394,9 +392,7 @@ def find_stages(traced: Traced, stages: StageFilter | None = None) -> StageTable
         order = {n.name: i for i, n in enumerate(traced.graph.nodes)}
         result = sorted(result + lone, key=lambda s: order[s.blocks[0].entry])
     for i, s in enumerate(result):
-        s.index = i
-    for s in result:
-        s.whole_parent = _is_whole_parent(traced, s)
+        s.index, s.whole_parent = i, _is_whole_parent(traced, s)
         s.taps = s.concat is None and _taps(traced, s)
     return StageTable(result, all_blocks)
 
@@ -467,8 +463,7 @@ def _plain_stages(traced: Traced, blocks: list[Block], stages: StageFilter | Non
             result.append(Stage(len(result), [u], plain=True))
     result = _plain_evidence(traced, result, flat=not module_units)
     for i, s in enumerate(result):
-        s.index = i
-        s.whole_parent = _is_whole_parent(traced, s)
+        s.index, s.whole_parent = i, _is_whole_parent(traced, s)
     return StageTable(result, [*blocks, *(u for u in units if u.layers)])
 
 
@@ -504,24 +499,23 @@ def _unit_signature(traced: Traced, unit: Block) -> tuple[object, ...]:
     """What makes units alike: their kind, and their convs' kernels, dilations, paddings and depthwise-ness in order
     (not their widths or strides: a stage's first unit downsamples). Inception's ``Conv2d_2a_3x3`` (unpadded) and
     ``Conv2d_2b_3x3`` (padded) differ; ``Mixed_5b`` .. ``Mixed_5d`` do not."""
-    layers = [traced.root.get_submodule(p) for p in unit.layers or (unit.path,)]
-    convs = tuple((type(m).__name__, m.kernel_size, m.dilation, m.padding,
-                   m.groups > 1 and m.groups == m.in_channels)
-                  for layer in layers for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    convs = tuple((type(m).__name__, m.kernel_size, m.dilation, m.padding, m.groups > 1 and m.groups == m.in_channels)
+                  for m in _convs(traced, unit))
     return (unit.kind if not unit.layers else _signature(traced, unit), convs)
 
 
 def _keeps_shape_at_stride_1(traced: Traced, unit: Block) -> bool:
     """Whether every conv of the unit, at stride 1, keeps its input's size (``2 * padding == dilation * (k - 1)``):
     AlexNet's 11x11 stem (padding 2) does not, so a copy of it cannot follow it."""
-    for p in unit.layers or (unit.path,):
-        for m in traced.root.get_submodule(p).modules():
-            if not isinstance(m, nn.modules.conv._ConvNd) or m.padding == "same":
-                continue
-            if isinstance(m.padding, str) or any(2 * pad != d * (k - 1) for pad, d, k in
-                                                 zip(m.padding, m.dilation, m.kernel_size)):
-                return False
-    return True
+    convs = _convs(traced, unit)
+    return all(m.padding == "same" or (not isinstance(m.padding, str) and all(
+        2 * pad == d * (k - 1) for pad, d, k in zip(m.padding, m.dilation, m.kernel_size))) for m in convs)
+
+
+def _convs(traced: Traced, unit: Block) -> list[nn.modules.conv._ConvNd]:
+    """The convolutions of a unit's module, or of a run's layers, in order."""
+    return [m for p in unit.layers or (unit.path,) for m in traced.root.get_submodule(p).modules()
+            if isinstance(m, nn.modules.conv._ConvNd)]
 
 
 def _attach_depthwise(traced: Traced, units: list[Block]) -> list[Block]:
@@ -557,8 +551,7 @@ def _signature(traced: Traced, unit: Block) -> tuple[object, ...]:
 
 
 def _depthwise_only(traced: Traced, unit: Block) -> bool:
-    convs = [m for p in unit.layers or (unit.path,) for m in traced.root.get_submodule(p).modules()
-             if isinstance(m, nn.modules.conv._ConvNd)]
+    convs = _convs(traced, unit)
     return bool(convs) and all(c.groups > 1 and c.groups == c.in_channels == c.out_channels for c in convs)
 
 
@@ -607,9 +600,9 @@ def _chained(blocks: Sequence[Block]) -> list[Block]:
 def _runs_a_list(block: Block, listed: Sequence[Block]) -> bool:
     """Whether ``block`` only runs units held in a container of its own, from its input to its output."""
     inner = {b.entry: b for b in listed if b.path.startswith(block.path + ".")}
-    cur, steps = inner.get(block.entry), 0
+    cur = inner.get(block.entry)
     while cur is not None and cur.exit != block.exit:
-        cur, steps = inner.get(cur.exit), steps + 1
+        cur = inner.get(cur.exit)
     return cur is not None
 
 
@@ -624,8 +617,8 @@ def _flat_units(traced: Traced, blocks: Sequence[Block]) -> list[Block]:
         blocks = [whole, *blocks]  # the model itself is the flat container
     for block in blocks:
         container = traced.root.get_submodule(block.path)
-        if not isinstance(container, nn.Sequential) or any(True for m in container.children()
-                                                           if next(m.children(), None) is not None):
+        if not isinstance(container, nn.Sequential) or any(
+                next(m.children(), None) is not None for m in container.children()):
             continue
         units += _runs(traced, block)
     return units

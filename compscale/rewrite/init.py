@@ -187,8 +187,11 @@ def _own_std(template: nn.Module, law: _Law | None) -> float | None:
     w = getattr(template, "weight", None)
     if law is None or not isinstance(w, torch.Tensor) or w.device.type == "meta" or w.numel() < 2:
         return None
-    std = w.float().std().item()
     expected = law.coef * _scale(law.law, *_fans(w))
+    sample = w.detach().flatten()[:_KURTOSIS_SAMPLE]  # decides as the whole would: a twofold gap is 30 standard errors
+    if expected > 0 and sample.numel() > 1 and 0.5 < sample.float().std().item() / expected < 2.0:
+        return None
+    std = w.float().std().item()
     return std if std > 0 and expected > 0 and not 0.5 < std / expected < 2.0 else None
 
 

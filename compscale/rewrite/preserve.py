@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,7 +75,7 @@ class Growth:
             layers = [m for m in block.modules() if isinstance(m, (*NORMS, *_LAYERS))]
             last = [m for m in layers if isinstance(m, NORMS)] or layers
             if last:
-                _zero(_tensors(last[-1]))
+                zero_layer(last[-1])
             self.note(name, "a new block that could not be run alone: its last norm was zeroed unchecked")
             return
         if not found:
@@ -93,9 +93,8 @@ class Growth:
         except Exception:
             self.note(name, "a new unit that could not be run alone: it was left as drawn")
             return
-        layers: list[nn.Module] = [m for m in unit.modules() if isinstance(m, _LAYERS)]
         norms: list[nn.Module] = [m for m in unit.modules() if isinstance(m, NORMS)]
-        for layer in layers:
+        for layer in (m for m in unit.modules() if isinstance(m, _LAYERS)):
             if not _dirac(layer):
                 self.note(name, f"a new unit whose {type(layer).__name__} cannot be an identity (in != out or strided)")
                 return
@@ -104,16 +103,8 @@ class Growth:
         if _is_identity(unit, x):
             return
         for keep in norms:  # branches summed (RepVGG): keep one path
-            saved = {id(m): [t.clone() for t in _tensors(m)] for m in norms if m is not keep}
-            for m in norms:
-                if m is not keep:
-                    _zero(_tensors(m))
-            if _is_identity(unit, x):
+            if _zeroes_to_identity(unit, x, [t for m in norms if m is not keep for t in _tensors(m)]):
                 return
-            for m in norms:
-                if m is not keep:
-                    for t, s in zip(_tensors(m), saved[id(m)]):
-                        t.copy_(s)
         self.note(name, "a new unit whose activation is not the identity on its input: it starts as identity convs "
                         "and norms, close to but not exactly the identity")
 
@@ -133,10 +124,15 @@ def source_maps(root: nn.Module, cg: ChannelGraph, old: Mapping[int, int], new: 
     channels get no source (their readers zero them) instead of a copy; groups in ``cancelled`` have none at all.
     """
     blocks = _blocks(root, cg)
-    relations = _relations(cg)
     derive: dict[int, tuple[str, list[int]]] = {}
-    for whole, kind, sources in relations:
+    cuts: dict[int, list[list[int]]] = {}
+    pieces_of: dict[int, list[tuple[int, str, list[int], int]]] = {}  # a group -> the relations it is a piece in
+    for whole, kind, sources in _relations(cg):
         derive.setdefault(whole, (kind, sources))
+        if kind == "concat" and len(sources) > 1:
+            cuts.setdefault(whole, []).append(sources)
+        for i, s in enumerate(sources):
+            pieces_of.setdefault(s, []).append((whole, kind, sources, i))
     gone = set(cancelled)
     maps: dict[int, torch.Tensor] = {}
 
@@ -147,14 +143,6 @@ def source_maps(root: nn.Module, cg: ChannelGraph, old: Mapping[int, int], new: 
             return cancel_map(old[g], new[g])
         return _spread(old[g], new[g], blocks.get(g, 1), growth.generator)
 
-    cuts: dict[int, list[list[int]]] = {}
-    for whole, kind, sources in relations:
-        if kind == "concat" and len(sources) > 1:
-            cuts.setdefault(whole, []).append(sources)
-    pieces_of: dict[int, list[tuple[int, str, list[int], int]]] = {}  # a group -> the relations it is a piece in
-    for whole, kind, sources in relations:
-        for i, s in enumerate(sources):
-            pieces_of.setdefault(s, []).append((whole, kind, sources, i))
 
     def get(g: int, visiting: frozenset[int]) -> torch.Tensor:
         if g in maps:
@@ -193,16 +181,11 @@ def source_maps(root: nn.Module, cg: ChannelGraph, old: Mapping[int, int], new: 
 def layer_maps(cg: ChannelGraph, maps: Mapping[int, torch.Tensor], old: Mapping[int, int],
                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per conv/linear/norm/depthwise path and layer-scale parameter: ``(out_map, in_map)`` over its channels."""
-    result = {}
-    for path, lc in cg.layers.items():
-        result[path] = (maps[lc.output], _segments(maps, old, lc.inputs))
-    for table in (cg.norms, cg.depthwise):
-        for path, gs in table.items():
-            m = _segments(maps, old, [(g, 1) for g in gs])
-            result[path] = (m, m)
-    for target, (_, gs) in cg.params.items():
+    result = {path: (maps[lc.output], _segments(maps, old, lc.inputs)) for path, lc in cg.layers.items()}
+    per_channel = [*cg.norms.items(), *cg.depthwise.items(), *((t, gs) for t, (_, gs) in cg.params.items())]
+    for path, gs in per_channel:
         m = _segments(maps, old, [(g, 1) for g in gs])
-        result[target] = (m, m)
+        result[path] = (m, m)
     return result
 
 
@@ -462,15 +445,21 @@ def _zero_branch(block: nn.Module, x: torch.Tensor, fallback: bool = True) -> bo
     candidates += [_tensors(m) for m in reversed(order) if isinstance(m, _LAYERS)][:2]
     candidates += [[p] for m in block.modules() if not isinstance(m, (*NORMS, *_LAYERS))
                    for p in m.parameters(recurse=False)]
-    for tensors in candidates:
-        saved = [t.clone() for t in tensors]
-        _zero(tensors)
-        if _is_identity(block, x):
-            return True
-        for t, s in zip(tensors, saved):
-            t.copy_(s)
+    if any(_zeroes_to_identity(block, x, tensors) for tensors in candidates):
+        return True
     if candidates and fallback:
         _zero(candidates[0])
+    return False
+
+
+def _zeroes_to_identity(module: nn.Module, x: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """Zero ``tensors`` and keep them zeroed if that makes ``module(x) == x``; else restore them."""
+    saved = [t.clone() for t in tensors]
+    _zero(tensors)
+    if _is_identity(module, x):
+        return True
+    for t, s in zip(tensors, saved):
+        t.copy_(s)
     return False
 
 
@@ -504,7 +493,7 @@ def _is_identity(module: nn.Module, x: torch.Tensor) -> bool:
 def _call_order(module: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     """The conv/linear/norm layers of ``module`` in the order one forward calls them."""
     order: list[nn.Module] = []
-    hooks = [m.register_forward_pre_hook(_recorder(order, m)) for m in module.modules()
+    hooks = [m.register_forward_pre_hook(lambda *_, m=m: order.append(m)) for m in module.modules()
              if isinstance(m, (*NORMS, *_LAYERS))]
     try:
         with eval_mode(module), torch.no_grad():
@@ -513,12 +502,6 @@ def _call_order(module: nn.Module, x: torch.Tensor) -> list[nn.Module]:
         for h in hooks:
             h.remove()
     return order
-
-
-def _recorder(order: list[nn.Module], m: nn.Module) -> Callable[..., None]:
-    def hook(*_: Any) -> None:
-        order.append(m)
-    return hook
 
 
 def zero_layer(m: nn.Module) -> None:

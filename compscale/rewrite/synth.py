@@ -82,7 +82,8 @@ def synthesize_repeat(traced: Traced, stage: Stage, blocks: Sequence[Block], rul
             "give its class a residual flag (a stride-1, in == out instance of it), or leave this stage out "
             "with `stages=`.",
         )
-    gm = _rewidened(traced, block, block.out_shape[1], rules, blocks)
+    gm = extract_block(traced, block)
+    _rewiden(traced, gm, block, rules, blocks)
     _unstride(gm)
     if not stage.plain:
         _make_identity_residual(gm, block, traced, blocks)
@@ -107,8 +108,8 @@ def _mode_dependent(traced: Traced, block: Block) -> bool:
 def _run_repeat(traced: Traced, block: Block, rules: InitRules | None) -> nn.Module:
     """The repeat of a run of layers (VGG's first conv of a stage, with its norm and activation): the same layers
     reading the run's output width, with stride 1, in an ``nn.Sequential`` whose children the caller inserts."""
-    run = nn.Sequential(*(traced.root.get_submodule(p) for p in block.layers))
-    new = _rewidened_copy(traced, run, block, rules)
+    new = copy.deepcopy(nn.Sequential(*(traced.root.get_submodule(p) for p in block.layers)))
+    _rewiden(traced, new, block, rules)
     _unstride(new)
     _check_maps(traced, new, block, block.out_shape, block.out_shape)
     return new
@@ -137,7 +138,8 @@ def own_class_repeat(traced: Traced, block: Block, blocks: Sequence[Block],
     else:
         flags = _differing_flags(template, traced.root.get_submodule(peer.path))
     try:
-        base = _rewidened_copy(traced, template, block, rules, blocks)
+        base = copy.deepcopy(template)
+        _rewiden(traced, base, block, rules, blocks)
     except Exception:
         return None
     _unstride(base)
@@ -294,26 +296,16 @@ def _differing_flags(mine: nn.Module, peer: nn.Module) -> list[tuple[str, str, b
     return flags
 
 
-def _rewidened_copy(traced: Traced, template: nn.Module, block: Block, rules: InitRules | None,
-                    blocks: Sequence[Block] = ()) -> nn.Module:
-    """A deep copy of ``template`` whose input group (and output, and the groups derived) are the block's output
-    width, resized in place so that the copy keeps its class; its inner widths follow what ``blocks`` of its class
-    show (:func:`_peer_derivations`)."""
-    new = copy.deepcopy(template)
-    sub = traced.retrace(new, block.in_shape)
-    cg = analyse_channels(sub, pin_io=False)
-    x = next(n for n in sub.graph.nodes if n.op == "placeholder")
-    entry = cg.node_groups[x.name]
-    exits = cg.node_groups.get(sub.output_node.name, ())
-    if len(entry) != 1:
-        raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation",
-                           "leave this stage out of depth scaling with `stages=`, or give the stage two blocks "
-                           "so that the second is repeated as it is.")
-    width = block.out_shape[1]
-    derivations = _peer_derivations(traced, block, blocks, cg, entry[0], exits)
-    seeds = _repeat_seeds(cg, entry[0], exits, width)
-    apply_widths(new, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds, derivations=derivations), rules)
-    return new
+def _rewiden(traced: Traced, module: nn.Module, block: Block, rules: InitRules | None,
+             blocks: Sequence[Block] = ()) -> None:
+    """Resize ``module`` (made from ``block``) in place so that its input group (and output, and the groups derived)
+    are the block's output width: a repeat maps its width to itself (a plain conv block ``160 -> 960`` repeats as
+    ``960 -> 960``, not ``960 -> 6 x 960``). Its inner widths follow what ``blocks`` of its class show
+    (:func:`_peer_derivations`)."""
+    cg, entry, exits = _block_channels(traced, module, block)
+    derivations = _peer_derivations(traced, block, blocks, cg, entry, exits)
+    seeds = _repeat_seeds(cg, entry, exits, block.out_shape[1])
+    apply_widths(module, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds, derivations=derivations), rules)
 
 
 def _repeat_seeds(cg: ChannelGraph, entry: int, exits: Sequence[int], width: int) -> dict[int, int]:
@@ -398,9 +390,8 @@ def _peer_widths(traced: Traced, block: Block, blocks: Sequence[Block], cg: Chan
         pair = (peer.in_shape[1], peer.out_shape[1])
         if peer.kind != block.kind or peer.layers or pair in seen or len(result) >= _MAX_PEERS:
             continue
-        try:  # a peer that is not (or no longer) in the model tells nothing
-            module = traced.root.get_submodule(peer.path)
-        except AttributeError:
+        module = _submodule(traced.root, peer.path)
+        if module is None:  # a peer that is not (or no longer) in the model tells nothing
             continue
         seen.add(pair)
         widths = {entry: pair[0], **({exit: pair[1]} if exit is not None else {})}
@@ -417,30 +408,19 @@ def _matched_widths(cg: ChannelGraph, template: nn.Module, module: nn.Module, wi
         for path, role in g.members:
             if role not in ("out", "norm", "depthwise"):
                 continue
-            if _class_at(template, path) is not _class_at(module, path):
+            layer = _submodule(module, path)
+            if type(_submodule(template, path)) is not type(layer):
                 return {}
-            w = _layer_width(module, path, role)
-            if w is not None and widths.setdefault(g.id, w) != w:
-                return {}
+            if isinstance(layer, CHANNEL_LAYERS):  # a layer's output (``out``), a norm's or depthwise conv's channels
+                w = channels(layer)[1 if role == "out" else 0]
+                if widths.setdefault(g.id, w) != w:
+                    return {}
     return widths
 
 
-def _layer_width(module: nn.Module, path: str, role: str) -> int | None:
-    """The width of a layer's output (``out``), or of a norm's or depthwise conv's channels."""
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
     try:
-        layer = module.get_submodule(path)
-    except AttributeError:
-        return None
-    if not isinstance(layer, CHANNEL_LAYERS):
-        return None
-    c_in, c_out = channels(layer)
-    return c_out if role == "out" else c_in
-
-
-
-def _class_at(module: nn.Module, path: str) -> type | None:
-    try:
-        return type(module.get_submodule(path))
+        return module.get_submodule(path)
     except AttributeError:
         return None
 
@@ -475,7 +455,8 @@ def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules 
     """
     last = stage.blocks[-1]
     template = traced.root.get_submodule(last.path)
-    gm, cg, entry_group, _ = _block_channels(traced, last)
+    gm = extract_block(traced, last)
+    cg, entry_group, _ = _block_channels(traced, gm, last)
     new: list[nn.Module] = []
     for i in range(1, extra + 1):
         width = last.in_shape[1] + i * last.growth
@@ -489,33 +470,16 @@ def synthesize_dense(traced: Traced, stage: Stage, extra: int, rules: InitRules 
     return new
 
 
-def _block_channels(traced: Traced, block: Block) -> tuple[fx.GraphModule, ChannelGraph, int, tuple[int, ...]]:
-    """The block's subgraph, its channel groups, the group of its input and the groups of its output."""
-    gm = extract_block(traced, block)
-    sub = traced.retrace(gm, block.in_shape)
+def _block_channels(traced: Traced, module: nn.Module, block: Block) -> tuple[ChannelGraph, int, tuple[int, ...]]:
+    """The channel groups of ``module`` (made from ``block``), the group of its input and the groups of its output."""
+    sub = traced.retrace(module, block.in_shape)
     cg = analyse_channels(sub, pin_io=False)
-    entry_group = cg.node_groups[next(n for n in sub.graph.nodes if n.op == "placeholder").name]
-    if len(entry_group) != 1:
+    entry = cg.node_groups[next(n for n in sub.graph.nodes if n.op == "placeholder").name]
+    if len(entry) != 1:
         raise RewriteError(f"cannot synthesize a repeat of {block.path}: its input is a concatenation",
                            "leave this stage out of depth scaling with `stages=`, or give the stage two blocks "
                            "so that the second is repeated as it is.")
-    out = sub.output_node
-    return gm, cg, entry_group[0], cg.node_groups.get(out.name, ())
-
-
-def _rewidened(traced: Traced, block: Block, in_channels: int, rules: InitRules | None,
-               blocks: Sequence[Block] = ()) -> fx.GraphModule:
-    """The block's subgraph with its input channel group (and the groups derived from it) at ``in_channels``.
-
-    Its output keeps ``in_channels`` too, whatever it derived from before: a repeat maps its width to
-    itself (a plain conv block ``160 -> 960`` repeats as ``960 -> 960``, not ``960 -> 6 x 960``). Its inner widths
-    follow what ``blocks`` of its class show (:func:`_peer_derivations`).
-    """
-    gm, cg, entry_group, exit_groups = _block_channels(traced, block)
-    seeds = _repeat_seeds(cg, entry_group, exit_groups, in_channels)
-    derivations = _peer_derivations(traced, block, blocks, cg, entry_group, exit_groups)
-    apply_widths(gm, cg, resolve_widths(cg, lambda g, d: g.base, seeds=seeds, derivations=derivations), rules)
-    return gm
+    return cg, entry[0], cg.node_groups.get(sub.output_node.name, ())
 
 
 def _finish(traced: Traced, gm: fx.GraphModule, block: Block, out_shape: tuple[int, ...]) -> fx.GraphModule:
@@ -554,18 +518,15 @@ def _make_identity_residual(gm: fx.GraphModule, block: Block, traced: Traced, bl
     out = next(n for n in graph.nodes if n.op == "output")
     adds = [n for n in graph.nodes if is_residual_add(n)]
     if block.residual == "projection" and adds:
-        add = adds[-1]
-        a, b = add.args[:2]
-        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
-        shortcut = a if _distance(a, x) <= _distance(b, x) else b
-        add.replace_input_with(shortcut, x)
+        operands = [a for a in adds[-1].args[:2] if isinstance(a, fx.Node)]
+        adds[-1].replace_input_with(min(operands, key=lambda a: _distance(a, x)), x)
         return
     last = out.args[0]
     assert isinstance(last, fx.Node)
     with graph.inserting_before(out):
         cur = last
         for rel, module in _residual_tail(traced, block, blocks):
-            if not _has_submodule(gm, rel):
+            if _submodule(gm, rel) is None:
                 gm.add_submodule(rel, copy.deepcopy(module))
             cur = graph.call_module(rel, (cur,))
         res = graph.call_function(operator.add, (cur, x))
@@ -581,14 +542,6 @@ def _distance(node: fx.Node, src: fx.Node) -> int:
             return 10_000
         node, steps = ins[0], steps + 1
     return steps
-
-
-def _has_submodule(gm: nn.Module, path: str) -> bool:
-    try:
-        gm.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _residual_tail(traced: Traced, block: Block, blocks: Sequence[Block]) -> list[tuple[str, nn.Module]]:
