@@ -164,16 +164,15 @@ def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor
 
 def graph_shapes(traced: Traced, paths: set[str]) -> Shapes | None:
     """The input and output shapes of the modules ``paths`` read from ``traced``'s nodes, as a forward hook on each
-    would record them: the first value a module's nodes read from outside it, and the one value they give out.
-    ``None`` when a module made no node of its own, gives out several values or was called more than once (its
-    nodes give out one value per call), or the graph was traced with concrete values: a hooked forward measures
-    those."""
+    would record them: the first value the nodes of a module's first call read from outside it, and the one value
+    they give out (fx names a later call's scope ``path@1``...). ``None`` when a module made no node of its own or
+    gives out several values, or the graph was traced with concrete values: a hooked forward measures those."""
     if not traced.gm.meta.get("compscale_symbolic"):
         return None
     inside: dict[str, list[fx.Node]] = {p: [] for p in paths}
     for node in traced.graph.nodes:
-        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            if path in inside:
+        for scope, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            if scope == path and path in inside:
                 inside[path].append(node)
     shapes: Shapes = {}
     for path, nodes in inside.items():
