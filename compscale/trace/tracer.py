@@ -440,11 +440,16 @@ class _ShapeProp(ShapeProp):
         self.keep_ratio = dict(keep_ratio or {})
         self.mismatched: dict[str, tuple[int, int]] = {}
         self._meta: dict[str, Any] = {}
+        self._leaves = dict(gm.named_modules())  # the called modules by path, not walked to at each call
+
+    def _real(self, target: str) -> Any:
+        found = self._leaves.get(target)
+        return found if found is not None else super().fetch_attr(target)
 
     def _on_meta(self, target: str) -> Any:
         """A meta-device copy of attribute ``target`` (a leaf module or a tensor), made once."""
         if target not in self._meta:
-            real = super().fetch_attr(target)
+            real = self._real(target)
             if isinstance(real, nn.Module):
                 self._meta[target] = real if _on_meta(real) else meta_copy(real)
             elif isinstance(real, torch.Tensor):
@@ -459,8 +464,9 @@ class _ShapeProp(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         """ShapeProp's, recording a tensor's shape, dtype and strides but not the memory formats it is contiguous in
         (which ShapeProp tests each output for: a third of the propagation's time, and nothing here reads them)."""
-        try:
-            result = fx.Interpreter.run_node(self, n)
+        try:  # fx.Interpreter.run_node, less its context that names the current node for fx's own tracebacks
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as e:
             raise RuntimeError(f"ShapeProp error for: node={n.format_node()} with meta={n.meta}") from e
         found = False
@@ -479,7 +485,7 @@ class _ShapeProp(ShapeProp):
         return result
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        real = super().fetch_attr(str(target))
+        real = self._real(str(target))
         x = args[0] if args else None
         several = sum(isinstance(a, torch.Tensor) for a in args) > 1  # an octave conv's maps: no one input to follow
         fed = _fed_mismatch(real, x) if self.tolerate_inputs and not several else None
