@@ -93,3 +93,33 @@ def test_the_garbage_collector_is_as_it_was_after_a_build_and_after_a_failed_one
             gc.enable()
         else:
             gc.disable()
+
+
+class _Fuse(nn.Module):
+    """Two inputs, the second read first: the graph cannot say which is the first argument a hook records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_channels = 16
+        self.conv = nn.Conv2d(24, 16, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, x], 1))
+
+
+class _Fused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.fuse = _Fuse()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.a(x), self.b(x))
+
+
+def test_a_module_of_several_inputs_is_measured_by_a_forward() -> None:
+    model = _Fused()
+    traced = trace(model, None, input_size=(16, 16))
+    assert graph_shapes(traced, _measured_paths(model)) is None
+    hooked = _measure(model, traced.input_shape, ())
+    assert hooked is not None and hooked["fuse"][0] == (1, 16, 16, 16)  # its first argument, x

@@ -165,8 +165,9 @@ def _measure(model: nn.Module, shape: tuple[int, ...], extra: tuple[torch.Tensor
 def graph_shapes(traced: Traced, paths: set[str]) -> Shapes | None:
     """The input and output shapes of the modules ``paths`` read from ``traced``'s nodes, as a forward hook on each
     would record them: the first value the nodes of a module's first call read from outside it, and the one value
-    they give out (fx names a later call's scope ``path@1``...). ``None`` when a module made no node of its own or
-    gives out several values, or the graph was traced with concrete values: a hooked forward measures those."""
+    they give out (fx names a later call's scope ``path@1``...). ``None`` when a module made no node of its own,
+    reads several values from outside (which is its first argument the graph does not say) or gives out several,
+    or the graph was traced with concrete values: a hooked forward measures those."""
     if not traced.gm.meta.get("compscale_symbolic"):
         return None
     inside: dict[str, list[fx.Node]] = {p: [] for p in paths}
@@ -177,11 +178,11 @@ def graph_shapes(traced: Traced, paths: set[str]) -> Shapes | None:
     shapes: Shapes = {}
     for path, nodes in inside.items():
         members = set(nodes)
-        read = next((a for n in nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"), None)
+        read = {a for n in nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
         given = [n for n in nodes if any(u not in members for u in n.users)]
-        if read is None or len(given) != 1 or not (traced.has_shape(read) and traced.has_shape(given[0])):
+        if len(read) != 1 or len(given) != 1 or not all(traced.has_shape(n) for n in (*read, *given)):
             return None
-        shapes[path] = (tuple(traced.shape(read)), tuple(traced.shape(given[0])))
+        shapes[path] = (tuple(traced.shape(next(iter(read)))), tuple(traced.shape(given[0])))
     return shapes
 
 
